@@ -1,0 +1,235 @@
+"""The teacher-descriptor cache: one Zarr v3 group per workdir, `W/cache.zarr`.
+
+Schema (version `SCHEMA_VERSION`), N training images, A views per image, S shards:
+
+    views                 int32   (N, A, 5)   each view's (top, left, height, width, flip) in source pixels
+    descriptors/<teacher> float16 (N, A, d)   the teacher's eval-mode GAP descriptor of that view, L2-normalised
+    logits/<teacher>      float16 (N, A, C)   optional (export.logits): the teacher's logits of that view
+    shard_done            uint8   (S,)        1 once shard s is written; export resumes from it
+
+Row i is the manifest's sample i. Chunks hold `chunk_rows` rows (default: one shard), so a shard is
+written by one writer as whole chunks and read back as one contiguous slice. The group's attributes
+(`provenance`) record the manifest fingerprint, the view seed and spec, and each teacher's
+checkpoint hash; a cache that disagrees with the data or teachers it is asked to serve is refused.
+"""
+from __future__ import annotations
+
+import datetime
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import __version__
+from .data.manifest import Manifest
+from .views import VIEW_FIELDS
+
+SCHEMA_VERSION = 1
+
+
+class CacheError(RuntimeError):
+    """A cache that is missing, incomplete, or does not match the data or teachers it is asked to serve."""
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    """What the cache records of each teacher it holds."""
+
+    name: str
+    type: str
+    arch: str
+    seed: int
+    checkpoint_sha256: str
+    descriptor_dim: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def provenance(manifest: Manifest, view_seed: int, view_spec: dict, views: int, dtype: str, chunk_rows: int,
+               teachers: list[TeacherRecord], logits: bool) -> dict[str, Any]:
+    """Everything the cache's content depends on; two exports with equal provenance write equal bytes."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "manifest_fingerprint": manifest.fingerprint,
+        "num_rows": manifest.train.num_samples,
+        "num_classes": manifest.num_classes,
+        "shards": [[s.start, s.stop] for s in manifest.train.shards],
+        "view_seed": view_seed,
+        "view_spec": view_spec,
+        "view_fields": list(VIEW_FIELDS),
+        "views_per_image": views,
+        "dtype": dtype,
+        "chunk_rows": chunk_rows,
+        "logits": logits,
+        "teachers": {t.name: t.to_dict() for t in teachers},
+    }
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+class CacheWriter:
+    """Creates the group (or reopens it to resume) and writes whole shards."""
+
+    def __init__(self, path: Path, prov: dict[str, Any]):
+        self.path = Path(path)
+        self.prov = prov
+        if self.path.exists():
+            group = zarr.open_group(str(self.path), mode="r+")
+            existing = dict(group.attrs).get("provenance", {})
+            diff = _diff(existing, prov)
+            if diff:
+                raise CacheError(
+                    f"{self.path} was exported for different {', '.join(diff)}; it cannot be resumed. "
+                    f"Delete it (rm -r {self.path}) to export again, or use another --workdir")
+            self.group = group
+        else:
+            self.group = self._create()
+
+    def _create(self) -> zarr.Group:
+        p = self.prov
+        tmp = self.path.with_name(self.path.name + ".creating")
+        shutil.rmtree(tmp, ignore_errors=True)
+        group = zarr.open_group(str(tmp), mode="w")
+        n, a, rows = p["num_rows"], p["views_per_image"], p["chunk_rows"]
+        group.create_array("views", shape=(n, a, len(VIEW_FIELDS)), chunks=(rows, a, len(VIEW_FIELDS)),
+                           dtype="int32", compressors=None, fill_value=0)
+        for name, t in p["teachers"].items():
+            group.create_array(f"descriptors/{name}", shape=(n, a, t["descriptor_dim"]),
+                               chunks=(rows, a, t["descriptor_dim"]), dtype=p["dtype"], compressors=None, fill_value=0)
+            if p["logits"]:
+                group.create_array(f"logits/{name}", shape=(n, a, p["num_classes"]),
+                                   chunks=(rows, a, p["num_classes"]), dtype=p["dtype"], compressors=None, fill_value=0)
+        group.create_array("shard_done", shape=(len(p["shards"]),), chunks=(1,), dtype="uint8", fill_value=0)
+        group.attrs.update({"provenance": p, "tool_version": __version__,
+                            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        tmp.rename(self.path)   # the group appears under its name only once its arrays exist
+        return zarr.open_group(str(self.path), mode="r+")
+
+    def done_shards(self) -> set[int]:
+        return set(np.flatnonzero(self.group["shard_done"][:]).tolist())
+
+    def write_shard(self, index: int, views: np.ndarray, descriptors: dict[str, np.ndarray],
+                    logits: dict[str, np.ndarray] | None = None) -> None:
+        """Write shard `index`'s rows, then mark it done: a crash in between only costs a redo."""
+        start, stop = self.prov["shards"][index]
+        dtype = self.prov["dtype"]
+        self.group["views"][start:stop] = views
+        for name, d in descriptors.items():
+            self.group[f"descriptors/{name}"][start:stop] = d.astype(dtype)
+        for name, z in (logits or {}).items():
+            self.group[f"logits/{name}"][start:stop] = z.astype(dtype)
+        self.group["shard_done"][index] = 1
+
+
+def open_group(path: Path) -> zarr.Group:
+    if not Path(path).exists():
+        raise CacheError(f"no cache at {path}; run `cbd-cache export` first")
+    group = zarr.open_group(str(path), mode="r")
+    prov = dict(group.attrs).get("provenance")
+    if not prov or prov.get("schema_version") != SCHEMA_VERSION:
+        raise CacheError(f"{path}: cache schema {prov and prov.get('schema_version')}, this tool reads {SCHEMA_VERSION}")
+    return group
+
+
+class CacheReader:
+    """Serves (views, targets) for a row range to the student, after checking the cache fits.
+
+    Targets are the chosen teachers' descriptors concatenated in the order asked, each already
+    L2-normalised at export; `views` limits the student to the first V cached views.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, teachers: list[str], views: int = 0,
+                 checkpoint_hashes: dict[str, str] | None = None, with_logits: bool = False):
+        self.path = Path(path)
+        group = open_group(self.path)
+        prov = dict(group.attrs)["provenance"]
+        if prov["manifest_fingerprint"] != manifest.fingerprint:
+            raise CacheError(
+                f"{self.path} was exported for data with fingerprint {prov['manifest_fingerprint'][:12]}, but "
+                f"the manifest {manifest.folder / 'manifest.json'} has {manifest.fingerprint[:12]}; "
+                "re-run `cbd-cache export` for this data")
+        done = group["shard_done"][:]
+        if not done.all():
+            raise CacheError(f"{self.path} is incomplete: {int(done.sum())}/{len(done)} shards exported; "
+                             "run `cbd-cache export` to finish it")
+        missing = [t for t in teachers if t not in prov["teachers"]]
+        if missing:
+            raise CacheError(f"{self.path} has no descriptors for teacher(s) {missing}; "
+                             f"it holds {sorted(prov['teachers'])}")
+        for name, sha in (checkpoint_hashes or {}).items():
+            cached = prov["teachers"].get(name, {}).get("checkpoint_sha256")
+            if name in teachers and cached != sha:
+                raise CacheError(f"{self.path}: teacher {name!r} was retrained after the export "
+                                 f"(checkpoint {sha[:12]}, cache {cached[:12]}); re-run `cbd-cache export`")
+        if with_logits and not prov["logits"]:
+            raise CacheError(f"{self.path} holds no teacher logits; export with --set export.logits=true")
+        if views > prov["views_per_image"]:
+            raise CacheError(f"{self.path} holds {prov['views_per_image']} views per image, {views} were asked for")
+        self.group = group
+        self.prov = prov
+        self.teachers = list(teachers)
+        self.views = views or prov["views_per_image"]
+        self.with_logits = with_logits
+        self.dims = [prov["teachers"][t]["descriptor_dim"] for t in teachers]
+
+    @property
+    def target_dim(self) -> int:
+        return sum(self.dims)
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Rows [start, stop): views int32 (n, V, 5), targets (n, V, sum d), logits (n, V, K*C) or None.
+
+        Each array is one contiguous, chunk-aligned slice: no per-sample reads.
+        """
+        v = self.views
+        views = self.group["views"][start:stop, :v]
+        parts = [self.group[f"descriptors/{t}"][start:stop, :v] for t in self.teachers]
+        targets = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+        logits = None
+        if self.with_logits:
+            zs = [self.group[f"logits/{t}"][start:stop, :v] for t in self.teachers]
+            logits = np.concatenate(zs, axis=-1) if len(zs) > 1 else zs[0]
+        return views, targets, logits
+
+
+def cache_info(path: Path) -> dict[str, Any]:
+    """Arrays, shapes, dtypes, chunking, provenance, completeness and bytes on disk."""
+    group = open_group(Path(path))
+    prov = dict(group.attrs)["provenance"]
+    arrays = {}
+    for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
+        arrays[name] = _array_info(arr)
+    for sub in ("descriptors", "logits"):
+        if sub in group:
+            for name, arr in sorted(group[sub].arrays(), key=lambda kv: kv[0]):
+                arrays[f"{sub}/{name}"] = _array_info(arr)
+    done = group["shard_done"][:]
+    bytes_on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return {
+        "path": str(path),
+        "schema_version": prov["schema_version"],
+        "manifest_fingerprint": prov["manifest_fingerprint"],
+        "complete": bool(done.all()),
+        "shards_done": int(done.sum()),
+        "shards_total": int(len(done)),
+        "views_per_image": prov["views_per_image"],
+        "view_seed": prov["view_seed"],
+        "view_spec": prov["view_spec"],
+        "dtype": prov["dtype"],
+        "teachers": prov["teachers"],
+        "arrays": arrays,
+        "bytes_on_disk": bytes_on_disk,
+        "tool_version": dict(group.attrs).get("tool_version"),
+        "created_utc": dict(group.attrs).get("created_utc"),
+    }
+
+
+def _array_info(arr: zarr.Array) -> dict[str, Any]:
+    return {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
+            "bytes_stored": int(arr.nbytes_stored())}

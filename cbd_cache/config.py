@@ -1,0 +1,376 @@
+"""Pipeline configs: dataclasses loaded from the TOML recipes in `pipelines/`, plus `--set` overrides.
+
+A pipeline is one whole experiment. Every field is named here once, with its type and default; the
+TOML file and `--set section.field=value` overrides are checked against these names, and every bad
+key or value raises `ConfigError` with a one-line message that names the key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PIPELINE = "pipelines/fashion_mnist_lt.toml"
+
+
+class ConfigError(ValueError):
+    """A bad pipeline file, key or value. The CLI prints it on one line and exits 2."""
+
+
+@dataclass
+class PipelineCfg:
+    name: str = ""                 # default workdir is runs/<name>
+    seed: int = 0                  # seeds the view derivation; stored in the cache
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    workers: int = -1              # DataLoader workers per process; -1 sizes them from the machine
+    amp: str = "auto"              # auto (bf16 on CUDA) | bf16 | off
+    channels_last: str = "auto"    # auto (on for CUDA) | on | off
+    compile: bool = False          # torch.compile the models being trained
+
+
+@dataclass
+class DataCfg:
+    format: str = "fashion_mnist"  # fashion_mnist | synthetic | imagenet_lt | inat | imagefolder
+    root: str = "/usr/share/datasets/fashion-mnist"
+    profile: str = "exponential"   # exponential: cut a balanced source to n_i = floor(n_max * IF^(-i/(C-1))); none: keep
+    n_max: int = 1280
+    imbalance_factor: float = 256.0
+    seed: int = 0                  # class-rank permutation, subsampling and shard order
+    shard_size: int = 256          # training samples per WebDataset shard (= cache rows per chunk)
+    # `synthetic` only: a generated, learnable dataset used by tests and the smoke pipeline.
+    num_classes: int = 10
+    image_px: int = 16
+    test_per_class: int = 20
+
+
+@dataclass
+class ViewsCfg:
+    image_px: int = 28                                   # side of the square view fed to the networks
+    scale: list[float] = field(default_factory=lambda: [0.35, 1.0])   # crop area, fraction of the image
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip: bool = True
+    eval_resize_px: int = 0        # evaluation: resize short side to this, centre-crop image_px (0: resize to image_px)
+
+
+@dataclass
+class TrainCfg:
+    """What a teacher and a student share: architecture and optimiser."""
+
+    arch: str = "resnet8"
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    gamma: float = 20.0            # cosine-classifier scale (official code: 20, fixed)
+    seed: int = 0
+    shuffle_buffer: int = 4096     # samples held by the stream's shuffle buffer
+
+
+@dataclass
+class TeacherCfg(TrainCfg):
+    name: str = ""
+    type: str = "standard"         # standard: crop + flip; data_aug: also colour jitter (+ noise)
+    aug_style: str = "paper"       # paper: jitter + Gaussian noise; official: SimCLR jitter p=.8, grayscale p=.2
+    noise_std: float = 0.01        # paper's Gaussian noise sigma, pixels in [0, 1]
+    jitter: float = 0.4            # paper style: brightness, contrast and saturation factors in [1-j, 1+j]
+
+
+@dataclass
+class ExportCfg:
+    views: int = 8                 # A: augmented views per training image
+    dtype: str = "float16"         # float16 | float32
+    chunk_rows: int = 0            # rows per Zarr chunk; 0 = one chunk per shard; must divide data.shard_size
+    batch_size: int = 512
+    logits: bool = False           # also store teacher logits per view (classifier-level distillation)
+
+
+@dataclass
+class StudentCfg(TrainCfg):
+    name: str = ""                 # run folder under students/; "" derives it from the --set overrides
+    alpha: float = 0.4
+    beta: float = 100.0
+    teachers: list[str] = field(default_factory=list)   # cached teachers to distil from; [] = all
+    targets: str = "cache"         # cache | online (teachers run every step) | none (cross-entropy only)
+    sampling: str = "class_balanced"   # class_balanced | instance
+    views: int = 0                 # use the first V cached views per image; 0 = all
+
+
+@dataclass
+class EvalCfg:
+    batch_size: int = 512
+
+
+@dataclass
+class Config:
+    pipeline: PipelineCfg = field(default_factory=PipelineCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    views: ViewsCfg = field(default_factory=ViewsCfg)
+    teacher: TeacherCfg = field(default_factory=TeacherCfg)     # defaults shared by every [[teachers]] entry
+    teachers: list[TeacherCfg] = field(default_factory=list)
+    export: ExportCfg = field(default_factory=ExportCfg)
+    student: StudentCfg = field(default_factory=StudentCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    source: str = ""               # the TOML file this came from
+    overrides: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def teacher_by_name(self, name: str) -> TeacherCfg:
+        for t in self.teachers:
+            if t.name == name:
+                return t
+        raise ConfigError(f"teachers: no teacher named {name!r} (have {[t.name for t in self.teachers]})")
+
+    def student_teachers(self) -> list[str]:
+        """The cached teachers the student distils from, in pipeline order."""
+        return list(self.student.teachers) or [t.name for t in self.teachers]
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("source", "overrides")}
+CHOICES = {
+    "pipeline.amp": ("auto", "bf16", "off"),
+    "pipeline.channels_last": ("auto", "on", "off"),
+    "data.format": ("fashion_mnist", "synthetic", "imagenet_lt", "inat", "imagefolder"),
+    "data.profile": ("exponential", "none"),
+    "teacher.type": ("standard", "data_aug"),
+    "teacher.aug_style": ("paper", "official"),
+    "export.dtype": ("float16", "float32"),
+    "student.targets": ("cache", "online", "none"),
+    "student.sampling": ("class_balanced", "instance"),
+}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
+
+
+# ----------------------------------------------------------------------------------------- parsing
+def parse_value(text: str) -> Any:
+    """A `--set` value: a TOML literal (1, 0.2, true, "s", [1, 2]), else a bare string or list of them."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    if text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1].strip()
+        return [s.strip().strip("'\"") for s in inner.split(",")] if inner else []
+    return text
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, for example student.alpha=0.2")
+    key, _, value = item.partition("=")
+    return key.strip(), parse_value(value.strip())
+
+
+def _suggest(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set `section.field` (or `teachers.<name>.field`) in the raw TOML dict, checking the key exists."""
+    parts = key.split(".")
+    section = parts[0]
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config key {key!r}: no section {section!r}{_suggest(section, SECTIONS)}")
+    if section == "teachers":
+        if len(parts) != 3:
+            raise ConfigError(f"unknown config key {key!r}: use teachers.<name>.<field> or teacher.<field>")
+        entries = raw.get("teachers", [])
+        names = [e.get("name") for e in entries]
+        if parts[1] not in names:
+            raise ConfigError(f"unknown config key {key!r}: no teacher named {parts[1]!r}{_suggest(parts[1], names)}")
+        _check_field(TeacherCfg, key, parts[2])
+        entries[names.index(parts[1])][parts[2]] = value
+        return
+    if len(parts) != 2:
+        raise ConfigError(f"unknown config key {key!r}: expected section.field")
+    _check_field(typing.get_type_hints(Config)[section], key, parts[1])
+    raw.setdefault(section, {})[parts[1]] = value
+
+
+def _check_field(cls: type, key: str, name: str) -> None:
+    names = _field_names(cls)
+    if name not in names:
+        raise ConfigError(f"unknown config key {key!r}{_suggest(name, names)}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return [_coerce(key, v, item_hint) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise AssertionError(f"unhandled type {hint} for {key}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, base: Any = None) -> Any:
+    """Dataclass `cls` from a raw TOML table; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = _field_names(cls)
+    for k in raw:
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}.{k}'{_suggest(k, names)}")
+    obj = copy.deepcopy(base) if base is not None else cls()
+    for k, v in raw.items():
+        setattr(obj, k, _coerce(f"{prefix}.{k}", v, hints[k]))
+    return obj
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_config(path: str | Path = DEFAULT_PIPELINE, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a pipeline TOML, apply `key=value` overrides in order, validate, and return the Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--pipeline {path}: no such file")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--pipeline {path}: not valid TOML: {e}") from None
+    for item in overrides:
+        apply_override(raw, *parse_override(item))
+    for k in raw:
+        if k not in SECTIONS:
+            raise ConfigError(f"unknown config key {k!r} in {path}{_suggest(k, SECTIONS)}")
+    cfg = Config(source=str(path), overrides=list(overrides))
+    for name in ("pipeline", "data", "views", "teacher", "export", "student", "eval"):
+        setattr(cfg, name, _build(type(getattr(cfg, name)), raw.get(name, {}), name))
+    teachers = raw.get("teachers", [])
+    if not isinstance(teachers, list):
+        raise ConfigError("teachers: expected [[teachers]] entries")
+    cfg.teachers = [_build(TeacherCfg, t, f"teachers[{i}]", base=cfg.teacher) for i, t in enumerate(teachers)]
+    if not cfg.pipeline.name:
+        cfg.pipeline.name = path.stem
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express. Each message names the key."""
+    for key, options in CHOICES.items():
+        section, name = key.split(".")
+        objs = cfg.teachers + [cfg.teacher] if section == "teacher" else [getattr(cfg, section)]
+        for obj in objs:
+            value = getattr(obj, name)
+            _require(value in options, f"{key}={value!r}: must be one of {', '.join(options)}")
+    _require(NAME_RE.match(cfg.pipeline.name) is not None, f"pipeline.name={cfg.pipeline.name!r}: use letters, digits, _ . + = -")
+    _require(re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.pipeline.device) is not None,
+             f"pipeline.device={cfg.pipeline.device!r}: must be auto, cpu, cuda or cuda:N")
+    _require(cfg.pipeline.workers >= -1, f"pipeline.workers={cfg.pipeline.workers}: must be >= 0, or -1 for auto")
+    d = cfg.data
+    _require(d.n_max >= 1, f"data.n_max={d.n_max}: must be >= 1")
+    _require(d.imbalance_factor >= 1, f"data.imbalance_factor={d.imbalance_factor}: must be >= 1")
+    _require(d.shard_size >= 1, f"data.shard_size={d.shard_size}: must be >= 1")
+    _require(d.num_classes >= 2, f"data.num_classes={d.num_classes}: must be >= 2")
+    _require(d.image_px >= 4, f"data.image_px={d.image_px}: must be >= 4")
+    _require(d.test_per_class >= 1, f"data.test_per_class={d.test_per_class}: must be >= 1")
+    v = cfg.views
+    _require(v.image_px >= 4, f"views.image_px={v.image_px}: must be >= 4")
+    _require(len(v.scale) == 2 and 0 < v.scale[0] <= v.scale[1] <= 1,
+             f"views.scale={v.scale}: must be [min, max] with 0 < min <= max <= 1")
+    _require(len(v.ratio) == 2 and 0 < v.ratio[0] <= v.ratio[1],
+             f"views.ratio={v.ratio}: must be [min, max] with 0 < min <= max")
+    _require(v.eval_resize_px == 0 or v.eval_resize_px >= v.image_px,
+             f"views.eval_resize_px={v.eval_resize_px}: must be 0 or >= views.image_px")
+    _require(len(cfg.teachers) >= 1, "teachers: the pipeline needs at least one [[teachers]] entry")
+    names = [t.name for t in cfg.teachers]
+    for i, t in enumerate(cfg.teachers):
+        _require(bool(t.name) and NAME_RE.match(t.name) is not None,
+                 f"teachers[{i}].name={t.name!r}: every teacher needs a name of letters, digits, _ . + = -")
+        _require(names.count(t.name) == 1, f"teachers[{i}].name={t.name!r}: duplicate teacher name")
+        _check_train(f"teachers.{t.name}", t)
+        _require(t.noise_std >= 0, f"teachers.{t.name}.noise_std={t.noise_std}: must be >= 0")
+        _require(0 <= t.jitter <= 1, f"teachers.{t.name}.jitter={t.jitter}: must be in [0, 1]")
+    e = cfg.export
+    _require(1 <= e.views <= 1024, f"export.views={e.views}: must be in [1, 1024]")
+    _require(e.batch_size >= 1, f"export.batch_size={e.batch_size}: must be >= 1")
+    _require(e.chunk_rows >= 0 and (e.chunk_rows == 0 or d.shard_size % e.chunk_rows == 0),
+             f"export.chunk_rows={e.chunk_rows}: must be 0 or divide data.shard_size={d.shard_size}, "
+             "so that chunk boundaries fall on shard boundaries")
+    s = cfg.student
+    _check_train("student", s)
+    _require(s.name == "" or NAME_RE.match(s.name) is not None, f"student.name={s.name!r}: use letters, digits, _ . + = -")
+    _require(0.0 <= s.alpha <= 1.0, f"student.alpha={s.alpha}: must be in [0, 1]")
+    _require(s.beta >= 0, f"student.beta={s.beta}: must be >= 0")
+    _require(0 <= s.views <= e.views, f"student.views={s.views}: must be in [0, export.views={e.views}]")
+    for t in s.teachers:
+        _require(t in names, f"student.teachers: no teacher named {t!r} in this pipeline (have {names})")
+    _require(len(set(s.teachers)) == len(s.teachers), f"student.teachers={s.teachers}: duplicate teacher")
+    _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")
+
+
+def _check_train(prefix: str, t: TrainCfg) -> None:
+    _require(t.epochs >= 1, f"{prefix}.epochs={t.epochs}: must be >= 1")
+    _require(t.batch_size >= 1, f"{prefix}.batch_size={t.batch_size}: must be >= 1")
+    _require(t.lr > 0 and math.isfinite(t.lr), f"{prefix}.lr={t.lr}: must be > 0")
+    _require(0 <= t.momentum < 1, f"{prefix}.momentum={t.momentum}: must be in [0, 1)")
+    _require(t.weight_decay >= 0, f"{prefix}.weight_decay={t.weight_decay}: must be >= 0")
+    _require(t.gamma > 0, f"{prefix}.gamma={t.gamma}: must be > 0")
+    _require(t.shuffle_buffer >= 1, f"{prefix}.shuffle_buffer={t.shuffle_buffer}: must be >= 1")
+    from .models import ARCHS  # local import: models imports torch, configs should load fast
+
+    _require(t.arch in ARCHS, f"{prefix}.arch={t.arch!r}: must be one of {', '.join(ARCHS)}")
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def digest(obj: Any) -> str:
+    """A stable short hash of JSON-able data: configs, provenance."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def student_run_name(cfg: Config) -> str:
+    """`student.name`, or "student" plus the student overrides, so each `--set` variant gets its own folder."""
+    if cfg.student.name:
+        return cfg.student.name
+    parts = ["student"]
+    for item in cfg.overrides:
+        key, value = parse_override(item)
+        if key.startswith("student.") and key != "student.name":
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            parts.append(f"{key.split('.', 1)[1]}={text}")
+    name = "_".join(parts)
+    return re.sub(r"[^A-Za-z0-9_.+=,-]", "-", name)

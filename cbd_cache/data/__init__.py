@@ -1,0 +1,1 @@
+"""Data: sources (readers), the long-tail profile, WebDataset shards + manifest, samplers and streams."""

@@ -1,0 +1,164 @@
+"""Loaders: the shards (and, for the student, the cache) streamed in lockstep, one shard at a time.
+
+- `TrainStream`: the training stream of teachers, students and baselines. Each (rank, worker)
+  slot reads whole shards, expands each sample into copies with the sampler, pushes the copies
+  through a shuffle buffer and emits a fixed quota per epoch, so every rank takes the same number of
+  steps whatever the shard count. With a cache, each copy draws one of the image's stored views
+  and its targets come from the same contiguous block read of the cache as the shard's rows.
+- `EvalStream`: a split in order, evaluation view, for accuracy and features.
+- `ExportStream`: every view of every image of the given shards, for the teachers at export.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..config import TeacherCfg
+from ..views import ViewSpec, derive_views, eval_view, photometric, replay, sample_view
+from .manifest import Manifest
+from .sampling import copies, repeat_factors
+from .shards import Sample, decode_image, read_shard
+
+EMPTY = torch.empty(0)
+
+
+def worker_slot(rank: int, world: int) -> tuple[int, int]:
+    """(this loader worker's slot, number of slots) across all ranks and workers."""
+    info = get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info else (0, 1)
+    return rank * nw + wid, world * nw
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """How a worker reopens the cache (readers are built inside each worker, not pickled)."""
+
+    path: Path
+    teachers: tuple[str, ...]
+    views: int
+    with_logits: bool = False
+
+    def open(self, manifest: Manifest):
+        from ..cache import CacheReader
+
+        return CacheReader(self.path, manifest, list(self.teachers), self.views, with_logits=self.with_logits)
+
+
+class TrainStream(IterableDataset):
+    """Endless (image, label, row, view index, target, logits) tuples, epoch after epoch.
+
+    views: from the cache when `cache` is given (view index = which stored view), else freshly
+    drawn (view index -1), then `augment`'s photometric noise for data-augmentation teachers.
+    """
+
+    def __init__(self, manifest: Manifest, spec: ViewSpec, *, sampling: str, seed: int, samples_per_epoch: int,
+                 shuffle_buffer: int, cache: CacheSpec | None = None, augment: TeacherCfg | None = None,
+                 start_epoch: int = 0, rank: int = 0, world: int = 1):
+        self.manifest, self.spec = manifest, spec
+        self.factors = repeat_factors(manifest.train.class_counts, sampling)
+        self.seed, self.samples_per_epoch, self.shuffle_buffer = seed, samples_per_epoch, shuffle_buffer
+        self.cache, self.augment = cache, augment
+        self.start_epoch, self.rank, self.world = start_epoch, rank, world
+
+    def expand(self, slot: int, slots: int, epoch: int, rng: np.random.Generator, reader) -> Iterator[tuple]:
+        """Endless pre-shuffle copies for one epoch: this slot's shards, cycled, each sample repeated by its factor."""
+        shards = self.manifest.train.shards
+        order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(shards))
+        mine = list(order[slot::slots]) or [order[slot % len(shards)]]
+        while True:
+            for s in mine:
+                info = shards[s]
+                samples = read_shard(self.manifest.shard_path(info), info.start, info.stop)
+                views = targets = logits = None
+                if reader is not None:
+                    views, targets, logits = reader.read(info.start, info.stop)
+                for i, sample in enumerate(samples):
+                    for _ in range(copies(self.factors[sample.label], rng.random())):
+                        if reader is None:
+                            yield sample, None, -1, None, None
+                        else:
+                            a = int(rng.integers(views.shape[1]))
+                            yield sample, views[i, a], a, targets[i, a], None if logits is None else logits[i, a]
+            mine = list(rng.permutation(mine))
+
+    def __iter__(self) -> Iterator[tuple]:
+        slot, slots = worker_slot(self.rank, self.world)
+        quota = self.samples_per_epoch // slots
+        reader = self.cache.open(self.manifest) if self.cache else None
+        buffer: list[tuple] = []
+        epoch = self.start_epoch
+        while True:
+            rng = np.random.default_rng([self.seed, epoch, slot])
+            source = self.expand(slot, slots, epoch, rng, reader)
+            for _ in range(quota):
+                while len(buffer) < self.shuffle_buffer:
+                    buffer.append(next(source))
+                j = int(rng.integers(len(buffer)))
+                item, buffer[j] = buffer[j], buffer[-1]
+                buffer.pop()
+                yield self.materialize(item, rng)
+            epoch += 1
+
+    def materialize(self, item: tuple, rng: np.random.Generator) -> tuple:
+        sample, view, a, target, logits = item
+        image = decode_image(sample.data, self.manifest.channels)
+        if view is None:
+            view = sample_view(rng, image.shape[1], image.shape[2], self.spec)
+        x = replay(image, view, self.spec.image_px)
+        if self.augment is not None and self.augment.type == "data_aug":
+            x = photometric(x, rng, self.augment)
+        return (x, sample.label, sample.row, a,
+                EMPTY if target is None else torch.from_numpy(np.asarray(target)),
+                EMPTY if logits is None else torch.from_numpy(np.asarray(logits)))
+
+
+class EvalStream(IterableDataset):
+    """(image, label, row) for every sample of a split, under the evaluation view; shards split over workers."""
+
+    def __init__(self, manifest: Manifest, split: str, spec: ViewSpec):
+        self.manifest, self.split, self.spec = manifest, split, spec
+
+    def __iter__(self) -> Iterator[tuple]:
+        slot, slots = worker_slot(0, 1)
+        for info in self.manifest.splits[self.split].shards[slot::slots]:
+            for sample in read_shard(self.manifest.shard_path(info), info.start, info.stop):
+                image = decode_image(sample.data, self.manifest.channels)
+                yield eval_view(image, self.spec), sample.label, sample.row
+
+
+class ExportStream(IterableDataset):
+    """Batches of (shard index, rows, views int32 (n, A, 5), images (n*A, C, px, px)) over whole shards.
+
+    View a of image `key` is `derive_views(view_seed, key, ...)[a]`, replayed exactly as the
+    student's `TrainStream` replays the stored parameters.
+    """
+
+    def __init__(self, manifest: Manifest, shard_indices: list[int], spec: ViewSpec, view_seed: int, views: int,
+                 batch_images: int):
+        self.manifest, self.shard_indices, self.spec = manifest, shard_indices, spec
+        self.view_seed, self.views = view_seed, views
+        self.rows_per_batch = max(1, batch_images // views)
+
+    def shard_views(self, samples: list[Sample]) -> Iterator[tuple[Sample, np.ndarray, list[torch.Tensor]]]:
+        for sample in samples:
+            image = decode_image(sample.data, self.manifest.channels)
+            views = derive_views(self.view_seed, sample.key, self.views, image.shape[1], image.shape[2], self.spec)
+            yield sample, views, [replay(image, v, self.spec.image_px) for v in views]
+
+    def __iter__(self) -> Iterator[tuple]:
+        slot, slots = worker_slot(0, 1)
+        for s in self.shard_indices[slot::slots]:
+            info = self.manifest.train.shards[s]
+            samples = read_shard(self.manifest.shard_path(info), info.start, info.stop)
+            for b in range(0, len(samples), self.rows_per_batch):
+                rows, views, images = [], [], []
+                for sample, v, xs in self.shard_views(samples[b:b + self.rows_per_batch]):
+                    rows.append(sample.row)
+                    views.append(v)
+                    images.extend(xs)
+                yield s, torch.tensor(rows), torch.from_numpy(np.stack(views)), torch.stack(images)

@@ -1,0 +1,124 @@
+"""Evaluation: top-1, many / medium / few-shot accuracy and per-class accuracy, as JSON and Markdown."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from .config import Config
+from .data.longtail import SHOT_GROUPS, shot_group
+from .data.manifest import Manifest
+from .data.stream import EvalStream
+from .engine import predict
+from .models import Network
+from .runtime import Runtime, file_sha256, log
+from .views import ViewSpec
+from .workdir import Workdir, read_json, write_json
+
+
+def accuracy_report(labels: np.ndarray, preds: np.ndarray, train_counts: list[int]) -> dict[str, Any]:
+    """top1 over all test images; many / medium / few = mean per-class accuracy of the group (percent).
+
+    A group with no classes (say, no class has > 100 images) is None.
+    """
+    num_classes = len(train_counts)
+    per_class = []
+    for c in range(num_classes):
+        mask = labels == c
+        per_class.append(float(100.0 * (preds[mask] == c).mean()) if mask.any() else math.nan)
+    report: dict[str, Any] = {"top1": float(100.0 * (preds == labels).mean()), "num_test": int(len(labels))}
+    groups = [shot_group(n) for n in train_counts]
+    for g in SHOT_GROUPS:
+        accs = [a for a, gc in zip(per_class, groups) if gc == g and not math.isnan(a)]
+        report[g] = float(np.mean(accs)) if accs else None
+    report["per_class"] = [None if math.isnan(a) else round(a, 3) for a in per_class]
+    report["train_counts"] = list(train_counts)
+    report["groups"] = groups
+    return report
+
+
+def eval_loader(manifest: Manifest, split: str, spec: ViewSpec, batch_size: int, runtime: Runtime) -> DataLoader:
+    return DataLoader(EvalStream(manifest, split, spec), batch_size=batch_size, **runtime.loader_kwargs())
+
+
+def evaluate_network(net: Network, manifest: Manifest, cfg: Config, runtime: Runtime, split: str = "test") -> dict:
+    net = runtime.prepare_model(net)
+    out = predict(net, eval_loader(manifest, split, ViewSpec.from_cfg(cfg.views), cfg.eval.batch_size, runtime), runtime)
+    return {"split": split, **accuracy_report(out["labels"], out["preds"], manifest.train.class_counts)}
+
+
+def fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """| model | kind | top-1 | many | medium | few | with one row per evaluated model."""
+    lines = ["| model | kind | top-1 | many | medium | few |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['kind']} | {fmt(r['top1'])} | {fmt(r['many'])} | {fmt(r['medium'])} "
+                     f"| {fmt(r['few'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def per_class_table(report: dict[str, Any], class_names: list[str]) -> str:
+    lines = ["| class | train images | group | accuracy |", "|---|---:|---|---:|"]
+    order = np.argsort(report["train_counts"])[::-1]
+    for c in order:
+        lines.append(f"| {class_names[c]} | {report['train_counts'][c]} | {report['groups'][c]} "
+                     f"| {fmt(report['per_class'][c])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: Path, name: str, kind: str, report: dict[str, Any], class_names: list[str]) -> None:
+    """eval.json (keys top1, many, medium, few, per_class, ...) and eval.md beside the checkpoint."""
+    write_json(folder / "eval.json", report)
+    md = f"# {kind} {name}\n\n" + markdown_table([{"model": name, "kind": kind, **report}]) + "\n" + \
+        per_class_table(report, class_names)
+    (folder / "eval.md").write_text(md)
+
+
+def evaluate_checkpoint(folder: Path, name: str, kind: str, manifest: Manifest, cfg: Config,
+                        runtime: Runtime) -> dict[str, Any]:
+    """The test report of the checkpoint in `folder`, reusing eval.json while the checkpoint is unchanged."""
+    from .checkpoint import load_checkpoint
+
+    ckpt = folder / "checkpoint.pt"
+    sha = file_sha256(ckpt)
+    eval_json = folder / "eval.json"
+    if eval_json.is_file():
+        report = read_json(eval_json)
+        if report.get("checkpoint_sha256") == sha and report.get("manifest_fingerprint") == manifest.fingerprint:
+            return report
+    net, _ = load_checkpoint(ckpt)
+    report = evaluate_network(net, manifest, cfg, runtime)
+    report.update(checkpoint_sha256=sha, manifest_fingerprint=manifest.fingerprint)
+    write_report(folder, name, kind, report, manifest.class_names)
+    log(f"[evaluate] {kind} {name}: top-1 {report['top1']:.2f}  many {fmt(report['many'])}  "
+        f"medium {fmt(report['medium'])}  few {fmt(report['few'])}")
+    return report
+
+
+def evaluate_workdir(cfg: Config, wd: Workdir, runtime: Runtime) -> list[dict[str, Any]]:
+    """Evaluate every teacher and student in the workdir; write results.md / results.json; return the rows."""
+    manifest = Manifest.load(wd.manifest)
+    rows = []
+    for t in cfg.teachers:
+        if wd.teacher_checkpoint(t.name).is_file():
+            r = evaluate_checkpoint(wd.teacher_dir(t.name), t.name, f"teacher ({t.type})", manifest, cfg, runtime)
+            rows.append({"model": t.name, "kind": f"teacher ({t.type})", **r})
+    for s in wd.students():
+        folder = wd.student_dir(s)
+        meta = read_json(folder / "run.json") if (folder / "run.json").is_file() else {}
+        kind = meta.get("kind", "student")
+        rows.append({"model": s, "kind": kind, **evaluate_checkpoint(folder, s, kind, manifest, cfg, runtime)})
+    if not rows:
+        raise FileNotFoundError(f"{wd.root}: no teacher or student checkpoints to evaluate")
+    table = markdown_table(rows)
+    wd.results_md.write_text(f"# Results: {cfg.pipeline.name} ({manifest.splits['test'].num_samples} test images)\n\n"
+                             + table)
+    write_json(wd.results_json, [{k: r[k] for k in ("model", "kind", "top1", "many", "medium", "few", "per_class")}
+                                 for r in rows])
+    return rows

@@ -1,0 +1,136 @@
+"""The machine a stage runs on: device, mixed precision, memory format, loader workers, progress lines."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import PipelineCfg
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None   # autocast dtype, None for full precision
+    channels_last: bool
+    workers: int
+    compile: bool
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def loader_kwargs(self) -> dict:
+        kw: dict = {"num_workers": self.workers, "pin_memory": self.cuda}
+        if self.workers > 0:
+            kw.update(persistent_workers=False, prefetch_factor=4)
+        return kw
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def make_runtime(cfg: PipelineCfg) -> Runtime:
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"pipeline.device={cfg.device}: CUDA is not available on this machine")
+    cuda = device.type == "cuda"
+    amp = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "off": None}[cfg.amp]
+    channels_last = {"auto": cuda, "on": True, "off": False}[cfg.channels_last]
+    if cfg.workers >= 0:
+        workers = cfg.workers
+    else:  # leave the main process a core on CPU; on GPU feed it from up to 8 workers
+        n = cpu_count()
+        workers = min(8, max(n - 1, 1)) if cuda else min(4, max(n // 2, 1))
+    return Runtime(device, amp, channels_last, workers, cfg.compile)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Progress:
+    """Prints `[tag] done/total unit  N unit/s  eta` at most every `every_s` seconds, and at the end."""
+
+    def __init__(self, tag: str, total: int, unit: str = "img", every_s: float = 10.0):
+        self.tag, self.total, self.unit, self.every_s = tag, total, unit, every_s
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.last >= self.every_s or self.done >= self.total
+
+    def report(self, extra: str = "") -> None:
+        self.last = time.perf_counter()
+        log(self.line(extra))
+
+    def update(self, n: int, extra: str = "") -> None:
+        self.advance(n)
+        if self.due():
+            self.report(extra)
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(time.perf_counter() - self.start, 1e-9)
+
+    def line(self, extra: str = "") -> str:
+        rate = self.rate
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        pct = 100.0 * self.done / max(self.total, 1)
+        tail = f"  {extra}" if extra else ""
+        return (f"[{self.tag}] {self.done}/{self.total} {self.unit} ({pct:.0f}%)  {rate:,.0f} {self.unit}/s  "
+                f"eta {format_seconds(eta)}{tail}")

@@ -1,0 +1,119 @@
+"""Stage 2: the student, from scratch, class-balanced, distilling the cached teacher descriptors.
+
+targets = "cache"  reads each view's targets from the cache and replays that view: no teacher runs.
+targets = "online" runs the teachers (eval mode) on freshly drawn views every step: the reference.
+targets = "none"   cross-entropy only: the single-stage baselines.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .cache import CacheReader
+from .checkpoint import network_spec, save_checkpoint
+from .config import Config, digest, student_run_name
+from .data.manifest import Manifest
+from .data.stream import CacheSpec, TrainStream
+from .engine import cosine_schedule, make_optimizer, steps_per_epoch, train_one_epoch
+from .evaluation import evaluate_network, write_report
+from .export import load_teachers
+from .losses import cbd_loss, normalize_per_teacher
+from .models import Network, descriptor_dim, projection_dim
+from .runtime import Runtime, file_sha256, log, seed_everything
+from .teachers import cross_entropy_step
+from .views import ViewSpec
+from .workdir import Workdir, read_json, write_json
+
+
+def student_kind(cfg: Config) -> str:
+    s = cfg.student
+    if s.targets == "none":
+        return f"single-stage ({s.sampling})"
+    return f"CBD K={len(cfg.student_teachers())} ({s.targets})"
+
+
+def distillation_step(runtime: Runtime, dims: list[int], alpha: float, beta: float, teachers=None):
+    """The CBD step: targets from the batch (cache) or from the teachers on the same images (online)."""
+    def step(model: torch.nn.Module, batch: tuple):
+        x, y = runtime.to_device(batch[0]), batch[1].to(runtime.device, non_blocking=True)
+        if teachers is None:
+            targets = normalize_per_teacher(batch[4].to(runtime.device, non_blocking=True), dims)
+        else:
+            with torch.no_grad():
+                targets = torch.cat([F.normalize(t.features(x).float(), dim=1) for t in teachers], dim=1)
+        logits, e = model(x)
+        return cbd_loss(logits, y, e, targets, alpha, beta)
+    return step
+
+
+def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
+    s = cfg.student
+    name = student_run_name(cfg)
+    folder = wd.student_dir(name)
+    manifest = Manifest.load(wd.manifest)
+    teacher_names = cfg.student_teachers() if s.targets != "none" else []
+    cache_spec, teacher_nets, provenance = None, None, {}
+    if s.targets == "cache":
+        hashes = {t: file_sha256(wd.teacher_checkpoint(t)) for t in teacher_names if wd.teacher_checkpoint(t).is_file()}
+        reader = CacheReader(wd.cache, manifest, teacher_names, s.views, checkpoint_hashes=hashes)
+        dims = reader.dims
+        cache_spec = CacheSpec(wd.cache, tuple(teacher_names), reader.views)
+        provenance = {t: reader.prov["teachers"][t]["checkpoint_sha256"] for t in teacher_names}
+    elif s.targets == "online":
+        teacher_nets, records = load_teachers(cfg, wd, teacher_names)
+        teacher_nets = [runtime.prepare_model(n) for n in teacher_nets]
+        dims = [r.descriptor_dim for r in records]
+        provenance = {r.name: r.checkpoint_sha256 for r in records}
+    else:
+        dims = []
+    config = {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
+    identity = digest({"student": config, "views": dataclasses.asdict(cfg.views), "export_views": cfg.export.views,
+                       "manifest": manifest.fingerprint, "teachers": provenance})
+    run_json = folder / "run.json"
+    if (folder / "checkpoint.pt").is_file() and run_json.is_file() and read_json(run_json).get("identity") == identity:
+        log(f"[student {name}] already trained with this config ({folder}); skipping")
+        return folder / "checkpoint.pt"
+
+    seed_everything(s.seed)
+    proj = projection_dim(descriptor_dim(s.arch), dims)
+    net = runtime.prepare_model(Network(s.arch, manifest.channels, manifest.num_classes, s.gamma, proj))
+    model = torch.compile(net) if runtime.compile else net
+    n = manifest.train.num_samples
+    stream = TrainStream(manifest, ViewSpec.from_cfg(cfg.views), sampling=s.sampling, seed=s.seed,
+                         samples_per_epoch=n, shuffle_buffer=s.shuffle_buffer, cache=cache_spec)
+    batches = iter(DataLoader(stream, batch_size=s.batch_size, **runtime.loader_kwargs()))
+    steps = steps_per_epoch(n, s.batch_size)
+    optimizer = make_optimizer(net, s)
+    scheduler = cosine_schedule(optimizer, steps * s.epochs)
+    step_fn = (cross_entropy_step(runtime) if s.targets == "none"
+               else distillation_step(runtime, dims, s.alpha, s.beta, teacher_nets))
+    kind = student_kind(cfg)
+    log(f"[student {name}] {kind}, {s.arch}, {s.epochs} epochs x {steps} steps of {s.batch_size}, {s.sampling} "
+        f"sampling, alpha {s.alpha}, beta {s.beta}, teachers {teacher_names or '-'}, on {runtime.device}")
+    folder.mkdir(parents=True, exist_ok=True)
+    history, started = [], time.perf_counter()
+    with open(folder / "log.jsonl", "w") as log_file:
+        for epoch in range(s.epochs):
+            stats = train_one_epoch(model, batches, steps, optimizer, scheduler, step_fn, runtime,
+                                    f"student {name} epoch {epoch + 1}/{s.epochs}", s.batch_size)
+            history.append({"epoch": epoch + 1, **stats})
+            log_file.write(json.dumps(history[-1]) + "\n")
+            log_file.flush()
+    del batches
+    wall_s = time.perf_counter() - started
+    test = evaluate_network(net, manifest, cfg, runtime, "test")
+    meta = {"kind": kind, "name": name, "seed": s.seed, "config": dataclasses.asdict(s), "teachers": provenance,
+            "manifest_fingerprint": manifest.fingerprint, "test_top1": test["top1"], "train_wall_s": wall_s}
+    ckpt = folder / "checkpoint.pt"
+    save_checkpoint(ckpt, net, network_spec(net, s.arch, manifest.channels, manifest.num_classes, s.gamma), meta)
+    test.update(checkpoint_sha256=file_sha256(ckpt), manifest_fingerprint=manifest.fingerprint)
+    write_report(folder, name, kind, test, manifest.class_names)
+    write_json(run_json, {"identity": identity, "overrides": cfg.overrides, "history": history, **meta})
+    log(f"[student {name}] done in {wall_s:.0f}s: test top-1 {test['top1']:.2f}")
+    return ckpt

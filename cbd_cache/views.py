@@ -1,0 +1,136 @@
+"""Views: the crop box and flip that turn a training image into what a network sees.
+
+One view is five integers, `VIEW_FIELDS` = (top, left, height, width, flip), in the decoded image's
+pixels. Export derives view a of image `key` from (pipeline seed, key, a) alone, stores the five
+integers in the cache, and the student replays them with `replay`, so both see the same tensor bit
+for bit. The photometric augmentation of data-augmentation teachers lives here too.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from .config import TeacherCfg, ViewsCfg
+
+VIEW_FIELDS = ("top", "left", "height", "width", "flip")
+CROP_ATTEMPTS = 10   # as torchvision's RandomResizedCrop
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    image_px: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    flip: bool
+    eval_resize_px: int
+
+    @classmethod
+    def from_cfg(cls, cfg: ViewsCfg) -> "ViewSpec":
+        return cls(cfg.image_px, tuple(cfg.scale), tuple(cfg.ratio), cfg.flip, cfg.eval_resize_px)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def view_rng(seed: int, key: str, index: int) -> np.random.Generator:
+    """The generator for view `index` of image `key`: a pure function of its three inputs."""
+    h = key_hash(key)
+    return np.random.default_rng([seed & 0xFFFFFFFF, h & 0xFFFFFFFF, h >> 32, index])
+
+
+def sample_view(rng: np.random.Generator, height: int, width: int, spec: ViewSpec) -> np.ndarray:
+    """Random-resized crop (area in `spec.scale`, aspect in `spec.ratio`) plus a coin flip, as int32[5]."""
+    area = height * width
+    log_ratio = (math.log(spec.ratio[0]), math.log(spec.ratio[1]))
+    box = None
+    for _ in range(CROP_ATTEMPTS):
+        target = area * rng.uniform(spec.scale[0], spec.scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            box = (int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
+            break
+    if box is None:  # fall back to the largest centred crop within the ratio range
+        in_ratio = width / height
+        if in_ratio < spec.ratio[0]:
+            w, h = width, int(round(width / spec.ratio[0]))
+        elif in_ratio > spec.ratio[1]:
+            h, w = height, int(round(height * spec.ratio[1]))
+        else:
+            w, h = width, height
+        box = ((height - h) // 2, (width - w) // 2, h, w)
+    flip = int(spec.flip and rng.random() < 0.5)
+    return np.array([*box, flip], dtype=np.int32)
+
+
+def derive_view(seed: int, key: str, index: int, height: int, width: int, spec: ViewSpec) -> np.ndarray:
+    return sample_view(view_rng(seed, key, index), height, width, spec)
+
+
+def derive_views(seed: int, key: str, count: int, height: int, width: int, spec: ViewSpec) -> np.ndarray:
+    """Views 0..count-1 of one image, int32[count, 5]; view a does not depend on count."""
+    return np.stack([derive_view(seed, key, a, height, width, spec) for a in range(count)])
+
+
+def replay(image: torch.Tensor, view: np.ndarray | torch.Tensor, image_px: int) -> torch.Tensor:
+    """uint8 (C, H, W) image + view -> float32 (C, image_px, image_px) in [0, 1]. Deterministic on CPU."""
+    top, left, h, w, flip = (int(v) for v in view)
+    x = image[:, top:top + h, left:left + w].float().div_(255.0)
+    if (h, w) != (image_px, image_px):
+        x = F.interpolate(x[None], size=(image_px, image_px), mode="bilinear", align_corners=False,
+                          antialias=True)[0]
+    return x.flip(-1) if flip else x
+
+
+def eval_view(image: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
+    """Evaluation: resize the short side to eval_resize_px and centre-crop image_px (or resize to image_px)."""
+    _, height, width = image.shape
+    if spec.eval_resize_px == 0:
+        return replay(image, np.array([0, 0, height, width, 0]), spec.image_px)
+    scale = spec.eval_resize_px / min(height, width)
+    crop = spec.image_px / scale                      # the crop, in source pixels
+    h, w = min(height, round(crop)), min(width, round(crop))
+    return replay(image, np.array([(height - h) // 2, (width - w) // 2, h, w, 0]), spec.image_px)
+
+
+def photometric(x: torch.Tensor, rng: np.random.Generator, teacher: TeacherCfg) -> torch.Tensor:
+    """Data-augmentation teachers' extra noise on a view in [0, 1].
+
+    paper: colour jitter of strength `jitter` (brightness, contrast, saturation) in random order,
+    then Gaussian noise of `noise_std`. official: SimCLR jitter (0.8, 0.8, 0.8, 0.2) with p=0.8,
+    then grayscale with p=0.2, no noise.
+    """
+    official = teacher.aug_style == "official"
+    strength = (0.8, 0.8, 0.8, 0.2) if official else (teacher.jitter, teacher.jitter, teacher.jitter, 0.0)
+    rgb = x.shape[0] == 3
+    if not official or rng.random() < 0.8:
+        for op in rng.permutation(4):
+            s = strength[op]
+            if s == 0 or (op >= 2 and not rgb):   # saturation and hue need colour
+                continue
+            if op == 0:
+                x = TF.adjust_brightness(x, float(rng.uniform(max(0.0, 1 - s), 1 + s)))
+            elif op == 1:
+                x = TF.adjust_contrast(x, float(rng.uniform(max(0.0, 1 - s), 1 + s)))
+            elif op == 2:
+                x = TF.adjust_saturation(x, float(rng.uniform(max(0.0, 1 - s), 1 + s)))
+            else:
+                x = TF.adjust_hue(x, float(rng.uniform(-s, s)))
+    if official and rgb and rng.random() < 0.2:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if not official and teacher.noise_std > 0:
+        noise = torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32))
+        x = (x + teacher.noise_std * noise).clamp_(0.0, 1.0)
+    return x
