@@ -51,10 +51,7 @@ class CLI(click.Group):
 
         try:
             return super().invoke(ctx)
-        except ConfigError as e:
-            click.echo(f"cbd-cache: error: {e}", err=True)
-            sys.exit(2)
-        except (CacheError, FileNotFoundError) as e:
+        except (ConfigError, CacheError, FileNotFoundError) as e:
             click.echo(f"cbd-cache: error: {e}", err=True)
             sys.exit(2)
 

@@ -79,7 +79,8 @@ def build_backbone(arch: str, in_channels: int) -> tuple[nn.Module, int]:
 class CosineClassifier(nn.Module):
     def __init__(self, dim: int, num_classes: int, gamma: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_classes, dim) * 0.01)
+        # unit-norm rows: the gradient of a cosine head scales as gamma / norm(W), so tiny rows blow up
+        self.weight = nn.Parameter(torch.randn(num_classes, dim) / dim ** 0.5)
         self.gamma = gamma
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,51 @@
+# cbd-cache. On a fresh machine: `make demo` (whole pipeline on Fashion-MNIST-LT) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIPELINE ?= pipelines/fashion_mnist_lt.toml
+WORKDIR ?=
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+# Exact pins for CPU machines (these install from local disk here); pyproject.toml only states ranges.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+CBD := $(BIN)/cbd-cache
+ARGS = --pipeline $(PIPELINE) $(if $(WORKDIR),--workdir $(WORKDIR))
+
+.PHONY: install data demo test teachers clean
+
+install: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# Debian's dataset-fashion-mnist puts the IDX files under $(FMNIST_DIR).
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST found in $(FMNIST_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing. Install it with:" >&2; \
+		echo "    sudo apt-get update && sudo apt-get install dataset-fashion-mnist" >&2; \
+		echo "or put the four IDX .gz files in a folder and add --set data.root=DIR (make: FMNIST_DIR=DIR)." >&2; \
+		exit 1; \
+	fi
+
+demo: install data
+	time $(CBD) run $(ARGS)
+
+test: install data
+	$(BIN)/pytest -q
+
+teachers: install data
+	$(CBD) prepare $(ARGS)
+	$(CBD) train-teacher $(ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

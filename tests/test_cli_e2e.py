@@ -1,0 +1,71 @@
+"""The smoke pipeline end to end through the installed `cbd-cache` console script."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, SMOKE
+
+CLI = str(Path(sys.executable).parent / "cbd-cache")
+
+
+def cbd(*args, check=True):
+    result = subprocess.run([CLI, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"cbd-cache {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def test_version_and_help():
+    assert cbd("--version").stdout.startswith("cbd-cache, version")
+    for command in ("prepare", "train-teacher", "export", "train-student", "evaluate", "run", "cache"):
+        assert "--help" in cbd(command, "--help").stdout or "Usage" in cbd(command, "--help").stdout
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_end_to_end(tmp_path):
+    wd = str(tmp_path / "smoke")
+    common = ["--pipeline", str(SMOKE), "--workdir", wd]
+    out = cbd("run", *common)
+    assert "| student | CBD K=2 (cache)" in out.stdout and "| std0 | teacher (standard)" in out.stdout
+    results = json.loads((tmp_path / "smoke" / "results.json").read_text())
+    assert [r["model"] for r in results] == ["std0", "aug0", "student"]
+    for r in results:
+        assert {"top1", "many", "medium", "few", "per_class"} <= set(r) and len(r["per_class"]) == 10
+    report = json.loads((tmp_path / "smoke" / "students" / "student" / "eval.json").read_text())
+    assert 0 <= report["top1"] <= 100 and report["num_test"] == 200
+
+    # a second run skips every stage
+    again = cbd("run", *common)
+    for stage in ("prepare", "teacher std0", "teacher aug0", "student student"):
+        assert f"[{stage}]" in again.stderr
+    assert "skipping" in again.stderr and "nothing to do" in again.stderr
+
+    info = json.loads(cbd("cache", "info", *common, "--json").stdout)
+    assert info["complete"] and info["arrays"]["descriptors/std0"]["dtype"] == "float16"
+    assert info["arrays"]["views"]["shape"] == [227, 2, 5]
+
+    # the student loads no teacher: it trains with every teacher checkpoint gone
+    shutil.rmtree(tmp_path / "smoke" / "teachers")
+    out = cbd("train-student", *common, "--set", "student.alpha=0.2", "--set", "student.teachers=[aug0]")
+    assert "CBD K=1 (cache)" in out.stderr
+    assert (tmp_path / "smoke" / "students" / "student_alpha=0.2_teachers=aug0" / "checkpoint.pt").is_file()
+    table = cbd("evaluate", *common).stdout
+    assert "student_alpha=0.2_teachers=aug0" in table
+
+
+@pytest.mark.slow
+def test_mismatched_cache_is_refused_with_a_clear_message(tmp_path, smoke_workdir):
+    wd = tmp_path / "wd"
+    shutil.copytree(smoke_workdir.root, wd)
+    manifest = json.loads((wd / "data" / "manifest.json").read_text())
+    manifest["fingerprint"] = "0" * 64
+    (wd / "data" / "manifest.json").write_text(json.dumps(manifest))
+    result = cbd("train-student", "--pipeline", str(SMOKE), "--workdir", str(wd), check=False)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("cbd-cache: error:") and "fingerprint" in line and "re-run `cbd-cache export`" in line
+    assert not (wd / "students").exists()

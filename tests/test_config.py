@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cbd_cache.config import ConfigError, load_config, parse_value, student_run_name
+from cli import main
+
+from .conftest import ROOT, SMOKE, smoke_config
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist_lt", "smoke", "imagenet_lt", "inat18"])
+def test_shipped_pipelines_load_and_validate(name):
+    cfg = load_config(ROOT / "pipelines" / f"{name}.toml")
+    assert cfg.pipeline.name == name and cfg.teachers
+
+
+@pytest.mark.parametrize("name,epochs,wd", [("imagenet_lt", 90, 5e-4), ("inat18", 200, 2e-4)])
+def test_paper_recipes(name, epochs, wd):
+    cfg = load_config(ROOT / "pipelines" / f"{name}.toml")
+    for t in [*cfg.teachers, cfg.student]:
+        assert (t.arch, t.epochs, t.batch_size, t.lr, t.weight_decay) == ("resnet50", epochs, 256, 0.2, wd)
+    assert [t.type for t in cfg.teachers] == ["standard", "standard", "data_aug", "data_aug"]
+    assert (cfg.student.alpha, cfg.student.beta, cfg.views.image_px) == (0.4, 100.0, 224)
+
+
+def test_the_keys_outside_scripts_rely_on_can_be_set():
+    cfg = smoke_config("data.root=/tmp", "data.seed=3", "export.views=4", "student.alpha=0.2", "student.beta=10",
+                       "student.teachers=[aug0]", "student.epochs=7")
+    assert (cfg.data.root, cfg.data.seed, cfg.export.views) == ("/tmp", 3, 4)
+    assert (cfg.student.alpha, cfg.student.beta, cfg.student.teachers, cfg.student.epochs) == (0.2, 10.0, ["aug0"], 7)
+
+
+def test_teacher_overrides_apply_to_all_or_one():
+    cfg = smoke_config("teacher.epochs=5", "teachers.aug0.lr=0.3")
+    assert [t.epochs for t in cfg.teachers] == [5, 5]
+    assert [t.lr for t in cfg.teachers] == [0.05, 0.3]
+
+
+def test_parse_value():
+    assert parse_value("0.2") == 0.2 and parse_value("3") == 3 and parse_value("true") is True
+    assert parse_value("[std0,aug0]") == ["std0", "aug0"] and parse_value('["a", "b"]') == ["a", "b"]
+    assert parse_value("/some/path") == "/some/path"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("student.alfa=0.2", "unknown config key 'student.alfa' (did you mean 'alpha'?)"),
+    ("studnet.alpha=0.2", "no section 'studnet'"),
+    ("student.alpha=1.5", "student.alpha=1.5: must be in [0, 1]"),
+    ("student.alpha=abc", "student.alpha='abc': expected a number"),
+    ("student.teachers=[ghost]", "student.teachers: no teacher named 'ghost'"),
+    ("export.views=0", "export.views=0: must be in [1, 1024]"),
+    ("teachers.nobody.lr=1", "no teacher named 'nobody'"),
+    ("data.format=csv", "data.format='csv': must be one of"),
+    ("export.chunk_rows=5", "export.chunk_rows=5: must be 0 or divide data.shard_size=32"),
+])
+def test_bad_overrides_raise_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        smoke_config(override)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "student.alpha=1.5"], "student.alpha=1.5: must be in [0, 1]"),
+    (["--set", "student.alfa=0.2"], "unknown config key 'student.alfa'"),
+    (["--set", "noequals"], "expected key=value"),
+    (["--pipeline", "pipelines/missing.toml"], "--pipeline pipelines/missing.toml: no such file"),
+])
+def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+    workdir = tmp_path / "wd"
+    pipeline = [] if "--pipeline" in args else ["--pipeline", str(SMOKE)]
+    result = CliRunner().invoke(main, ["prepare", *pipeline, "--workdir", str(workdir), *args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not workdir.exists()
+
+
+def test_missing_data_root_exits_2_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "wd"
+    result = CliRunner().invoke(main, ["prepare", "--workdir", str(workdir), "--set", f"data.root={tmp_path}/nope"])
+    assert result.exit_code == 2
+    assert "data.root=" in result.stderr and "no such directory" in result.stderr
+    assert not workdir.exists()
+
+
+def test_student_run_names_follow_the_overrides():
+    assert student_run_name(smoke_config()) == "student"
+    assert student_run_name(smoke_config("student.alpha=0.2", "data.seed=1")) == "student_alpha=0.2"
+    assert student_run_name(smoke_config("student.teachers=[std0,aug0]")) == "student_teachers=std0,aug0"
+    assert student_run_name(smoke_config("student.alpha=0.2", "student.name=mine")) == "mine"

@@ -1,0 +1,93 @@
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+from cbd_cache.data.manifest import Manifest
+from cbd_cache.data.stream import CacheSpec, ExportStream, TrainStream
+from cbd_cache.views import ViewSpec, derive_view, derive_views, eval_view, replay
+
+from .conftest import smoke_config
+
+SPEC = ViewSpec(image_px=16, scale=(0.35, 1.0), ratio=(0.75, 4 / 3), flip=True, eval_resize_px=0)
+
+
+def test_view_is_a_pure_function_of_seed_key_and_index():
+    a = derive_view(0, "train-00042", 3, 28, 28, SPEC)
+    assert np.array_equal(a, derive_view(0, "train-00042", 3, 28, 28, SPEC))
+    assert not np.array_equal(a, derive_view(1, "train-00042", 3, 28, 28, SPEC))
+    assert not np.array_equal(a, derive_view(0, "train-00043", 3, 28, 28, SPEC))
+    # view a does not depend on how many views are exported: the first 4 of 16 are the 4 of an A=4 export
+    assert np.array_equal(derive_views(0, "k", 16, 28, 28, SPEC)[:4], derive_views(0, "k", 4, 28, 28, SPEC))
+
+
+def test_views_respect_the_spec():
+    views = np.stack([derive_view(0, f"img{i}", a, 28, 32, SPEC) for i in range(200) for a in range(4)])
+    top, left, h, w, flip = views.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 28).all() and (left + w <= 32).all()
+    area = h * w / (28 * 32)
+    assert area.min() >= 0.3 and area.max() <= 1.0
+    assert 0.4 < flip.mean() < 0.6
+
+
+def test_replay_crops_resizes_and_flips():
+    image = torch.arange(2 * 8 * 8, dtype=torch.uint8).reshape(2, 8, 8)
+    out = replay(image, np.array([2, 1, 4, 4, 0]), 4)          # same size: a pure crop
+    assert torch.equal(out, image[:, 2:6, 1:5].float() / 255)
+    flipped = replay(image, np.array([2, 1, 4, 4, 1]), 4)
+    assert torch.equal(flipped, out.flip(-1))
+    assert replay(image, np.array([0, 0, 8, 8, 0]), 16).shape == (2, 16, 16)
+
+
+def test_eval_view_centre_crops_after_resizing_the_short_side():
+    spec = ViewSpec(image_px=224, scale=(0.05, 1), ratio=(0.75, 4 / 3), flip=True, eval_resize_px=256)
+    image = torch.zeros(3, 300, 400, dtype=torch.uint8)
+    image[:, 150, 200] = 255                                     # the centre pixel survives a centre crop
+    out = eval_view(image, spec)
+    assert out.shape == (3, 224, 224) and out.max() > 0
+
+
+def export_tensors(manifest, cfg):
+    shards = list(range(len(manifest.train.shards)))
+    stream = ExportStream(manifest, shards, ViewSpec.from_cfg(cfg.views), cfg.pipeline.seed, cfg.export.views, 64)
+    seen = {}
+    for _, rows, views, images in stream:
+        a_count = views.shape[1]
+        for i, row in enumerate(rows.tolist()):
+            for a in range(a_count):
+                seen[(row, a)] = images[i * a_count + a]
+    return seen
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_student_replays_the_exact_tensor_the_teacher_saw(smoke_workdir, workers):
+    cfg = smoke_config()
+    manifest = Manifest.load(smoke_workdir.manifest)
+    teacher_saw = export_tensors(manifest, cfg)
+    assert len(teacher_saw) == manifest.train.num_samples * cfg.export.views
+    stream = TrainStream(manifest, ViewSpec.from_cfg(cfg.views), sampling="class_balanced", seed=5,
+                         samples_per_epoch=manifest.train.num_samples, shuffle_buffer=64,
+                         cache=CacheSpec(smoke_workdir.cache, ("std0", "aug0"), cfg.export.views))
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    checked = set()
+    for x, label, row, a, target, _ in islice(loader, 400):
+        assert torch.equal(x, teacher_saw[(row, a)]), f"row {row} view {a} differs"
+        checked.add((row, a))
+    assert len(checked) > 100
+
+
+def test_cache_stores_the_derived_views(smoke_workdir):
+    cfg = smoke_config()
+    manifest = Manifest.load(smoke_workdir.manifest)
+    stored = zarr.open_group(str(smoke_workdir.cache), mode="r")["views"][:]
+    from cbd_cache.data.shards import decode_image, read_shard
+
+    info = manifest.train.shards[-1]
+    for s in read_shard(manifest.shard_path(info), info.start, info.stop):
+        image = decode_image(s.data, manifest.channels)
+        expected = derive_views(cfg.pipeline.seed, s.key, cfg.export.views, image.shape[1], image.shape[2],
+                                ViewSpec.from_cfg(cfg.views))
+        assert np.array_equal(stored[s.row], expected)
