@@ -1,7 +1,10 @@
 """The training engine shared by teachers, students and baselines: `train_one_epoch` and `predict`."""
 from __future__ import annotations
 
+import json
 import math
+import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -9,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import TrainCfg
-from .runtime import Progress, Runtime
+from .runtime import Progress, Runtime, log
 
 # loss_fn(model, batch) -> (loss, {name: detached scalar tensor}); batch as TrainStream collates it
 LossFn = Callable[[torch.nn.Module, tuple], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -64,6 +67,30 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterator[tuple], steps: int
         raise NonFiniteLoss(f"{tag}: the loss became {means['loss']}")
     means["images_per_s"] = progress.rate
     return means
+
+
+def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Runtime, tag: str,
+        folder: Path) -> tuple[list[dict[str, float]], float]:
+    """Train `net` for `t.epochs` epochs of `stream.samples_per_epoch` samples: SGD, cosine schedule per step.
+
+    Writes one line per epoch to `folder/log.jsonl`; returns (history, wall seconds).
+    """
+    model = torch.compile(net) if runtime.compile else net
+    batches = iter(DataLoader(stream, batch_size=t.batch_size, **runtime.loader_kwargs()))
+    steps = steps_per_epoch(stream.samples_per_epoch, t.batch_size)
+    optimizer = make_optimizer(net, t)
+    scheduler = cosine_schedule(optimizer, steps * t.epochs)
+    log(f"[{tag}] {t.arch}, {t.epochs} epochs x {steps} steps of {t.batch_size}, seed {t.seed}, on {runtime.device}")
+    folder.mkdir(parents=True, exist_ok=True)
+    history, started = [], time.perf_counter()
+    with open(folder / "log.jsonl", "w") as log_file:
+        for epoch in range(t.epochs):
+            stats = train_one_epoch(model, batches, steps, optimizer, scheduler, step_fn, runtime,
+                                    f"{tag} epoch {epoch + 1}/{t.epochs}", t.batch_size)
+            history.append({"epoch": epoch + 1, **stats})
+            log_file.write(json.dumps(history[-1]) + "\n")
+            log_file.flush()
+    return history, time.perf_counter() - started
 
 
 @torch.no_grad()

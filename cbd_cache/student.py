@@ -7,28 +7,25 @@ targets = "none"   cross-entropy only: the single-stage baselines.
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from .cache import CacheReader
-from .checkpoint import network_spec, save_checkpoint
+from .checkpoint import network_spec, run_is_done, save_run
 from .config import Config, digest, student_run_name
 from .data.manifest import Manifest
 from .data.stream import CacheSpec, TrainStream
-from .engine import cosine_schedule, make_optimizer, steps_per_epoch, train_one_epoch
-from .evaluation import evaluate_network, write_report
+from .engine import fit
+from .evaluation import evaluate_network
 from .export import load_teachers
 from .losses import cbd_loss, normalize_per_teacher
 from .models import Network, descriptor_dim, projection_dim
 from .runtime import Runtime, file_sha256, log, seed_everything
 from .teachers import cross_entropy_step
 from .views import ViewSpec
-from .workdir import Workdir, read_json, write_json
+from .workdir import Workdir
 
 
 def student_kind(cfg: Config) -> str:
@@ -75,45 +72,27 @@ def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     config = {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
     identity = digest({"student": config, "views": dataclasses.asdict(cfg.views), "export_views": cfg.export.views,
                        "manifest": manifest.fingerprint, "teachers": provenance})
-    run_json = folder / "run.json"
-    if (folder / "checkpoint.pt").is_file() and run_json.is_file() and read_json(run_json).get("identity") == identity:
+    if run_is_done(folder, identity):
         log(f"[student {name}] already trained with this config ({folder}); skipping")
         return folder / "checkpoint.pt"
 
     seed_everything(s.seed)
     proj = projection_dim(descriptor_dim(s.arch), dims)
     net = runtime.prepare_model(Network(s.arch, manifest.channels, manifest.num_classes, s.gamma, proj))
-    model = torch.compile(net) if runtime.compile else net
-    n = manifest.train.num_samples
     stream = TrainStream(manifest, ViewSpec.from_cfg(cfg.views), sampling=s.sampling, seed=s.seed,
-                         samples_per_epoch=n, shuffle_buffer=s.shuffle_buffer, cache=cache_spec)
-    batches = iter(DataLoader(stream, batch_size=s.batch_size, **runtime.loader_kwargs()))
-    steps = steps_per_epoch(n, s.batch_size)
-    optimizer = make_optimizer(net, s)
-    scheduler = cosine_schedule(optimizer, steps * s.epochs)
+                         samples_per_epoch=manifest.train.num_samples, shuffle_buffer=s.shuffle_buffer,
+                         cache=cache_spec)
     step_fn = (cross_entropy_step(runtime) if s.targets == "none"
                else distillation_step(runtime, dims, s.alpha, s.beta, teacher_nets))
     kind = student_kind(cfg)
-    log(f"[student {name}] {kind}, {s.arch}, {s.epochs} epochs x {steps} steps of {s.batch_size}, {s.sampling} "
-        f"sampling, alpha {s.alpha}, beta {s.beta}, teachers {teacher_names or '-'}, on {runtime.device}")
-    folder.mkdir(parents=True, exist_ok=True)
-    history, started = [], time.perf_counter()
-    with open(folder / "log.jsonl", "w") as log_file:
-        for epoch in range(s.epochs):
-            stats = train_one_epoch(model, batches, steps, optimizer, scheduler, step_fn, runtime,
-                                    f"student {name} epoch {epoch + 1}/{s.epochs}", s.batch_size)
-            history.append({"epoch": epoch + 1, **stats})
-            log_file.write(json.dumps(history[-1]) + "\n")
-            log_file.flush()
-    del batches
-    wall_s = time.perf_counter() - started
+    log(f"[student {name}] {kind}, {s.sampling} sampling, alpha {s.alpha}, beta {s.beta}, "
+        f"teachers {teacher_names or '-'}")
+    history, wall_s = fit(net, stream, s, step_fn, runtime, f"student {name}", folder)
     test = evaluate_network(net, manifest, cfg, runtime, "test")
     meta = {"kind": kind, "name": name, "seed": s.seed, "config": dataclasses.asdict(s), "teachers": provenance,
-            "manifest_fingerprint": manifest.fingerprint, "test_top1": test["top1"], "train_wall_s": wall_s}
-    ckpt = folder / "checkpoint.pt"
-    save_checkpoint(ckpt, net, network_spec(net, s.arch, manifest.channels, manifest.num_classes, s.gamma), meta)
-    test.update(checkpoint_sha256=file_sha256(ckpt), manifest_fingerprint=manifest.fingerprint)
-    write_report(folder, name, kind, test, manifest.class_names)
-    write_json(run_json, {"identity": identity, "overrides": cfg.overrides, "history": history, **meta})
+            "overrides": cfg.overrides, "manifest_fingerprint": manifest.fingerprint, "test_top1": test["top1"],
+            "train_wall_s": wall_s}
+    spec = network_spec(net, s.arch, manifest.channels, manifest.num_classes, s.gamma)
+    ckpt = save_run(folder, net, spec, meta, identity, history, test, manifest.class_names)
     log(f"[student {name}] done in {wall_s:.0f}s: test top-1 {test['top1']:.2f}")
     return ckpt

@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from cbd_cache.data.longtail import exponential_profile, longtail_subset, shot_group
 from cbd_cache.data.manifest import Manifest
