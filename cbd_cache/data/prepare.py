@@ -220,7 +220,8 @@ def write_split(source: Source, split: str, plan: SplitPlan, wd: Workdir, shard_
     return shards, rejected
 
 
-def prepare(cfg: Config, wd: Workdir) -> Manifest:
+def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
+    """Shards + manifest + report from `data.format`'s reader, or from `source` when given (benchmarks bring their own)."""
     data_config = dataclasses.asdict(cfg.data)
     if wd.manifest.is_file():
         existing = Manifest.load(wd.manifest)
@@ -229,7 +230,7 @@ def prepare(cfg: Config, wd: Workdir) -> Manifest:
             (wd.data / JOURNAL).unlink(missing_ok=True)   # left by a prepare killed after its manifest
             return existing
         log(f"[prepare] {wd.manifest} was made from other data settings; preparing again")
-    source = open_source(cfg.data)
+    source = source or open_source(cfg.data)
     plans = plan_splits(source, cfg)
     for p in source.skipped[:LOG_REJECTS]:
         log(f"[prepare] label problem, left out: {p['where']}: {p['reason']}")
