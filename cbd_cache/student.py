@@ -88,7 +88,7 @@ def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     log(f"[student {name}] {kind}, {s.sampling} sampling, alpha {s.alpha}, beta {s.beta}, "
         f"teachers {teacher_names or '-'}")
     history, wall_s = fit(net, stream, s, step_fn, runtime, f"student {name}", folder)
-    test = evaluate_network(net, manifest, cfg, runtime, "test")
+    test = evaluate_network(net, manifest, cfg, runtime, manifest.eval_split)
     meta = {"kind": kind, "name": name, "seed": s.seed, "config": dataclasses.asdict(s), "teachers": provenance,
             "overrides": cfg.overrides, "manifest_fingerprint": manifest.fingerprint, "test_top1": test["top1"],
             "train_wall_s": wall_s}
