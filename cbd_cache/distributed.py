@@ -86,7 +86,9 @@ def run_parallel(commands: list[list[str]], jobs: int, gpus: int) -> None:
     sees only GPU j mod `gpus` (when there are GPUs) and an equal share of the CPU threads. Raises if any fails."""
     import time
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    from .runtime import cpu_count
+
+    threads = max(1, cpu_count() // jobs)
     running: dict[int, tuple[list[str], subprocess.Popen]] = {}
     failed: list[str] = []
     pending = list(commands)

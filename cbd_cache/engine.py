@@ -182,6 +182,8 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
         restored = ckpts.load(net, optimizer, scheduler, config)
         if restored:
             state, workers = restored
+    elif ckpts.path.is_file():
+        log(f"[{tag}] starting over; {ckpts.path} (from a run that was cut short) is continued with --resume")
     model = net
     if d.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.cuda else None)

@@ -19,6 +19,7 @@ from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir
 
 from .conftest import ROOT, SMOKE, smoke_config
+from .test_cli_e2e import CLI
 from .test_resume import array_hashes
 
 
@@ -47,8 +48,9 @@ def test_ranks_read_disjoint_equal_slices_and_stay_balanced_together(smoke_workd
 
 
 def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "cli.py"), *args]
+    """The README's command line: torchrun --nproc_per_node=N --no-python cbd-cache ..."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+               CLI, *args]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"torchrun {' '.join(args)} failed:\n{result.stderr[-4000:]}"
     return result
