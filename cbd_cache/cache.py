@@ -286,11 +286,10 @@ def verify_cache(path: Location, manifest: Manifest, checkpoints: dict[str, Any]
     expected = {"views": (n, a, len(VIEW_FIELDS))}
     for name, t in prov["teachers"].items():
         expected[f"descriptors/{name}"] = (n, a, t["descriptor_dim"])
-    for name, shape in expected.items():
-        if name not in group or tuple(group[name].shape) != shape:
-            problems.append(f"{name}: shape {tuple(group[name].shape) if name in group else None}, expected {shape}")
-    if problems:
-        return {"path": str(path), "problems": problems, "rows_checked": 0, "max_cosine_error": {}}
+    shapes = [f"{name}: shape {tuple(group[name].shape) if name in group else None}, expected {shape}"
+              for name, shape in expected.items() if name not in group or tuple(group[name].shape) != shape]
+    if shapes:   # nothing below can be read safely
+        return {"path": str(path), "problems": problems + shapes, "rows_checked": 0, "max_cosine_error": {}}
 
     # every row: unit-norm descriptors, sane view boxes
     progress = Progress("verify scan", n, unit="row")
@@ -322,10 +321,10 @@ def verify_cache(path: Location, manifest: Manifest, checkpoints: dict[str, Any]
         nets[name] = runtime.prepare_model(load_checkpoint(ckpt)[0].eval())
         errors[name] = 0.0
     sample = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
+    sample = sample[[bool(done[_shard_of(prov["shards"], r)]) for r in sample]]   # rows of finished shards
     by_shard: dict[int, list[int]] = {}
     for row in sample.tolist():
-        index = next(i for i, (start, stop) in enumerate(prov["shards"]) if start <= row < stop)
-        by_shard.setdefault(index, []).append(row)
+        by_shard.setdefault(_shard_of(prov["shards"], row), []).append(row)
     for index, chosen in by_shard.items():
         info = manifest.train.shards[index]
         samples = read_shard(manifest.shard_path(info), info.start, info.stop)
@@ -351,3 +350,7 @@ def verify_cache(path: Location, manifest: Manifest, checkpoints: dict[str, Any]
                             f"(tolerance {tolerance:.0e})")
     return {"path": str(path), "problems": problems, "rows_checked": int(len(sample)), "max_cosine_error": errors,
             "teachers_recomputed": sorted(nets), "tolerance": tolerance}
+
+
+def _shard_of(shards: list[list[int]], row: int) -> int:
+    return next(i for i, (start, stop) in enumerate(shards) if start <= row < stop)

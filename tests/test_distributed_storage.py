@@ -66,7 +66,6 @@ def test_verify_passes_a_sound_cache_and_names_each_kind_of_damage(smoke_copy):
     swapped = verify_cache(smoke_copy.cache, manifest, checkpoints, runtime, rows=n)
     assert len(swapped["problems"]) == 1 and "descriptors/std0" in swapped["problems"][0]
     assert swapped["max_cosine_error"]["std0"] > 5e-3 and swapped["max_cosine_error"]["aug0"] < 1e-4
-    print(f"cosine error: sound {sound['max_cosine_error']}, two rows swapped {swapped['max_cosine_error']}")
     d[40:41] = 0                               # a lost row
     group["shard_done"][7] = 0                 # and an unfinished shard
     result = CliRunner().invoke(main, ["cache", "verify", "--pipeline", str(SMOKE), "--workdir", str(smoke_copy.root)])
