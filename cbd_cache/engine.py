@@ -133,7 +133,8 @@ class Checkpoints:
         if not self.path.is_file():
             log(f"[resume] no checkpoint at {self.path}; starting from step 0")
             return None
-        ckpt = torch.load(self.path, map_location=self.runtime.device, weights_only=True)
+        # on the CPU: RNG states must stay there; the model and optimiser copy their tensors to their device
+        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
         diff = config_diff(ckpt["config"], config)
         if diff:
             raise ConfigError(f"cannot resume {self.path}: the config differs from the checkpoint's in "
