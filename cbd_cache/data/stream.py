@@ -151,6 +151,7 @@ class TrainStream(IterableDataset):
                 EMPTY if target is None else torch.from_numpy(np.asarray(target)),
                 EMPTY if logits is None else torch.from_numpy(np.asarray(logits)))
 
+
 class EvalStream(IterableDataset):
     """(image, label, row) for every sample of a split, under the evaluation view; shards split over workers."""
 
