@@ -261,10 +261,11 @@ def nan_message(tag: str, bad: int, total: int, steps: int, ckpts: Checkpoints) 
     epoch, k = divmod(bad - 1, steps)
     where = f"at step {bad} of {total} (epoch {epoch + 1}, step {k + 1} of {steps})"
     if ckpts.last_step is None:
-        last = "no checkpoint was written before it (set pipeline.checkpoint_steps to write them more often)"
+        last = "no checkpoint was written before it (pipeline.checkpoint_steps writes them more often)"
     else:
-        last = f"the last good checkpoint is {ckpts.path} at step {ckpts.last_step} (continue from it with --resume)"
-    return f"{tag}: the loss became non-finite {where}; {last}; lower the lr or check the data"
+        last = f"the last good checkpoint is {ckpts.path} at step {ckpts.last_step} (--resume continues from it)"
+    return (f"{tag}: the loss became non-finite {where}; {last}. The same config replays the same batches: "
+            "check the data, or lower the lr (a changed config starts from step 0)")
 
 
 @torch.no_grad()
