@@ -77,7 +77,7 @@ class CLI(click.Group):
         except (ConfigError, CacheError, FileNotFoundError) as e:
             click.echo(f"cbd-cache: error: {e}", err=True)
             sys.exit(2)
-        except NonFiniteLoss as e:
+        except (NonFiniteLoss, distributed.JobsFailed) as e:
             click.echo(f"cbd-cache: error: {e}", err=True)
             sys.exit(1)
         finally:
@@ -124,7 +124,7 @@ def prepare_data(ctx: Context) -> None:
 
 @main.command("train-teacher")
 @click.option("--name", "names", multiple=True, help="Teacher(s) to train (repeatable) [all in the pipeline].")
-@click.option("--jobs", default=1, show_default=True,
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
               help="Train this many teachers at once, one process each (on GPUs: one GPU each, round robin).")
 @pipeline_options
 @resume_option

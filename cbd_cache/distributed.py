@@ -81,6 +81,10 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+class JobsFailed(RuntimeError):
+    """Some of the parallel processes exited non-zero (their own errors are above in the log)."""
+
+
 def run_parallel(commands: list[list[str]], jobs: int, gpus: int) -> None:
     """Run the commands `jobs` at a time, each its own process on its own slot: the process in slot j
     sees only GPU j mod `gpus` (when there are GPUs) and an equal share of the CPU threads. Raises if any fails."""
@@ -108,4 +112,4 @@ def run_parallel(commands: list[list[str]], jobs: int, gpus: int) -> None:
             running[slot] = (command, subprocess.Popen(command, env=env))
         time.sleep(0.2)
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(commands)} parallel jobs failed: {'; '.join(failed)}")
+        raise JobsFailed(f"{len(failed)} of {len(commands)} parallel jobs failed: {'; '.join(failed)}")
