@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +49,30 @@ class CacheSpec:
         from ..cache import CacheReader
 
         return CacheReader(self.path, manifest, list(self.teachers), self.views, with_logits=self.with_logits)
+
+
+# Parsed shards a loader worker keeps: a small dataset's tars are then parsed once, not every epoch.
+SHARD_MEMO_BYTES = 128 << 20
+
+
+class ShardMemo:
+    """The most recently used shards' parsed samples (and cache rows), up to a byte budget."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.items: OrderedDict[int, tuple[tuple, int]] = OrderedDict()
+
+    def get(self, key: int, load) -> tuple:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key][0]
+        value = load()
+        size = sum(len(x.data) for x in value[0]) + sum(a.nbytes for a in value[1:] if a is not None)
+        self.items[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes and len(self.items) > 1:
+            self.bytes -= self.items.popitem(last=False)[1][1]
+        return value
 
 
 class TrainStream(IterableDataset):
@@ -90,18 +115,21 @@ class TrainStream(IterableDataset):
         done = max(0, -(-(self.batches_done - logical) // nw)) * self.batch_size
         return self.rank * nw + logical, self.world * nw, done
 
-    def expand(self, slot: int, slots: int, epoch: int, rng: np.random.Generator, reader) -> Iterator[tuple]:
+    def load(self, index: int, reader) -> tuple:
+        """Shard `index`'s samples, and its rows of the cache (views, targets, logits) when there is one."""
+        info = self.manifest.train.shards[index]
+        samples = read_shard(self.manifest.shard_path(info), info.start, info.stop)
+        return samples, *(reader.read(info.start, info.stop) if reader is not None else (None, None, None))
+
+    def expand(self, slot: int, slots: int, epoch: int, rng: np.random.Generator, reader,
+               memo: "ShardMemo") -> Iterator[tuple]:
         """Endless pre-shuffle copies for one epoch: this slot's shards, cycled, each sample repeated by its factor."""
         shards = self.manifest.train.shards
         order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(shards))
         mine = list(order[slot::slots]) or [order[slot % len(shards)]]
         while True:
             for s in mine:
-                info = shards[s]
-                samples = read_shard(self.manifest.shard_path(info), info.start, info.stop)
-                views = targets = logits = None
-                if reader is not None:
-                    views, targets, logits = reader.read(info.start, info.stop)
+                samples, views, targets, logits = memo.get(int(s), lambda: self.load(int(s), reader))
                 for i, sample in enumerate(samples):
                     for _ in range(copies(self.factors[sample.label], rng.random())):
                         if reader is None:
@@ -111,10 +139,10 @@ class TrainStream(IterableDataset):
                             yield sample, views[i, a], a, targets[i, a], None if logits is None else logits[i, a]
             mine = list(rng.permutation(mine))
 
-    def epoch_items(self, slot: int, slots: int, epoch: int, reader) -> Iterator[tuple]:
+    def epoch_items(self, slot: int, slots: int, epoch: int, reader, memo: "ShardMemo") -> Iterator[tuple]:
         """One epoch of this slot: `samples_per_epoch // slots` items, in the order the shuffle buffer gives."""
         rng = np.random.default_rng([self.seed, epoch, slot])
-        source = self.expand(slot, slots, epoch, rng, reader)
+        source = self.expand(slot, slots, epoch, rng, reader, memo)
         buffer: list[tuple] = []
         for _ in range(self.samples_per_epoch // slots):
             while len(buffer) < self.shuffle_buffer:
@@ -130,9 +158,10 @@ class TrainStream(IterableDataset):
         if quota < 1:
             raise ValueError(f"an epoch of {self.samples_per_epoch} samples cannot feed {slots} loader slots")
         reader = self.cache.open(self.manifest) if self.cache else None
+        memo = ShardMemo(SHARD_MEMO_BYTES)
         epoch, skip = divmod(done, quota)
         while True:
-            items = self.epoch_items(slot, slots, epoch, reader)
+            items = self.epoch_items(slot, slots, epoch, reader, memo)
             for _ in range(skip):        # fast-forward: the order only, no image decoded
                 next(items)
             for j, item in enumerate(items, start=skip):
