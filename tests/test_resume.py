@@ -171,3 +171,18 @@ def test_killed_student_resumes_to_the_uninterrupted_result(smoke_workdir, tmp_p
             assert hb[key] == pytest.approx(ha[key], rel=1e-4), key
     assert abs(b["test_top1"] - a["test_top1"]) <= 1.0
     assert not (folder / "resume.pt").exists()        # a finished run drops its resume checkpoint
+
+
+def test_a_small_dataset_is_parsed_once_however_many_epochs(smoke_workdir, monkeypatch):
+    """Each epoch starts with a fresh shuffle buffer (so it can be replayed alone); the parsed shards are
+    kept, so refilling it re-reads no tar."""
+    import cbd_cache.data.stream as stream_module
+
+    calls = []
+    read = stream_module.read_shard
+    monkeypatch.setattr(stream_module, "read_shard", lambda *a: calls.append(a[0]) or read(*a))
+    manifest = Manifest.load(smoke_workdir.manifest)
+    stream = TrainStream(manifest, ViewSpec.from_cfg(smoke_config().views), sampling="instance", seed=0,
+                         samples_per_epoch=manifest.train.num_samples, shuffle_buffer=256)
+    assert len(list(islice(stream, 3 * manifest.train.num_samples))) == 3 * manifest.train.num_samples
+    assert sorted(calls) == sorted({*calls}) and len(calls) == len(manifest.train.shards)
