@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 PIPELINE ?= pipelines/fashion_mnist_lt.toml
 WORKDIR ?=
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+# teachers trained at once, one process each (on GPU machines one GPU each); 1 = one after another
+TEACHER_JOBS ?= 1
 # Exact pins for CPU machines (these install from local disk here); pyproject.toml only states ranges.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 CBD := $(BIN)/cbd-cache
@@ -45,7 +47,7 @@ test: install data
 
 teachers: install data
 	$(CBD) prepare $(ARGS)
-	$(CBD) train-teacher $(ARGS)
+	$(CBD) train-teacher $(ARGS) --jobs $(TEACHER_JOBS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -17,16 +17,35 @@ class Context:
         self.cfg = cfg
         from cbd_cache.workdir import Workdir
 
-        self.wd = Workdir(workdir)
+        self.wd = Workdir(workdir, cfg.pipeline.data_url, cfg.pipeline.cache_url)
         self._runtime = None
+        self.resume = False
 
     @property
     def runtime(self):
+        """The device, and under torchrun this process's rank (joining the process group on first use)."""
         if self._runtime is None:
+            import dataclasses
+
             from cbd_cache.runtime import make_runtime
 
-            self._runtime = make_runtime(self.cfg.pipeline)
+            self._runtime = dataclasses.replace(make_runtime(self.cfg.pipeline), resume=self.resume)
         return self._runtime
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 (or no torchrun): the process that prepares, evaluates and writes shared files."""
+        return self.runtime.dist.main
+
+
+def resume_option(fn):
+    @click.option("--resume", is_flag=True,
+                  help="Continue a killed training run from its last checkpoint (resume.pt), to the same final step.")
+    @functools.wraps(fn)
+    def wrapper(ctx: Context, resume: bool, **kwargs):
+        ctx.resume = resume
+        return fn(ctx, **kwargs)
+    return wrapper
 
 
 def pipeline_options(fn):
@@ -47,13 +66,22 @@ class CLI(click.Group):
     """Turns expected failures into one line on stderr: exit 2 for bad input, 1 for a failed stage."""
 
     def invoke(self, ctx):
+        from cbd_cache import distributed
         from cbd_cache.cache import CacheError
+        from cbd_cache.engine import NonFiniteLoss
 
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            distributed.barrier()    # under torchrun no rank leaves before the others are done
+            return result
         except (ConfigError, CacheError, FileNotFoundError) as e:
             click.echo(f"cbd-cache: error: {e}", err=True)
             sys.exit(2)
+        except (NonFiniteLoss, distributed.JobsFailed) as e:
+            click.echo(f"cbd-cache: error: {e}", err=True)
+            sys.exit(1)
+        finally:
+            distributed.shutdown()
 
 
 @click.group(cls=CLI, context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,20 +104,60 @@ def prepare(ctx: Context, dry_run: bool):
 
         click.echo(plan(ctx.cfg, ctx.runtime))
         return
-    from cbd_cache.data.prepare import prepare as run_prepare
+    prepare_data(ctx)
 
-    run_prepare(ctx.cfg, ctx.wd)
+
+def prepare_data(ctx: Context) -> None:
+    """Rank 0 prepares; with a remote `pipeline.data_url` it prepares W/data, then uploads it there."""
+    import dataclasses
+
+    from cbd_cache.data.prepare import prepare as run_prepare
+    from cbd_cache.distributed import barrier, from_env
+    from cbd_cache.runtime import log
+    from cbd_cache.workdir import is_url, upload
+
+    if from_env().main:   # (prepare needs no process group, so it joins none when run alone)
+        if is_url(ctx.wd.data):
+            local = dataclasses.replace(ctx.wd, data_url="")
+            run_prepare(ctx.cfg, local)
+            log(f"[prepare] uploading {local.data} to {ctx.wd.data}")
+            upload(local.data, ctx.wd.data)
+        else:
+            run_prepare(ctx.cfg, ctx.wd)
+    if from_env().world > 1:
+        ctx.runtime   # join the group to wait for rank 0
+        barrier()
 
 
 @main.command("train-teacher")
 @click.option("--name", "names", multiple=True, help="Teacher(s) to train (repeatable) [all in the pipeline].")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Train this many teachers at once, one process each (on GPUs: one GPU each, round robin).")
 @pipeline_options
-def train_teacher(ctx: Context, names: tuple[str, ...]):
+@resume_option
+def train_teacher(ctx: Context, names: tuple[str, ...], jobs: int):
     """Stage 1: train teachers with instance sampling; skips teachers already trained with the same config."""
     from cbd_cache.teachers import train_teacher as run
 
-    for t in [ctx.cfg.teacher_by_name(n) for n in names] if names else ctx.cfg.teachers:
+    teachers = [ctx.cfg.teacher_by_name(n) for n in names] if names else ctx.cfg.teachers
+    if jobs > 1 and len(teachers) > 1:
+        return train_teachers_in_parallel(ctx, [t.name for t in teachers], jobs)
+    for t in teachers:
         run(ctx.cfg, t, ctx.wd, ctx.runtime)
+
+
+def train_teachers_in_parallel(ctx: Context, names: list[str], jobs: int) -> None:
+    """One `cbd-cache train-teacher --name N` process per teacher, `jobs` at a time."""
+    import torch
+
+    from cbd_cache.distributed import from_env, run_parallel
+
+    if from_env().world > 1:
+        raise ConfigError("--jobs trains one teacher per process; under torchrun train them one after another")
+    common = ["train-teacher", "--pipeline", ctx.cfg.source, "--workdir", str(ctx.wd.root),
+              *[x for o in ctx.cfg.overrides for x in ("--set", o)], *(["--resume"] if ctx.resume else [])]
+    gpus = torch.cuda.device_count() if ctx.cfg.pipeline.device != "cpu" else 0
+    run_parallel([[sys.executable, "-m", "cli", *common, "--name", n] for n in names], jobs, gpus)
 
 
 @main.command()
@@ -103,6 +171,7 @@ def export(ctx: Context):
 
 @main.command("train-student")
 @pipeline_options
+@resume_option
 def train_student(ctx: Context):
     """Stage 2: train the student from the cache (no teacher runs), class-balanced."""
     from cbd_cache.student import train_student as run
@@ -114,34 +183,70 @@ def train_student(ctx: Context):
 @pipeline_options
 def evaluate(ctx: Context):
     """Evaluate every teacher and student in the workdir; write results.md and results.json."""
+    evaluate_all(ctx)
+
+
+def evaluate_all(ctx: Context) -> None:
+    """Rank 0 evaluates (the others wait at the command's closing barrier)."""
     from cbd_cache.evaluation import evaluate_workdir
 
-    evaluate_workdir(ctx.cfg, ctx.wd, ctx.runtime)
-    click.echo(ctx.wd.results_md.read_text())
+    if ctx.main:
+        evaluate_workdir(ctx.cfg, ctx.wd, ctx.runtime)
+        click.echo(ctx.wd.results_md.read_text())
 
 
 @main.command()
 @pipeline_options
+@resume_option
 def run(ctx: Context):
     """Every stage in order, skipping what is already done; prints the results table."""
-    from cbd_cache.data.prepare import prepare as run_prepare
-    from cbd_cache.evaluation import evaluate_workdir
+    from cbd_cache.distributed import barrier
     from cbd_cache.export import export_cache
     from cbd_cache.student import train_student as run_student
     from cbd_cache.teachers import train_teacher as run_teacher
 
-    run_prepare(ctx.cfg, ctx.wd)
+    prepare_data(ctx)
     for t in ctx.cfg.teachers:
         run_teacher(ctx.cfg, t, ctx.wd, ctx.runtime)
+        barrier()   # rank 0 has written the teacher before anyone reads it
     export_cache(ctx.cfg, ctx.wd, ctx.runtime)
     run_student(ctx.cfg, ctx.wd, ctx.runtime)
-    evaluate_workdir(ctx.cfg, ctx.wd, ctx.runtime)
-    click.echo(ctx.wd.results_md.read_text())
+    barrier()
+    evaluate_all(ctx)
 
 
 @main.group()
 def cache():
     """Inspect the teacher-descriptor cache."""
+
+
+@cache.command()
+@click.option("--rows", default=64, show_default=True, help="Random rows to recompute with the stored teachers.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the row sample.")
+@click.option("--tolerance", default=5e-3, show_default=True, help="Largest cosine error (1 - cos) accepted.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@pipeline_options
+def verify(ctx: Context, rows: int, seed: int, tolerance: float, as_json: bool):
+    """Completeness, fingerprints, unit-norm rows, and a random sample of rows recomputed by the teachers.
+
+    Exits 1 on any mismatch.
+    """
+    from cbd_cache.cache import verify_cache
+    from cbd_cache.data.manifest import Manifest
+
+    manifest = Manifest.load(ctx.wd.manifest)
+    checkpoints = {t.name: ctx.wd.teacher_checkpoint(t.name) for t in ctx.cfg.teachers}
+    report = verify_cache(ctx.wd.cache, manifest, checkpoints, ctx.runtime, rows, seed, tolerance)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+    else:
+        errors = ", ".join(f"{k} {v:.2e}" for k, v in report["max_cosine_error"].items()) or "no teacher present"
+        click.echo(f"{report['path']}: {report['rows_checked']} rows recomputed; max cosine error: {errors}")
+        for problem in report["problems"]:
+            click.echo(f"  MISMATCH {problem}")
+        click.echo("OK" if not report["problems"] else f"FAILED: {len(report['problems'])} problem(s)")
+    if report["problems"]:
+        sys.exit(1)
 
 
 @cache.command()

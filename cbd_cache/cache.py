@@ -8,24 +8,27 @@ Schema (version `SCHEMA_VERSION`), N training images, A views per image, S shard
     shard_done            uint8   (S,)        1 once shard s is written; export resumes from it
 
 Row i is the manifest's sample i. Chunks hold `chunk_rows` rows (default: one shard), so a shard is
-written by one writer as whole chunks and read back as one contiguous slice. The group's attributes
+written by one writer as whole chunks and read back as one contiguous slice; writers on several
+ranks or machines never share a chunk, so they may write one store at once. The group's attributes
 (`provenance`) record the manifest fingerprint, the view seed and spec, and each teacher's
 checkpoint hash; a cache that disagrees with the data or teachers it is asked to serve is refused.
+`provenance` is written last at creation: a group without it is a creation that was cut short.
+The store may be a local path or any fsspec URL.
 """
 from __future__ import annotations
 
 import datetime
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+import zarr.errors
 
 from . import __version__
 from .data.manifest import Manifest
 from .views import VIEW_FIELDS
+from .workdir import Location, bytes_under, exists, join
 
 SCHEMA_VERSION = 1
 
@@ -76,26 +79,33 @@ def _diff(a: dict, b: dict) -> list[str]:
 class CacheWriter:
     """Creates the group (or reopens it to resume) and writes whole shards."""
 
-    def __init__(self, path: Path, prov: dict[str, Any]):
-        self.path = Path(path)
+    def __init__(self, path: Location, prov: dict[str, Any], create: bool = True):
+        """Open the cache at `path` for writing, creating it if absent (only when `create`: one writer creates)."""
+        self.path = path
         self.prov = prov
-        if self.path.exists():
-            group = zarr.open_group(str(self.path), mode="r+")
-            existing = dict(group.attrs).get("provenance", {})
-            diff = _diff(existing, prov)
+        attrs = None
+        if exists(path):
+            try:
+                attrs = dict(zarr.open_group(store(path), mode="r").attrs)
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+                attrs = {}
+        if attrs is not None and "provenance" in attrs:
+            diff = _diff(attrs["provenance"], prov)
             if diff:
                 raise CacheError(
                     f"{self.path} was exported for different {', '.join(diff)}; it cannot be resumed. "
                     f"Delete it (rm -r {self.path}) to export again, or use another --workdir")
-            self.group = group
-        else:
+            self.group = zarr.open_group(store(path), mode="r+")
+        elif not create:
+            raise CacheError(f"{self.path}: the cache was not created")
+        elif attrs is not None and "tool_version" not in attrs:
+            raise CacheError(f"{self.path} exists and is not a cbd-cache cache; choose another cache location")
+        else:   # absent, or a creation that was cut short: (re)create it
             self.group = self._create()
 
     def _create(self) -> zarr.Group:
         p = self.prov
-        tmp = self.path.with_name(self.path.name + ".creating")
-        shutil.rmtree(tmp, ignore_errors=True)
-        group = zarr.open_group(str(tmp), mode="w")
+        group = zarr.open_group(store(self.path), mode="w", attributes={"tool_version": __version__})
         n, a, rows = p["num_rows"], p["views_per_image"], p["chunk_rows"]
         group.create_array("views", shape=(n, a, len(VIEW_FIELDS)), chunks=(rows, a, len(VIEW_FIELDS)),
                            dtype="int32", compressors=None, fill_value=0)
@@ -106,10 +116,10 @@ class CacheWriter:
                 group.create_array(f"logits/{name}", shape=(n, a, p["num_classes"]),
                                    chunks=(rows, a, p["num_classes"]), dtype=p["dtype"], compressors=None, fill_value=0)
         group.create_array("shard_done", shape=(len(p["shards"]),), chunks=(1,), dtype="uint8", fill_value=0)
-        group.attrs.update({"provenance": p, "tool_version": __version__,
+        # provenance last: readers take the group for a cache only once its arrays exist
+        group.attrs.update({"provenance": p,
                             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-        tmp.rename(self.path)   # the group appears under its name only once its arrays exist
-        return zarr.open_group(str(self.path), mode="r+")
+        return zarr.open_group(store(self.path), mode="r+")
 
     def done_shards(self) -> set[int]:
         return set(np.flatnonzero(self.group["shard_done"][:]).tolist())
@@ -127,12 +137,19 @@ class CacheWriter:
         self.group["shard_done"][index] = 1
 
 
-def open_group(path: Path) -> zarr.Group:
-    if not Path(path).exists():
+def store(path: Location) -> str:
+    """What zarr opens: a local path, or an fsspec URL (zarr wraps it in an FsspecStore)."""
+    return str(path)
+
+
+def open_group(path: Location) -> zarr.Group:
+    if not exists(path):
         raise CacheError(f"no cache at {path}; run `cbd-cache export` first")
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(store(path), mode="r")
     prov = dict(group.attrs).get("provenance")
-    if not prov or prov.get("schema_version") != SCHEMA_VERSION:
+    if not prov:
+        raise CacheError(f"{path}: the cache's creation was cut short; run `cbd-cache export` to create it again")
+    if prov.get("schema_version") != SCHEMA_VERSION:
         raise CacheError(f"{path}: cache schema {prov and prov.get('schema_version')}, this tool reads {SCHEMA_VERSION}")
     return group
 
@@ -144,15 +161,15 @@ class CacheReader:
     L2-normalised at export; `views` limits the student to the first V cached views.
     """
 
-    def __init__(self, path: Path, manifest: Manifest, teachers: list[str], views: int = 0,
+    def __init__(self, path: Location, manifest: Manifest, teachers: list[str], views: int = 0,
                  checkpoint_hashes: dict[str, str] | None = None, with_logits: bool = False):
-        self.path = Path(path)
+        self.path = path
         group = open_group(self.path)
         prov = dict(group.attrs)["provenance"]
         if prov["manifest_fingerprint"] != manifest.fingerprint:
             raise CacheError(
                 f"{self.path} was exported for data with fingerprint {prov['manifest_fingerprint'][:12]}, but "
-                f"the manifest {manifest.folder / 'manifest.json'} has {manifest.fingerprint[:12]}; "
+                f"the manifest {join(manifest.folder, 'manifest.json')} has {manifest.fingerprint[:12]}; "
                 "re-run `cbd-cache export` for this data")
         done = group["shard_done"][:]
         if not done.all():
@@ -198,9 +215,9 @@ class CacheReader:
         return views, targets, logits
 
 
-def cache_info(path: Path) -> dict[str, Any]:
+def cache_info(path: Location) -> dict[str, Any]:
     """Arrays, shapes, dtypes, chunking, provenance, completeness and bytes on disk."""
-    group = open_group(Path(path))
+    group = open_group(path)
     prov = dict(group.attrs)["provenance"]
     arrays = {}
     for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
@@ -210,7 +227,7 @@ def cache_info(path: Path) -> dict[str, Any]:
             for name, arr in sorted(group[sub].arrays(), key=lambda kv: kv[0]):
                 arrays[f"{sub}/{name}"] = _array_info(arr)
     done = group["shard_done"][:]
-    bytes_on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    bytes_on_disk = bytes_under(path)
     return {
         "path": str(path),
         "schema_version": prov["schema_version"],
@@ -233,3 +250,107 @@ def cache_info(path: Path) -> dict[str, Any]:
 def _array_info(arr: zarr.Array) -> dict[str, Any]:
     return {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
             "bytes_stored": int(arr.nbytes_stored())}
+
+
+def verify_cache(path: Location, manifest: Manifest, checkpoints: dict[str, Any], runtime, rows: int = 64,
+                 seed: int = 0, tolerance: float = 5e-3) -> dict[str, Any]:
+    """Check a cache end to end; `problems` lists every mismatch (empty: the cache is sound).
+
+    - completeness (every shard done), the manifest fingerprint, the shard row ranges, array shapes;
+    - every stored descriptor of every row is unit-norm (a lost or zero chunk is not);
+    - `rows` random rows (seeded): their shards' content hashes match the manifest, their views are
+      the ones derived from (seed, key, view), and, for each teacher whose checkpoint is in
+      `checkpoints` (name -> path) with the hash the cache recorded, a fresh forward pass gives the
+      stored descriptor up to `tolerance` in cosine error (1 - cos).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .checkpoint import load_checkpoint
+    from .data.shards import content_hash, decode_image, read_shard
+    from .runtime import Progress, file_sha256
+    from .views import ViewSpec, derive_views, replay
+
+    group = open_group(path)
+    prov = dict(group.attrs)["provenance"]
+    problems: list[str] = []
+    done = group["shard_done"][:]
+    if not done.all():
+        problems.append(f"incomplete: {int(done.sum())}/{len(done)} shards exported")
+    if prov["manifest_fingerprint"] != manifest.fingerprint:
+        problems.append(f"manifest fingerprint {prov['manifest_fingerprint'][:12]} in the cache, "
+                        f"{manifest.fingerprint[:12]} in the manifest")
+    if prov["shards"] != [[s.start, s.stop] for s in manifest.train.shards]:
+        problems.append("shard row ranges differ from the manifest's")
+    n, a = prov["num_rows"], prov["views_per_image"]
+    expected = {"views": (n, a, len(VIEW_FIELDS))}
+    for name, t in prov["teachers"].items():
+        expected[f"descriptors/{name}"] = (n, a, t["descriptor_dim"])
+    shapes = [f"{name}: shape {tuple(group[name].shape) if name in group else None}, expected {shape}"
+              for name, shape in expected.items() if name not in group or tuple(group[name].shape) != shape]
+    if shapes:   # nothing below can be read safely
+        return {"path": str(path), "problems": problems + shapes, "rows_checked": 0, "max_cosine_error": {}}
+
+    # every row: unit-norm descriptors, sane view boxes
+    progress = Progress("verify scan", n, unit="row")
+    for index, (start, stop) in enumerate(prov["shards"]):
+        if not done[index]:
+            continue
+        views = group["views"][start:stop]
+        if (views[..., 2] < 1).any() or (views[..., 3] < 1).any() or not np.isin(views[..., 4], (0, 1)).all():
+            problems.append(f"shard {index} (rows {start}..{stop - 1}): invalid view boxes")
+        for name in prov["teachers"]:
+            d = group[f"descriptors/{name}"][start:stop].astype(np.float32)
+            bad = np.flatnonzero((np.abs(np.linalg.norm(d, axis=-1) - 1.0) > 1e-2).any(axis=-1))
+            if len(bad):
+                problems.append(f"descriptors/{name}: {len(bad)} rows of shard {index} are not unit-norm "
+                                f"(first: row {start + int(bad[0])})")
+        progress.update(stop - start)
+
+    # a random sample of rows: data fingerprint, views, and the teachers' descriptors recomputed
+    spec = ViewSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in prov["view_spec"].items()})
+    nets = {}
+    errors: dict[str, float] = {}
+    for name, t in prov["teachers"].items():
+        ckpt = checkpoints.get(name)
+        if ckpt is None or not exists(ckpt):
+            continue
+        if file_sha256(ckpt) != t["checkpoint_sha256"]:
+            problems.append(f"teacher {name}: its checkpoint changed since the export (re-run `cbd-cache export`)")
+            continue
+        nets[name] = runtime.prepare_model(load_checkpoint(ckpt)[0].eval())
+        errors[name] = 0.0
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
+    sample = sample[[bool(done[_shard_of(prov["shards"], r)]) for r in sample]]   # rows of finished shards
+    by_shard: dict[int, list[int]] = {}
+    for row in sample.tolist():
+        by_shard.setdefault(_shard_of(prov["shards"], row), []).append(row)
+    for index, chosen in by_shard.items():
+        info = manifest.train.shards[index]
+        samples = read_shard(manifest.shard_path(info), info.start, info.stop)
+        if content_hash(samples) != info.sha256:
+            problems.append(f"shard {info.name}: its content no longer matches the manifest's hash")
+        picked = [samples[row - info.start] for row in chosen]
+        stored = group["views"].oindex[chosen]
+        images = [decode_image(s.data, manifest.channels) for s in picked]
+        for s, image, views in zip(picked, images, stored):
+            derived = derive_views(prov["view_seed"], s.key, a, image.shape[1], image.shape[2], spec)
+            if not np.array_equal(derived, views):
+                problems.append(f"row {s.row}: stored views differ from the views derived from its key")
+        x = torch.stack([replay(image, v, spec.image_px) for image, views in zip(images, stored) for v in views])
+        for name, net in nets.items():
+            with torch.no_grad(), runtime.autocast():
+                fresh = F.normalize(net.features(runtime.to_device(x)).float(), dim=1).cpu()
+            cached = torch.from_numpy(group[f"descriptors/{name}"].oindex[chosen].astype(np.float32)).flatten(0, 1)
+            err = float((1.0 - F.cosine_similarity(fresh, cached, dim=1)).max())
+            errors[name] = max(errors[name], err)
+    for name, err in errors.items():
+        if err > tolerance:
+            problems.append(f"descriptors/{name}: recomputed rows differ from the cache by cosine error {err:.2e} "
+                            f"(tolerance {tolerance:.0e})")
+    return {"path": str(path), "problems": problems, "rows_checked": int(len(sample)), "max_cosine_error": errors,
+            "teachers_recomputed": sorted(nets), "tolerance": tolerance}
+
+
+def _shard_of(shards: list[list[int]], row: int) -> int:
+    return next(i for i, (start, stop) in enumerate(shards) if start <= row < stop)

@@ -43,8 +43,9 @@ def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
 
 
 # A run folder (teachers/<name>, students/<run>) holds checkpoint.pt, eval.json / eval.md (test report),
-# log.jsonl (per epoch) and run.json (identity, kind, history, meta). `identity` hashes everything the
-# result depends on, so a finished run with the same identity is not trained again.
+# log.jsonl (per epoch), run.json (identity, kind, history, meta) and, while training, resume.pt
+# (engine.RESUME_FILE). `identity` hashes everything the result depends on, so a finished run with the
+# same identity is not trained again.
 def run_is_done(folder: Path, identity: str) -> bool:
     from .workdir import read_json
 
@@ -64,4 +65,7 @@ def save_run(folder: Path, net: Network, spec: dict[str, Any], meta: dict[str, A
     report = {**report, "checkpoint_sha256": file_sha256(ckpt), "manifest_fingerprint": meta["manifest_fingerprint"]}
     write_report(folder, meta["name"], meta["kind"], report, class_names)
     write_json(folder / "run.json", {"identity": identity, "history": history, **meta})
+    from .engine import RESUME_FILE
+
+    (folder / RESUME_FILE).unlink(missing_ok=True)   # the finished run needs it no more
     return ckpt

@@ -35,6 +35,10 @@ class PipelineCfg:
     amp: str = "auto"              # auto (bf16 on CUDA) | bf16 | off
     channels_last: str = "auto"    # auto (on for CUDA) | on | off
     compile: bool = False          # torch.compile the models being trained
+    checkpoint_steps: int = 0      # training: also write a resume checkpoint every N steps (0: by time only)
+    checkpoint_minutes: float = 10.0   # training: write a resume checkpoint at least this often (0: never by time)
+    data_url: str = ""             # manifest + shards: a path or fsspec URL ("" = W/data)
+    cache_url: str = ""            # the cache: a path or fsspec URL ("" = W/cache.zarr)
 
 
 @dataclass
@@ -304,6 +308,9 @@ def validate(cfg: Config) -> None:
     _require(re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.pipeline.device) is not None,
              f"pipeline.device={cfg.pipeline.device!r}: must be auto, cpu, cuda or cuda:N")
     _require(cfg.pipeline.workers >= -1, f"pipeline.workers={cfg.pipeline.workers}: must be >= 0, or -1 for auto")
+    _require(cfg.pipeline.checkpoint_steps >= 0, f"pipeline.checkpoint_steps={cfg.pipeline.checkpoint_steps}: must be >= 0")
+    _require(cfg.pipeline.checkpoint_minutes >= 0,
+             f"pipeline.checkpoint_minutes={cfg.pipeline.checkpoint_minutes}: must be >= 0")
     d = cfg.data
     _require(d.n_max >= 1, f"data.n_max={d.n_max}: must be >= 1")
     _require(d.imbalance_factor >= 1, f"data.imbalance_factor={d.imbalance_factor}: must be >= 1")

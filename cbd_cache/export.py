@@ -2,13 +2,13 @@
 
 Shard by shard: the loader replays a shard's views once and all K teachers run on the same batch;
 a shard's rows are written as whole chunks and only then marked done, so a killed export resumes
-where it stopped and never leaves a half-written shard marked done.
+where it stopped and never leaves a half-written shard marked done. Under torchrun the shards still
+to do are dealt out over the ranks (rank r takes every world-th), each rank writes only its own
+shards' chunks into the one store, and a rerun redoes exactly the shards not marked done.
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,10 @@ from .checkpoint import load_checkpoint
 from .config import Config
 from .data.manifest import Manifest
 from .data.stream import ExportStream
+from .distributed import barrier
 from .runtime import Progress, Runtime, file_sha256, log
 from .views import VIEW_FIELDS, ViewSpec
-from .workdir import Workdir
+from .workdir import Location, Workdir
 
 
 def load_teachers(cfg: Config, wd: Workdir, names: list[str]) -> tuple[list[torch.nn.Module], list[TeacherRecord]]:
@@ -48,7 +49,7 @@ class ShardBuffer:
 
 
 @torch.no_grad()
-def export_cache(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
+def export_cache(cfg: Config, wd: Workdir, runtime: Runtime) -> Location:
     manifest = Manifest.load(wd.manifest)
     names = [t.name for t in cfg.teachers]
     nets, records = load_teachers(cfg, wd, names)
@@ -56,14 +57,20 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     e = cfg.export
     prov = provenance(manifest, cfg.pipeline.seed, spec.to_dict(), e.views, e.dtype,
                       e.chunk_rows or cfg.data.shard_size, records, e.logits)
-    writer = CacheWriter(wd.cache, prov)
+    d = runtime.dist
+    writer = CacheWriter(wd.cache, prov) if d.main else None   # one rank creates the store, then the others open it
+    barrier()
+    writer = writer or CacheWriter(wd.cache, prov, create=False)
     shards = manifest.train.shards
     todo = [s for s in range(len(shards)) if s not in writer.done_shards()]
+    barrier()   # every rank has the same list before any rank writes
     if not todo:
         log(f"[export] {wd.cache} is complete ({len(shards)} shards); nothing to do")
         return wd.cache
     log(f"[export] {len(names)} teachers x {e.views} views x {sum(shards[s].rows for s in todo)} images "
-        f"({len(todo)}/{len(shards)} shards to go) on {runtime.device}")
+        f"({len(todo)}/{len(shards)} shards to go) on {runtime.device}"
+        + (f", dealt over {d.world} ranks" if d.world > 1 else ""))
+    todo = todo[d.rank::d.world]
     nets = [runtime.prepare_model(n) for n in nets]
     dims = {r.name: r.descriptor_dim for r in records}
     logit_dims = {r.name: manifest.num_classes for r in records} if e.logits else {}
@@ -92,5 +99,8 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
         progress.update(n * e.views)
     if pending:
         raise RuntimeError(f"export: shards {sorted(pending)} did not receive all their rows")
-    log(f"[export] wrote {len(todo)} shards in {time.perf_counter() - started:.0f}s to {wd.cache}")
+    barrier()
+    done = len(writer.done_shards())
+    log(f"[export] wrote {len(todo)} shards{' on rank 0' if d.world > 1 else ''} in "
+        f"{time.perf_counter() - started:.0f}s to {wd.cache}; {done}/{len(shards)} shards done")
     return wd.cache

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .config import PipelineCfg
+from . import distributed
+from .config import ConfigError, PipelineCfg
+from .distributed import Dist
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,10 @@ class Runtime:
     channels_last: bool
     workers: int
     compile: bool
+    dist: Dist = Dist()              # this process's rank in a torchrun job (a world of one without torchrun)
+    resume: bool = False             # training continues from the run folder's resume checkpoint
+    checkpoint_steps: int = 0
+    checkpoint_minutes: float = 10.0
 
     @property
     def cuda(self) -> bool:
@@ -60,6 +66,13 @@ def make_runtime(cfg: PipelineCfg) -> Runtime:
         device = torch.device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"pipeline.device={cfg.device}: CUDA is not available on this machine")
+    world = distributed.from_env()
+    if world.world > 1 and device.type == "cuda":   # torchrun: one GPU per process, cuda:LOCAL_RANK
+        if device.index is not None:
+            raise ConfigError(f"pipeline.device={cfg.device}: under torchrun each process takes cuda:LOCAL_RANK; "
+                              "use auto or cuda")
+        device = torch.device("cuda", world.local_rank)
+    rank = distributed.init(device)
     cuda = device.type == "cuda"
     amp = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "off": None}[cfg.amp]
     channels_last = {"auto": cuda, "on": True, "off": False}[cfg.channels_last]
@@ -68,7 +81,8 @@ def make_runtime(cfg: PipelineCfg) -> Runtime:
     else:  # leave the main process a core on CPU; on GPU feed it from up to 8 workers
         n = cpu_count()
         workers = min(8, max(n - 1, 1)) if cuda else min(4, max(n // 2, 1))
-    return Runtime(device, amp, channels_last, workers, cfg.compile)
+    return Runtime(device, amp, channels_last, workers, cfg.compile, rank, False, cfg.checkpoint_steps,
+                   cfg.checkpoint_minutes)
 
 
 def seed_everything(seed: int) -> None:
@@ -90,7 +104,9 @@ def file_sha256(path: Path) -> str:
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress line on stderr; under torchrun only rank 0 speaks (errors still surface from every rank)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 def format_seconds(seconds: float) -> str:

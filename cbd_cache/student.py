@@ -70,8 +70,9 @@ def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     else:
         dims = []
     config = {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
-    identity = digest({"student": config, "views": dataclasses.asdict(cfg.views), "export_views": cfg.export.views,
-                       "manifest": manifest.fingerprint, "teachers": provenance})
+    recipe = {"student": config, "views": dataclasses.asdict(cfg.views), "export_views": cfg.export.views,
+              "manifest": manifest.fingerprint, "teachers": provenance}
+    identity = digest(recipe)
     if run_is_done(folder, identity):
         log(f"[student {name}] already trained with this config ({folder}); skipping")
         return folder / "checkpoint.pt"
@@ -87,7 +88,9 @@ def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     kind = student_kind(cfg)
     log(f"[student {name}] {kind}, {s.sampling} sampling, alpha {s.alpha}, beta {s.beta}, "
         f"teachers {teacher_names or '-'}")
-    history, wall_s = fit(net, stream, s, step_fn, runtime, f"student {name}", folder)
+    history, wall_s = fit(net, stream, s, step_fn, runtime, f"student {name}", folder, recipe)
+    if not runtime.dist.main:   # under torchrun rank 0 evaluates and writes the run folder
+        return folder / "checkpoint.pt"
     test = evaluate_network(net, manifest, cfg, runtime, manifest.eval_split)
     meta = {"kind": kind, "name": name, "seed": s.seed, "config": dataclasses.asdict(s), "teachers": provenance,
             "overrides": cfg.overrides, "manifest_fingerprint": manifest.fingerprint, "test_top1": test["top1"],

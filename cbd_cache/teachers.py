@@ -19,10 +19,13 @@ from .views import ViewSpec
 from .workdir import Workdir
 
 
+def teacher_recipe(cfg: Config, t: TeacherCfg, manifest: Manifest) -> dict:
+    """What a finished teacher depends on; a checkpoint with the same recipe is not retrained, nor resumed under another."""
+    return {"teacher": dataclasses.asdict(t), "views": dataclasses.asdict(cfg.views), "manifest": manifest.fingerprint}
+
+
 def teacher_identity(cfg: Config, t: TeacherCfg, manifest: Manifest) -> str:
-    """What a finished teacher depends on; a checkpoint with the same identity is not retrained."""
-    return digest({"teacher": dataclasses.asdict(t), "views": dataclasses.asdict(cfg.views),
-                   "manifest": manifest.fingerprint})
+    return digest(teacher_recipe(cfg, t, manifest))
 
 
 def cross_entropy_step(runtime: Runtime):
@@ -45,7 +48,10 @@ def train_teacher(cfg: Config, t: TeacherCfg, wd: Workdir, runtime: Runtime) -> 
     stream = TrainStream(manifest, ViewSpec.from_cfg(cfg.views), sampling="instance", seed=t.seed,
                          samples_per_epoch=manifest.train.num_samples, shuffle_buffer=t.shuffle_buffer, augment=t)
     log(f"[teacher {t.name}] {t.type} views, instance sampling")
-    history, wall_s = fit(net, stream, t, cross_entropy_step(runtime), runtime, f"teacher {t.name}", folder)
+    history, wall_s = fit(net, stream, t, cross_entropy_step(runtime), runtime, f"teacher {t.name}", folder,
+                          teacher_recipe(cfg, t, manifest))
+    if not runtime.dist.main:   # under torchrun rank 0 evaluates and writes the run folder
+        return folder / "checkpoint.pt"
     test = evaluate_network(net, manifest, cfg, runtime, manifest.eval_split)
     train = evaluate_network(net, manifest, cfg, runtime, "train")
     kind = f"teacher ({t.type})"

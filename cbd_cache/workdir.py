@@ -6,6 +6,11 @@
     W/cache.zarr                    teacher descriptors per (image, view), the view parameters, provenance
     W/students/<run>/checkpoint.pt  stage-2 students (and baselines)
     W/results.{md,json}             the evaluation table of every model in the workdir
+
+The data folder (manifest + shards) and the cache may live elsewhere, on a shared filesystem or on
+any fsspec URL (`s3://bucket/prefix`, `gs://...`, `memory://...`): `pipeline.data_url` and
+`pipeline.cache_url`. A `Location` is then a URL string instead of a Path; `join`, `open_file`,
+`exists` and `zarr_store` treat both alike.
 """
 from __future__ import annotations
 
@@ -17,21 +22,84 @@ from pathlib import Path
 from typing import Any
 
 
+Location = Path | str   # a local path, or an fsspec URL string
+
+
+def is_url(loc: Location) -> bool:
+    """True for a URL that needs fsspec; `file://` URLs and plain paths are local."""
+    return isinstance(loc, str) and "://" in loc and not loc.startswith("file://")
+
+
+def location(text: str) -> Location:
+    """A path or URL from the config: a Path when local, the URL string otherwise."""
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    return text.rstrip("/") if is_url(text) else Path(text)
+
+
+def join(loc: Location, name: str) -> Location:
+    return f"{loc}/{name}" if is_url(loc) else Path(loc) / name
+
+
+def parent(loc: Location) -> Location:
+    return loc.rsplit("/", 1)[0] if is_url(loc) else Path(loc).parent
+
+
+def open_file(loc: Location, mode: str = "rb"):
+    """A file object for a path or a URL (fsspec)."""
+    if not is_url(loc):
+        return open(loc, mode)
+    import fsspec
+
+    return fsspec.open(loc, mode).open()
+
+
+def exists(loc: Location) -> bool:
+    if not is_url(loc):
+        return Path(loc).exists()
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(loc)
+    return fs.exists(path)
+
+
+def bytes_under(loc: Location) -> int:
+    """Bytes stored under a folder or prefix."""
+    if not is_url(loc):
+        return sum(f.stat().st_size for f in Path(loc).rglob("*") if f.is_file())
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(loc)
+    return int(fs.du(path))
+
+
+def upload(folder: Path, url: str) -> None:
+    """Copy a local folder's files to a URL prefix (what `prepare` does for a remote `data_url`)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            fs.put_file(str(f), f"{path}/{f.name}")
+
+
 @dataclass(frozen=True)
 class Workdir:
     root: Path
+    data_url: str = ""    # "" = root/data
+    cache_url: str = ""   # "" = root/cache.zarr
 
     @property
-    def data(self) -> Path:
-        return self.root / "data"
+    def data(self) -> Location:
+        return location(self.data_url) if self.data_url else self.root / "data"
 
     @property
-    def manifest(self) -> Path:
-        return self.data / "manifest.json"
+    def manifest(self) -> Location:
+        return join(self.data, "manifest.json")
 
     @property
-    def cache(self) -> Path:
-        return self.root / "cache.zarr"
+    def cache(self) -> Location:
+        return location(self.cache_url) if self.cache_url else self.root / "cache.zarr"
 
     def teacher_dir(self, name: str) -> Path:
         return self.root / "teachers" / name
@@ -72,5 +140,6 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: Location) -> Any:
+    with open_file(path, "rb") as f:
+        return json.loads(f.read())

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..workdir import read_json, write_json
+from ..workdir import Location, exists, join, parent, read_json, write_json
 
 MANIFEST_SCHEMA = 1
 EVAL_SPLITS = ("val", "test")
@@ -45,7 +45,7 @@ class Manifest:
     fingerprint: str = ""
     rejected: list[dict[str, Any]] = field(default_factory=list)   # {split, item, reason, kind: unreadable | label}
     schema_version: int = MANIFEST_SCHEMA
-    folder: Path = field(default=Path("."), repr=False, compare=False)
+    folder: Location = field(default=Path("."), repr=False, compare=False)   # a path or an fsspec URL
 
     @property
     def num_classes(self) -> int:
@@ -65,8 +65,8 @@ class Manifest:
         """The headline split: test where the dataset has one (ImageNet-LT, Places-LT), else val (iNaturalist)."""
         return "test" if "test" in self.splits else self.eval_splits[0]
 
-    def shard_path(self, shard: ShardInfo) -> Path:
-        return self.folder / shard.name
+    def shard_path(self, shard: ShardInfo) -> Location:
+        return join(self.folder, shard.name)
 
     def compute_fingerprint(self) -> str:
         """Content hash: class names, then every split's shard hashes and row ranges, in order."""
@@ -82,13 +82,12 @@ class Manifest:
         write_json(path, d)
 
     @classmethod
-    def load(cls, path: Path) -> "Manifest":
-        path = Path(path)
-        if not path.is_file():
+    def load(cls, path: Location) -> "Manifest":
+        if not exists(path):
             raise FileNotFoundError(f"{path}: no manifest; run `cbd-cache prepare` first")
         d = read_json(path)
         if d.get("schema_version") != MANIFEST_SCHEMA:
             raise ValueError(f"{path}: manifest schema {d.get('schema_version')}, this tool reads {MANIFEST_SCHEMA}")
         splits = {k: SplitInfo(**{**v, "shards": [ShardInfo(**s) for s in v["shards"]]})
                   for k, v in d.pop("splits").items()}
-        return cls(splits=splits, folder=path.parent, **d)
+        return cls(splits=splits, folder=parent(path), **d)

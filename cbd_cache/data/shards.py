@@ -33,6 +33,19 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def hash_sample(h: "hashlib._Hash", sample: Sample) -> None:
+    """Add one sample to a shard's content hash (the manifest's ShardInfo.sha256)."""
+    h.update(f"{sample.key}\0{sample.label}\0{sample.ext}\0".encode())
+    h.update(hashlib.sha256(sample.data).digest())
+
+
+def content_hash(samples: list[Sample]) -> str:
+    h = hashlib.sha256()
+    for sample in samples:
+        hash_sample(h, sample)
+    return h.hexdigest()
+
+
 class ShardWriter:
     """Writes one shard with reproducible bytes (fixed mtime), hashing the samples' content as it goes."""
 
@@ -47,8 +60,7 @@ class ShardWriter:
     def write(self, sample: Sample) -> None:
         self.tar.write({"__key__": sample.key, sample.ext: sample.data,
                         "cls": str(sample.label).encode(), "row": str(sample.row).encode()})
-        self.hash.update(f"{sample.key}\0{sample.label}\0{sample.ext}\0".encode())
-        self.hash.update(hashlib.sha256(sample.data).digest())
+        hash_sample(self.hash, sample)
         self.count += 1
 
     def close(self) -> str:
@@ -60,8 +72,10 @@ class ShardWriter:
 
 
 def iter_shard(path: str | Path) -> Iterator[Sample]:
-    """The samples of one shard, in order, through webdataset's tar reader."""
-    with open(path, "rb") as stream:
+    """The samples of one shard, in order, through webdataset's tar reader (a path or an fsspec URL)."""
+    from ..workdir import open_file
+
+    with open_file(path, "rb") as stream:
         for s in group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])):
             ext = next((e for e in IMAGE_EXTS if e in s), None)
             if ext is None:

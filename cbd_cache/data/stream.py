@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -49,34 +51,85 @@ class CacheSpec:
         return CacheReader(self.path, manifest, list(self.teachers), self.views, with_logits=self.with_logits)
 
 
+# Parsed shards a loader worker keeps: a small dataset's tars are then parsed once, not every epoch.
+SHARD_MEMO_BYTES = 128 << 20
+
+
+class ShardMemo:
+    """The most recently used shards' parsed samples (and cache rows), up to a byte budget."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.items: OrderedDict[int, tuple[tuple, int]] = OrderedDict()
+
+    def get(self, key: int, load) -> tuple:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key][0]
+        value = load()
+        size = sum(len(x.data) for x in value[0]) + sum(a.nbytes for a in value[1:] if a is not None)
+        self.items[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes and len(self.items) > 1:
+            self.bytes -= self.items.popitem(last=False)[1][1]
+        return value
+
+
 class TrainStream(IterableDataset):
     """Endless (image, label, row, view index, target, logits) tuples, epoch after epoch.
 
     views: from the cache when `cache` is given (view index = which stored view), else freshly
     drawn (view index -1), then `augment`'s photometric noise for data-augmentation teachers.
+
+    Each slot's epoch e is self-contained: its order comes from a generator seeded by (seed, e, slot)
+    and item j's view and noise from one seeded by (seed, e, slot, j). So a stream can start at any
+    (epoch, item) by replaying the order alone, reading shards but decoding no image: that is how a
+    resumed run gets the exact batches the killed one would have had (`place`).
     """
 
     def __init__(self, manifest: Manifest, spec: ViewSpec, *, sampling: str, seed: int, samples_per_epoch: int,
                  shuffle_buffer: int, cache: CacheSpec | None = None, augment: TeacherCfg | None = None,
-                 start_epoch: int = 0, rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1):
         self.manifest, self.spec = manifest, spec
         self.factors = repeat_factors(manifest.train.class_counts, sampling)
         self.seed, self.samples_per_epoch, self.shuffle_buffer = seed, samples_per_epoch, shuffle_buffer
         self.cache, self.augment = cache, augment
-        self.start_epoch, self.rank, self.world = start_epoch, rank, world
+        self.rank, self.world = rank, world
+        self.batches_done, self.batch_size = 0, 1
 
-    def expand(self, slot: int, slots: int, epoch: int, rng: np.random.Generator, reader) -> Iterator[tuple]:
+    def place(self, rank: int, world: int, batches_done: int = 0, batch_size: int = 1) -> "TrainStream":
+        """This stream for `rank` of `world`, after the rank has consumed `batches_done` batches of `batch_size`."""
+        placed = copy.copy(self)
+        placed.rank, placed.world, placed.batches_done, placed.batch_size = rank, world, batches_done, batch_size
+        return placed
+
+    def start(self) -> tuple[int, int, int]:
+        """(slot, slots, samples this slot has already emitted) for the calling loader worker.
+
+        A DataLoader takes batch b from worker b mod W. Restarted after `batches_done` batches, its
+        worker w continues what worker (w + batches_done) mod W was doing.
+        """
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        logical = (wid + self.batches_done) % nw
+        done = max(0, -(-(self.batches_done - logical) // nw)) * self.batch_size
+        return self.rank * nw + logical, self.world * nw, done
+
+    def load(self, index: int, reader) -> tuple:
+        """Shard `index`'s samples, and its rows of the cache (views, targets, logits) when there is one."""
+        info = self.manifest.train.shards[index]
+        samples = read_shard(self.manifest.shard_path(info), info.start, info.stop)
+        return samples, *(reader.read(info.start, info.stop) if reader is not None else (None, None, None))
+
+    def expand(self, slot: int, slots: int, epoch: int, rng: np.random.Generator, reader,
+               memo: "ShardMemo") -> Iterator[tuple]:
         """Endless pre-shuffle copies for one epoch: this slot's shards, cycled, each sample repeated by its factor."""
         shards = self.manifest.train.shards
         order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(shards))
         mine = list(order[slot::slots]) or [order[slot % len(shards)]]
         while True:
             for s in mine:
-                info = shards[s]
-                samples = read_shard(self.manifest.shard_path(info), info.start, info.stop)
-                views = targets = logits = None
-                if reader is not None:
-                    views, targets, logits = reader.read(info.start, info.stop)
+                samples, views, targets, logits = memo.get(int(s), lambda: self.load(int(s), reader))
                 for i, sample in enumerate(samples):
                     for _ in range(copies(self.factors[sample.label], rng.random())):
                         if reader is None:
@@ -86,23 +139,34 @@ class TrainStream(IterableDataset):
                             yield sample, views[i, a], a, targets[i, a], None if logits is None else logits[i, a]
             mine = list(rng.permutation(mine))
 
-    def __iter__(self) -> Iterator[tuple]:
-        slot, slots = worker_slot(self.rank, self.world)
-        quota = self.samples_per_epoch // slots
-        reader = self.cache.open(self.manifest) if self.cache else None
+    def epoch_items(self, slot: int, slots: int, epoch: int, reader, memo: "ShardMemo") -> Iterator[tuple]:
+        """One epoch of this slot: `samples_per_epoch // slots` items, in the order the shuffle buffer gives."""
+        rng = np.random.default_rng([self.seed, epoch, slot])
+        source = self.expand(slot, slots, epoch, rng, reader, memo)
         buffer: list[tuple] = []
-        epoch = self.start_epoch
+        for _ in range(self.samples_per_epoch // slots):
+            while len(buffer) < self.shuffle_buffer:
+                buffer.append(next(source))
+            j = int(rng.integers(len(buffer)))
+            item, buffer[j] = buffer[j], buffer[-1]
+            buffer.pop()
+            yield item
+
+    def __iter__(self) -> Iterator[tuple]:
+        slot, slots, done = self.start()
+        quota = self.samples_per_epoch // slots
+        if quota < 1:
+            raise ValueError(f"an epoch of {self.samples_per_epoch} samples cannot feed {slots} loader slots")
+        reader = self.cache.open(self.manifest) if self.cache else None
+        memo = ShardMemo(SHARD_MEMO_BYTES)
+        epoch, skip = divmod(done, quota)
         while True:
-            rng = np.random.default_rng([self.seed, epoch, slot])
-            source = self.expand(slot, slots, epoch, rng, reader)
-            for _ in range(quota):
-                while len(buffer) < self.shuffle_buffer:
-                    buffer.append(next(source))
-                j = int(rng.integers(len(buffer)))
-                item, buffer[j] = buffer[j], buffer[-1]
-                buffer.pop()
-                yield self.materialize(item, rng)
-            epoch += 1
+            items = self.epoch_items(slot, slots, epoch, reader, memo)
+            for _ in range(skip):        # fast-forward: the order only, no image decoded
+                next(items)
+            for j, item in enumerate(items, start=skip):
+                yield self.materialize(item, np.random.default_rng([self.seed, epoch, slot, j]))
+            epoch, skip = epoch + 1, 0
 
     def materialize(self, item: tuple, rng: np.random.Generator) -> tuple:
         sample, view, a, target, logits = item

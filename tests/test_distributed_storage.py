@@ -1,0 +1,99 @@
+"""Shared and remote storage (fsspec memory:// and file:// here, no network) and `cache verify`."""
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from cbd_cache.cache import CacheError, CacheReader, verify_cache
+from cbd_cache.data.manifest import Manifest
+from cbd_cache.export import export_cache
+from cbd_cache.runtime import make_runtime
+from cbd_cache.student import train_student
+from cbd_cache.workdir import Workdir, location
+from cli import main
+
+from .conftest import SMOKE, smoke_config
+from .test_resume import array_hashes
+
+
+def test_shards_and_cache_on_an_fsspec_url(smoke_workdir, tmp_path):
+    """prepare uploads to a memory:// data_url; export writes a memory:// cache equal to the local one;
+    a student trains from both; verify passes."""
+    url = "memory://cbd-test"
+    overrides = [f"pipeline.data_url={url}/data", f"pipeline.cache_url={url}/cache.zarr", "student.epochs=1"]
+    root = tmp_path / "wd"
+    shutil.copytree(smoke_workdir.root, root, ignore=shutil.ignore_patterns("cache.zarr", "data"))
+    result = CliRunner().invoke(main, ["prepare", "--pipeline", str(SMOKE), "--workdir", str(root),
+                                       *[x for o in overrides for x in ("--set", o)]])
+    assert result.exit_code == 0, result.stderr
+    assert "uploading" in result.stderr
+    cfg = smoke_config(*overrides)
+    wd = Workdir(root, cfg.pipeline.data_url, cfg.pipeline.cache_url)
+    assert wd.manifest == f"{url}/data/manifest.json"
+    manifest = Manifest.load(wd.manifest)
+    assert manifest.fingerprint == Manifest.load(smoke_workdir.manifest).fingerprint
+    runtime = make_runtime(cfg.pipeline)
+    export_cache(cfg, wd, runtime)
+    assert array_hashes(wd.cache) == array_hashes(smoke_workdir.cache)
+    train_student(cfg, wd, runtime)
+    assert (root / "students" / "student_epochs=1" / "eval.json").is_file()
+    checkpoints = {t.name: wd.teacher_checkpoint(t.name) for t in cfg.teachers}
+    assert verify_cache(wd.cache, manifest, checkpoints, runtime, rows=16)["problems"] == []
+
+
+def test_file_urls_are_local_paths(tmp_path):
+    assert location(f"file://{tmp_path}/c.zarr") == tmp_path / "c.zarr"
+    assert location("s3://bucket/run/") == "s3://bucket/run"
+
+
+def test_verify_passes_a_sound_cache_and_names_each_kind_of_damage(smoke_copy):
+    cfg = smoke_config()
+    manifest = Manifest.load(smoke_copy.manifest)
+    runtime = make_runtime(cfg.pipeline)
+    checkpoints = {t.name: smoke_copy.teacher_checkpoint(t.name) for t in cfg.teachers}
+    n = manifest.train.num_samples
+    sound = verify_cache(smoke_copy.cache, manifest, checkpoints, runtime, rows=n)
+    assert sound["problems"] == [] and sound["rows_checked"] == n
+    assert sound["teachers_recomputed"] == ["aug0", "std0"]
+    assert max(sound["max_cosine_error"].values()) < 1e-4           # float16 storage only
+
+    group = zarr.open_group(str(smoke_copy.cache), mode="r+")
+    d = group["descriptors/std0"]
+    rows = d[10:12]
+    d[10:12] = rows[::-1]                      # two rows swapped: still unit-norm, only recomputing sees it
+    swapped = verify_cache(smoke_copy.cache, manifest, checkpoints, runtime, rows=n)
+    assert len(swapped["problems"]) == 1 and "descriptors/std0" in swapped["problems"][0]
+    assert swapped["max_cosine_error"]["std0"] > 5e-3 and swapped["max_cosine_error"]["aug0"] < 1e-4
+    d[40:41] = 0                               # a lost row
+    group["shard_done"][7] = 0                 # and an unfinished shard
+    result = CliRunner().invoke(main, ["cache", "verify", "--pipeline", str(SMOKE), "--workdir", str(smoke_copy.root)])
+    assert result.exit_code == 1
+    assert "incomplete: 7/8 shards" in result.stdout and "FAILED" in result.stdout
+    assert "descriptors/std0: 1 rows of shard 1 are not unit-norm (first: row 40)" in result.stdout
+
+
+def test_train_student_refuses_an_incomplete_cache(smoke_copy):
+    zarr.open_group(str(smoke_copy.cache), mode="r+")["shard_done"][0] = 0
+    result = CliRunner().invoke(main, ["train-student", "--pipeline", str(SMOKE), "--workdir", str(smoke_copy.root)])
+    assert result.exit_code == 2 and "incomplete: 7/8 shards exported" in result.stderr
+    assert not (smoke_copy.root / "students").exists()
+
+
+def test_a_cut_short_creation_is_redone_and_a_foreign_folder_is_left_alone(smoke_copy):
+    cfg = smoke_config()
+    group = zarr.open_group(str(smoke_copy.cache), mode="r+")
+    del group.attrs["provenance"]              # as if killed before the provenance was written
+    with pytest.raises(CacheError, match="cut short"):
+        CacheReader(smoke_copy.cache, Manifest.load(smoke_copy.manifest), ["std0"])
+    export_cache(cfg, smoke_copy, make_runtime(cfg.pipeline))
+    assert zarr.open_group(str(smoke_copy.cache), mode="r")["shard_done"][:].all()
+    foreign = smoke_copy.root / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    wd = Workdir(smoke_copy.root, cache_url=str(foreign))
+    with pytest.raises(CacheError, match="not a cbd-cache cache"):
+        export_cache(cfg, wd, make_runtime(cfg.pipeline))
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    np.testing.assert_array_equal(zarr.open_group(str(smoke_copy.cache), mode="r")["shard_done"][:], 1)
