@@ -85,12 +85,16 @@ def derive_views(seed: int, key: str, count: int, height: int, width: int, spec:
 
 
 def replay(image: torch.Tensor, view: np.ndarray | torch.Tensor, image_px: int) -> torch.Tensor:
-    """uint8 (C, H, W) image + view -> float32 (C, image_px, image_px) in [0, 1]. Deterministic on CPU."""
-    top, left, h, w, flip = (int(v) for v in view)
-    x = image[:, top:top + h, left:left + w].float().div_(255.0)
+    """uint8 (C, H, W) image + view -> float32 (C, image_px, image_px) in [0, 1]. Deterministic on CPU.
+
+    The crop is resized in uint8 (antialiased bilinear, as torchvision resizes uint8 images): about
+    half the time of resizing in float32 at 224 px, where each loader worker replays every sample.
+    """
+    top, left, h, w, flip = view.tolist()
+    x = image[None, :, top:top + h, left:left + w]
     if (h, w) != (image_px, image_px):
-        x = F.interpolate(x[None], size=(image_px, image_px), mode="bilinear", align_corners=False,
-                          antialias=True)[0]
+        x = F.interpolate(x, size=(image_px, image_px), mode="bilinear", align_corners=False, antialias=True)
+    x = x[0].float().div_(255.0)
     return x.flip(-1) if flip else x
 
 
