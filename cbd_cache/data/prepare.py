@@ -43,7 +43,8 @@ def write_split(source: Source, split: str, records: list[Record], wd: Workdir, 
     return SplitInfo(len(records), counts, shards)
 
 
-def prepare(cfg: Config, wd: Workdir) -> Manifest:
+def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
+    """Shards + manifest from `data.format`'s reader, or from `source` when given (benchmarks bring their own)."""
     data_config = dataclasses.asdict(cfg.data)
     if wd.manifest.is_file():
         existing = Manifest.load(wd.manifest)
@@ -51,7 +52,7 @@ def prepare(cfg: Config, wd: Workdir) -> Manifest:
             log(f"[prepare] {wd.manifest} is up to date ({existing.train.num_samples} training images); skipping")
             return existing
         log(f"[prepare] {wd.manifest} was made from other data settings; preparing again")
-    source = open_source(cfg.data)
+    source = source or open_source(cfg.data)
     wd.data.mkdir(parents=True, exist_ok=True)
     num_classes = len(source.class_names)
     splits = {}
