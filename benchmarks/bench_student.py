@@ -18,6 +18,7 @@ Writes results/bench_student.{md,json}. Run it on a quiet machine (here: under f
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir
 
 CASES = {"small": dict(ks=(1, 4), warmup=8, steps=40, rounds=3),
-         "rn50": dict(ks=(4,), warmup=1, steps=3, rounds=1)}
+         "rn50": dict(ks=(4,), warmup=1, steps=4, rounds=2)}
 
 
 @dataclass
@@ -82,25 +83,19 @@ def make_variant(name: str, targets: str, cfg: Config, wd: Workdir, manifest: Ma
 
 
 def train_rate(v: Variant, steps: int, runtime: Runtime, batch_size: int) -> float:
-    """images/s of `steps` steps of the real training loop."""
-    return train_one_epoch(v.model, v.batches, steps, v.optimizer, v.scheduler, v.step_fn, runtime, v.name,
+    """images/s of `steps` steps of the real training loop on the variant's loader."""
+    return train_rate_on(v, v.batches, steps, runtime, batch_size)
+
+
+def step_seconds(v: Variant, batch: tuple, runtime: Runtime, steps: int, batch_size: int) -> float:
+    """Seconds per step of the real training loop fed one preloaded batch over and over: all but the data."""
+    train_rate_on(v, itertools.repeat(batch), 2, runtime, batch_size)
+    return batch_size / train_rate_on(v, itertools.repeat(batch), steps, runtime, batch_size)
+
+
+def train_rate_on(v: Variant, batches, steps: int, runtime: Runtime, batch_size: int) -> float:
+    return train_one_epoch(v.model, batches, steps, v.optimizer, v.scheduler, v.step_fn, runtime, v.name,
                            batch_size)["images_per_s"]
-
-
-def step_seconds(v: Variant, batch: tuple, runtime: Runtime, repeats: int) -> float:
-    """Median seconds of one training step on a preloaded batch: the student's compute alone."""
-    v.model.train()
-    times = []
-    for i in range(repeats + 1):
-        with Timer(runtime.device) as t:
-            with runtime.autocast():
-                loss, _ = v.step_fn(v.model, batch)
-            v.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            v.optimizer.step()
-        if i:
-            times.append(t.seconds)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -152,16 +147,16 @@ def run_case(case: str, root: Path, rounds: int | None, steps: int | None, warmu
             v.rates.append(train_rate(v, steps, runtime, bs))
             log(f"[bench {case}] round {r + 1}: {v.name}: {v.rates[-1]:.1f} img/s")
     # compute alone, on one preloaded batch from the cache variant's loader
-    repeats = max(3, steps // 4)
+    repeats = max(3, steps // 2)
     big = variants[f"b{kmax}"]
     batch = next(big.batches)
     t_teacher = [forward_seconds(n, batch[0], runtime, repeats) for n in nets]
-    t_a = step_seconds(variants["a"], batch, runtime, repeats)
+    t_a = step_seconds(variants["a"], batch, runtime, repeats, bs)
     loaders = {key: loader_rate(v, max(4, steps // 2), bs) for key, v in variants.items()}
     rows = []
     for k in opts["ks"]:
         b_batch = next(variants[f"b{k}"].batches)
-        t_b = step_seconds(variants[f"b{k}"], b_batch, runtime, repeats)
+        t_b = step_seconds(variants[f"b{k}"], b_batch, runtime, repeats, bs)
         rate = {x: sum(steps * bs for _ in variants[key].rates) / sum(steps * bs / q for q in variants[key].rates)
                 for x, key in (("a", "a"), ("b", f"b{k}"), ("c", f"c{k}"))}
         ideal_bc = (t_b + sum(t_teacher[:k])) / t_b

@@ -27,7 +27,7 @@ from cbd_cache.checkpoint import network_spec, save_checkpoint  # noqa: E402
 from cbd_cache.config import Config, DataCfg, load_config  # noqa: E402
 from cbd_cache.data.manifest import Manifest  # noqa: E402
 from cbd_cache.data.prepare import prepare  # noqa: E402
-from cbd_cache.data.sources import Record, Source  # noqa: E402
+from cbd_cache.data.sources import Record, Synthetic  # noqa: E402
 from cbd_cache.models import Network  # noqa: E402
 from cbd_cache.runtime import Runtime, cpu_count, log  # noqa: E402
 from cbd_cache.workdir import Workdir  # noqa: E402
@@ -41,24 +41,16 @@ RN50_OVERRIDES = ("data.format=synthetic", "data.profile=none", "data.num_classe
                   "student.batch_size=16", "student.shuffle_buffer=64", "eval.batch_size=32")
 
 
-class SyntheticJPEG(Source):
+class SyntheticJPEG(Synthetic):
     """RGB JPEGs at ImageNet's typical sizes (short side 256..400, aspect 3/4..4/3), quality 90.
 
-    Class c is a colour grating (hue c/C, angle pi*c/C) plus noise, as the `synthetic` reader draws
-    it, so decode and crop cost what ImageNet's photos cost.
+    The `synthetic` reader's records; class c is a colour grating (angle pi*c/C) plus noise, so
+    decode and crop cost what ImageNet's photos cost.
     """
 
-    channels = 3
-
     def __init__(self, cfg: DataCfg):
-        self.cfg = cfg
-        self.class_names = [f"class{c:02d}" for c in range(cfg.num_classes)]
+        super().__init__(cfg)
         self.description = {"format": "synthetic_jpeg", "num_classes": cfg.num_classes}
-
-    def records(self, split: str) -> list[Record]:
-        per_class = self.cfg.n_max if split == "train" else self.cfg.test_per_class
-        return [Record(f"{split}-{c:03d}-{j:05d}", c, (split, c, j))
-                for c in range(self.cfg.num_classes) for j in range(per_class)]
 
     def read(self, record: Record) -> tuple[bytes, str]:
         split, c, j = record.ref

@@ -212,6 +212,13 @@ class CacheReader:
         self.views = views or prov["views_per_image"]
         self.with_logits = with_logits
         self.dims = [prov["teachers"][t]["descriptor_dim"] for t in teachers]
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def array(self, name: str) -> zarr.Array:
+        """An array of the group, opened once: each `group[name]` re-reads and parses its zarr.json."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     @property
     def target_dim(self) -> int:
@@ -223,21 +230,21 @@ class CacheReader:
         Each array is one contiguous, chunk-aligned slice: no per-sample reads.
         """
         v = self.views
-        views = self.group["views"][start:stop, :v]
+        views = self.array("views")[start:stop, :v]
         parts = [self.descriptors(t, start, stop) for t in self.teachers]
         targets = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         logits = None
         if self.with_logits:
-            zs = [self.group[f"logits/{t}"][start:stop, :v] for t in self.teachers]
+            zs = [self.array(f"logits/{t}")[start:stop, :v] for t in self.teachers]
             logits = np.concatenate(zs, axis=-1) if len(zs) > 1 else zs[0]
         return views, targets, logits
 
     def descriptors(self, teacher: str, start: int, stop: int) -> np.ndarray:
         """One teacher's descriptors of rows [start, stop), first V views: float16/float32 as stored, int8 dequantised."""
-        d = self.group[f"descriptors/{teacher}"][start:stop, :self.views]
+        d = self.array(f"descriptors/{teacher}")[start:stop, :self.views]
         if self.prov["dtype"] != "int8":
             return d
-        return dequantize_int8(d, self.group[f"scales/{teacher}"][start:stop, :self.views], np.float16)
+        return dequantize_int8(d, self.array(f"scales/{teacher}")[start:stop, :self.views], np.float16)
 
 
 def cache_info(path: Path) -> dict[str, Any]:
