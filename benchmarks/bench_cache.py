@@ -134,7 +134,7 @@ def bench_reads(root: Path, runtime: Runtime) -> list[dict]:
     out = []
     for shape, (rows, shard_rows, a, k, d, arch, px, ch, bs) in SHAPES.items():
         manifest = synthetic_manifest(shape, rows, shard_rows)
-        student = student_rate(arch, px, ch, bs, k, d, runtime)
+        student = student_rate(arch, px, ch, 4 * bs if runtime.cuda else bs, k, d, runtime)
         for dtype in ("float16", "int8"):
             path = root / f"reads-{shape}-{dtype}.zarr"
             write_synthetic_cache(path, manifest, a, k, d, dtype)
@@ -186,9 +186,9 @@ def student_rate(arch: str, px: int, channels: int, batch: int, k: int, d: int, 
 
 
 # ------------------------------------------------------------------------------------------ export
-def bench_export(case: str, root: Path, runtime: Runtime) -> dict:
+def bench_export(case: str, root: Path, runtime: Runtime, extra: tuple[str, ...] = ()) -> dict:
     """export_cache wall time against the same teachers' forward over the same batches, preloaded."""
-    cfg = bench_config(case)
+    cfg = bench_config(case, extra)
     wd = bench_workdir(case, root, cfg)
     fresh = Workdir(root / f"{case}-export")                 # same data and teachers, a cache of its own
     fresh.root.mkdir(parents=True, exist_ok=True)
@@ -298,6 +298,8 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", choices=("small", "rn50"), default=["small", "rn50"], help="export cases")
     ap.add_argument("--root", default="runs/bench")
     ap.add_argument("--name", default="bench_cache")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides for the export cases")
     a = ap.parse_args()
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -309,7 +311,7 @@ def main() -> None:
     if "reads" in a.parts:
         res["reads"] = bench_reads(root, runtime)
     if "export" in a.parts:
-        res["export"] = [bench_export(case, root, runtime) for case in a.cases]
+        res["export"] = [bench_export(case, root, runtime, tuple(a.overrides)) for case in a.cases]
     res["wall_s"] = time.perf_counter() - started
     write_results(a.name, res, markdown(res))
     print(markdown(res).replace("{head}", ""))
