@@ -4,7 +4,10 @@ Schema (version `SCHEMA_VERSION`), N training images, A views per image, S shard
 
     views                 int32   (N, A, 5)   each view's (top, left, height, width, flip) in source pixels
     descriptors/<teacher> float16 (N, A, d)   the teacher's eval-mode GAP descriptor of that view, L2-normalised
+                                              (`export.dtype`: float16, float32, or int8 with `scales/`)
+    scales/<teacher>      float16 (N, A)      int8 only: descriptor = scale * int8 vector (symmetric, per vector)
     logits/<teacher>      float16 (N, A, C)   optional (export.logits): the teacher's logits of that view
+                                              (float16 under int8, float32 under float32)
     shard_done            uint8   (S,)        1 once shard s is written; export resumes from it
 
 Row i is the manifest's sample i. Chunks hold `chunk_rows` rows (default: one shard), so a shard is
@@ -14,6 +17,7 @@ ranks or machines never share a chunk, so they may write one store at once. The 
 checkpoint hash; a cache that disagrees with the data or teachers it is asked to serve is refused.
 `provenance` is written last at creation: a group without it is a creation that was cut short.
 The store may be a local path or any fsspec URL.
+`CacheReader` hides the storage dtype: it serves float16 or float32 targets, dequantising int8.
 """
 from __future__ import annotations
 
@@ -31,6 +35,30 @@ from .views import VIEW_FIELDS
 from .workdir import Location, bytes_under, exists, join
 
 SCHEMA_VERSION = 1
+INT8_MAX = 127
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-vector int8 over the last axis: (q int8, scale float16) with x ~= scale * q.
+
+    The scale is rounded to float16 before q is computed, so `dequantize_int8` inverts exactly what
+    was stored; a zero vector gets scale 0 and q = 0.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    scale = (np.abs(x).max(axis=-1) / INT8_MAX).astype(np.float16)
+    s32 = scale.astype(np.float32)[..., None]
+    q = np.divide(x, s32, out=np.zeros_like(x), where=s32 > 0)
+    return np.clip(np.rint(q), -INT8_MAX, INT8_MAX).astype(np.int8), scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray, dtype: str | np.dtype = np.float32) -> np.ndarray:
+    """scale * q, computed in float32, returned as `dtype`."""
+    return (q.astype(np.float32) * scale.astype(np.float32)[..., None]).astype(dtype, copy=False)
+
+
+def logits_dtype(dtype: str) -> str:
+    """Logits are not quantised: an int8 cache stores them as float16."""
+    return "float16" if dtype == "int8" else dtype
 
 
 class CacheError(RuntimeError):
@@ -112,9 +140,12 @@ class CacheWriter:
         for name, t in p["teachers"].items():
             group.create_array(f"descriptors/{name}", shape=(n, a, t["descriptor_dim"]),
                                chunks=(rows, a, t["descriptor_dim"]), dtype=p["dtype"], compressors=None, fill_value=0)
+            if p["dtype"] == "int8":
+                group.create_array(f"scales/{name}", shape=(n, a), chunks=(rows, a), dtype="float16",
+                                   compressors=None, fill_value=0)
             if p["logits"]:
-                group.create_array(f"logits/{name}", shape=(n, a, p["num_classes"]),
-                                   chunks=(rows, a, p["num_classes"]), dtype=p["dtype"], compressors=None, fill_value=0)
+                group.create_array(f"logits/{name}", shape=(n, a, p["num_classes"]), chunks=(rows, a, p["num_classes"]),
+                                   dtype=logits_dtype(p["dtype"]), compressors=None, fill_value=0)
         group.create_array("shard_done", shape=(len(p["shards"]),), chunks=(1,), dtype="uint8", fill_value=0)
         # provenance last: readers take the group for a cache only once its arrays exist
         group.attrs.update({"provenance": p,
@@ -131,9 +162,12 @@ class CacheWriter:
         dtype = self.prov["dtype"]
         self.group["views"][start:stop] = views
         for name, d in descriptors.items():
-            self.group[f"descriptors/{name}"][start:stop] = d.astype(dtype)
+            if dtype == "int8":
+                d, scale = quantize_int8(d)
+                self.group[f"scales/{name}"][start:stop] = scale
+            self.group[f"descriptors/{name}"][start:stop] = d.astype(dtype, copy=False)
         for name, z in (logits or {}).items():
-            self.group[f"logits/{name}"][start:stop] = z.astype(dtype)
+            self.group[f"logits/{name}"][start:stop] = z.astype(logits_dtype(dtype), copy=False)
         self.group["shard_done"][index] = 1
 
 
@@ -158,7 +192,8 @@ class CacheReader:
     """Serves (views, targets) for a row range to the student, after checking the cache fits.
 
     Targets are the chosen teachers' descriptors concatenated in the order asked, each already
-    L2-normalised at export; `views` limits the student to the first V cached views.
+    L2-normalised at export; `views` limits the student to the first V cached views. An int8 cache
+    is dequantised here, to float16, so the student never sees the storage format.
     """
 
     def __init__(self, path: Location, manifest: Manifest, teachers: list[str], views: int = 0,
@@ -194,6 +229,13 @@ class CacheReader:
         self.views = views or prov["views_per_image"]
         self.with_logits = with_logits
         self.dims = [prov["teachers"][t]["descriptor_dim"] for t in teachers]
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def array(self, name: str) -> zarr.Array:
+        """An array of the group, opened once: each `group[name]` re-reads and parses its zarr.json."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     @property
     def target_dim(self) -> int:
@@ -205,14 +247,21 @@ class CacheReader:
         Each array is one contiguous, chunk-aligned slice: no per-sample reads.
         """
         v = self.views
-        views = self.group["views"][start:stop, :v]
-        parts = [self.group[f"descriptors/{t}"][start:stop, :v] for t in self.teachers]
+        views = self.array("views")[start:stop, :v]
+        parts = [self.descriptors(t, start, stop) for t in self.teachers]
         targets = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         logits = None
         if self.with_logits:
-            zs = [self.group[f"logits/{t}"][start:stop, :v] for t in self.teachers]
+            zs = [self.array(f"logits/{t}")[start:stop, :v] for t in self.teachers]
             logits = np.concatenate(zs, axis=-1) if len(zs) > 1 else zs[0]
         return views, targets, logits
+
+    def descriptors(self, teacher: str, start: int, stop: int) -> np.ndarray:
+        """One teacher's descriptors of rows [start, stop), first V views: float16/float32 as stored, int8 dequantised."""
+        d = self.array(f"descriptors/{teacher}")[start:stop, :self.views]
+        if self.prov["dtype"] != "int8":
+            return d
+        return dequantize_int8(d, self.array(f"scales/{teacher}")[start:stop, :self.views], np.float16)
 
 
 def cache_info(path: Location) -> dict[str, Any]:
@@ -222,7 +271,7 @@ def cache_info(path: Location) -> dict[str, Any]:
     arrays = {}
     for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
         arrays[name] = _array_info(arr)
-    for sub in ("descriptors", "logits"):
+    for sub in ("descriptors", "scales", "logits"):
         if sub in group:
             for name, arr in sorted(group[sub].arrays(), key=lambda kv: kv[0]):
                 arrays[f"{sub}/{name}"] = _array_info(arr)

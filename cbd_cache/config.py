@@ -94,7 +94,7 @@ class TeacherCfg(TrainCfg):
 @dataclass
 class ExportCfg:
     views: int = 8                 # A: augmented views per training image
-    dtype: str = "float16"         # float16 | float32
+    dtype: str = "float16"         # float16 | float32 | int8 (+ a float16 scale per vector: about half of float16)
     chunk_rows: int = 0            # rows per Zarr chunk; 0 = one chunk per shard; must divide data.shard_size
     batch_size: int = 512
     logits: bool = False           # also store teacher logits per view (classifier-level distillation)
@@ -152,7 +152,7 @@ CHOICES = {
     "data.on_error": ("stop", "skip"),
     "teacher.type": ("standard", "data_aug"),
     "teacher.aug_style": ("paper", "official"),
-    "export.dtype": ("float16", "float32"),
+    "export.dtype": ("float16", "float32", "int8"),
     "student.targets": ("cache", "online", "none"),
     "student.sampling": ("class_balanced", "instance"),
 }

@@ -71,7 +71,7 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime) -> Location:
         f"({len(todo)}/{len(shards)} shards to go) on {runtime.device}"
         + (f", dealt over {d.world} ranks" if d.world > 1 else ""))
     todo = todo[d.rank::d.world]
-    nets = [runtime.prepare_model(n) for n in nets]
+    nets = [runtime.prepare_teacher(n) for n in nets]
     dims = {r.name: r.descriptor_dim for r in records}
     logit_dims = {r.name: manifest.num_classes for r in records} if e.logits else {}
     stream = ExportStream(manifest, todo, spec, cfg.pipeline.seed, e.views, e.batch_size)
@@ -86,12 +86,13 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime) -> Location:
         n = len(local)
         buf.views[local] = views.numpy()
         x = runtime.to_device(images)
-        with runtime.autocast():
-            for name, net in zip(names, nets):
-                v = net.features(x)
-                buf.descriptors[name][local] = F.normalize(v.float(), dim=1).cpu().numpy().reshape(n, e.views, -1)
-                if e.logits:
-                    buf.logits[name][local] = net.classifier(v).float().cpu().numpy().reshape(n, e.views, -1)
+        with runtime.autocast():   # every teacher's work is queued before the first copy back waits for it
+            outs = [(name, net, net.features(x)) for name, net in zip(names, nets)]
+            logits = {name: net.classifier(v) for name, net, v in outs} if e.logits else {}
+        for name, _, v in outs:
+            buf.descriptors[name][local] = F.normalize(v.float(), dim=1).cpu().numpy().reshape(n, e.views, -1)
+        for name, z in logits.items():
+            buf.logits[name][local] = z.float().cpu().numpy().reshape(n, e.views, -1)
         buf.missing -= n
         if buf.missing == 0:
             writer.write_shard(s, buf.views, buf.descriptors, buf.logits)

@@ -45,10 +45,19 @@ class Runtime:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
+    def prepare_teacher(self, net: torch.nn.Module) -> torch.nn.Module:
+        """A frozen teacher for export or online targets: eval mode, device, memory format, and with
+        `pipeline.compile` a compiled feature extractor (only `features` runs, so only it is compiled)."""
+        net = self.prepare_model(net.eval().requires_grad_(False))
+        if self.compile and hasattr(net, "backbone"):
+            net.backbone = torch.compile(net.backbone)
+        return net
+
     def loader_kwargs(self) -> dict:
+        """Worker processes feed the step; on CUDA they copy into pinned memory for asynchronous transfers."""
         kw: dict = {"num_workers": self.workers, "pin_memory": self.cuda}
         if self.workers > 0:
-            kw.update(persistent_workers=False, prefetch_factor=4)
+            kw.update(persistent_workers=True, prefetch_factor=4)
         return kw
 
 
@@ -57,6 +66,19 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def loader_workers(cuda: bool, cores: int) -> int:
+    """Loader processes for `pipeline.workers = -1`.
+
+    CUDA: up to 8, leaving the main process a core to launch kernels. CPU: the step's own threads
+    already use every core, and a worker beside them only steals those cores (measured on 2 cores:
+    see results/bench_student.md), so small machines load in the main process between steps and
+    larger ones give a quarter of their cores to loading.
+    """
+    if cuda:
+        return min(8, max(cores - 1, 1))
+    return 0 if cores <= 2 else min(8, cores // 4)
 
 
 def make_runtime(cfg: PipelineCfg) -> Runtime:
@@ -76,11 +98,14 @@ def make_runtime(cfg: PipelineCfg) -> Runtime:
     cuda = device.type == "cuda"
     amp = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "off": None}[cfg.amp]
     channels_last = {"auto": cuda, "on": True, "off": False}[cfg.channels_last]
-    if cfg.workers >= 0:
-        workers = cfg.workers
-    else:  # leave the main process a core on CPU; on GPU feed it from up to 8 workers
-        n = cpu_count()
-        workers = min(8, max(n - 1, 1)) if cuda else min(4, max(n // 2, 1))
+    cores = cpu_count()
+    workers = cfg.workers if cfg.workers >= 0 else loader_workers(cuda, cores)
+    if cuda:   # fixed input sizes: let cuDNN pick its fastest kernels; TF32 for whatever runs outside bf16
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif "OMP_NUM_THREADS" not in os.environ:   # the step's threads get the cores the loader workers leave
+        torch.set_num_threads(max(1, cores - workers))
     return Runtime(device, amp, channels_last, workers, cfg.compile, rank, False, cfg.checkpoint_steps,
                    cfg.checkpoint_minutes)
 

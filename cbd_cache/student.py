@@ -64,7 +64,7 @@ def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
         provenance = {t: reader.prov["teachers"][t]["checkpoint_sha256"] for t in teacher_names}
     elif s.targets == "online":
         teacher_nets, records = load_teachers(cfg, wd, teacher_names)
-        teacher_nets = [runtime.prepare_model(n) for n in teacher_nets]
+        teacher_nets = [runtime.prepare_teacher(n) for n in teacher_nets]
         dims = [r.descriptor_dim for r in records]
         provenance = {r.name: r.checkpoint_sha256 for r in records}
     else:

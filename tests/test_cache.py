@@ -94,3 +94,47 @@ def test_export_refuses_to_resume_a_cache_made_with_other_settings(smoke_copy):
     cfg = smoke_config("export.views=3")
     with pytest.raises(CacheError, match="views_per_image"):
         export_cache(cfg, smoke_copy, make_runtime(cfg.pipeline))
+
+
+def test_int8_round_trip_is_exact_on_the_grid_and_close_on_unit_vectors():
+    from cbd_cache.cache import dequantize_int8, quantize_int8
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 3, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    x[0, 0] = 0.0                                             # a zero vector survives as zero
+    q, scale = quantize_int8(x)
+    assert q.dtype == np.int8 and scale.dtype == np.float16 and scale.shape == (50, 3)
+    assert np.abs(q).max() == 127                             # the largest component uses the full range
+    assert not dequantize_int8(q[0, 0], scale[0, 0]).any()
+    y = dequantize_int8(q, scale)
+    cos = (x * y).sum(-1)[1:] / np.linalg.norm(y, axis=-1)[1:]
+    assert cos.min() > 0.999
+    q2, scale2 = quantize_int8(y)                             # what was stored is a fixed point
+    np.testing.assert_array_equal(q2, q)
+    np.testing.assert_array_equal(scale2, scale)
+
+
+def test_int8_export_stores_half_the_bytes_and_reads_back_the_same_targets(smoke_copy):
+    import shutil
+
+    cfg = smoke_config("export.dtype=int8")
+    manifest = Manifest.load(smoke_copy.manifest)
+    f16 = CacheReader(smoke_copy.cache, manifest, ["std0", "aug0"]).read(0, manifest.train.num_samples)[1]
+
+    def chunk_bytes(*arrays):   # the data itself; each array's zarr.json adds ~0.5 kB, which dwarfs a tiny cache
+        return sum(f.stat().st_size for a in arrays for f in (smoke_copy.cache / a / "c").rglob("*") if f.is_file())
+
+    f16_bytes = chunk_bytes("descriptors/std0")
+    shutil.rmtree(smoke_copy.cache)
+    export_cache(cfg, smoke_copy, make_runtime(cfg.pipeline))
+    info = cache_info(smoke_copy.cache)
+    assert info["dtype"] == "int8" and info["arrays"]["descriptors/std0"]["dtype"] == "int8"
+    assert chunk_bytes("descriptors/std0", "scales/std0") <= 0.52 * f16_bytes     # (d + 2) / 2d at d = 64
+    reader = CacheReader(smoke_copy.cache, manifest, ["std0", "aug0"])
+    views, targets, _ = reader.read(0, manifest.train.num_samples)
+    assert targets.dtype == np.float16 and targets.shape == f16.shape
+    for part in (slice(0, 64), slice(64, 128)):               # each teacher's slice: same direction as float16
+        a, b = targets[..., part].astype(np.float32), f16[..., part].astype(np.float32)
+        cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert cos.min() > 0.998

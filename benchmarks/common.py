@@ -1,0 +1,164 @@
+"""What the benchmarks share: their workdirs (real prepare and export, untrained teachers), synthetic
+JPEG data at ImageNet sizes, the machine's description, and the results files.
+
+Teachers here are untrained networks of the pipeline's architectures: a forward pass costs the same
+whatever the weights, so speed and bytes are measured without spending minutes training them.
+Accuracy claims (results/int8.md) use trained teachers instead.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cbd_cache.checkpoint import network_spec, save_checkpoint  # noqa: E402
+from cbd_cache.config import Config, DataCfg, load_config  # noqa: E402
+from cbd_cache.data.manifest import Manifest  # noqa: E402
+from cbd_cache.data.prepare import prepare  # noqa: E402
+from cbd_cache.data.sources import Record, Synthetic  # noqa: E402
+from cbd_cache.models import Network  # noqa: E402
+from cbd_cache.runtime import Runtime, cpu_count, log  # noqa: E402
+from cbd_cache.workdir import Workdir  # noqa: E402
+
+RESULTS = ROOT / "results"
+
+# The 224 px case: ImageNet-LT's recipe (ResNet-50, 224 px views of area (0.05, 1), K = 4) on
+# synthetic JPEGs, with batch and dataset sizes a 2-core CPU gets through in a few minutes.
+RN50_OVERRIDES = ("data.format=synthetic", "data.profile=none", "data.num_classes=8", "data.n_max=8",
+                  "data.test_per_class=1", "data.shard_size=32", "export.views=2", "export.batch_size=32",
+                  "student.batch_size=16", "student.shuffle_buffer=64", "eval.batch_size=32")
+
+
+class SyntheticJPEG(Synthetic):
+    """RGB JPEGs at ImageNet's typical sizes (short side 256..400, aspect 3/4..4/3), quality 90.
+
+    The `synthetic` reader's records; class c is a colour grating (angle pi*c/C) plus noise, so
+    decode and crop cost what ImageNet's photos cost.
+    """
+
+    def __init__(self, cfg: DataCfg):
+        super().__init__(cfg)
+        self.description = {"format": "synthetic_jpeg", "num_classes": cfg.num_classes}
+
+    def read(self, record: Record) -> tuple[bytes, str]:
+        split, c, j = record.ref
+        C = self.cfg.num_classes
+        rng = np.random.default_rng([self.cfg.seed, 0 if split == "train" else 1, c, j])
+        short = int(rng.integers(256, 401))
+        long = int(short * rng.uniform(1.0, 4 / 3))
+        h, w = (short, long) if rng.random() < 0.5 else (long, short)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
+        angle = np.pi * c / C
+        wave = np.sin(2 * np.pi * 6 * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+        hue = np.array([np.cos(2 * np.pi * c / C), np.cos(2 * np.pi * (c / C + 1 / 3)), np.cos(2 * np.pi * (c / C + 2 / 3))])
+        img = 0.5 + 0.3 * wave[..., None] * hue[None, None, :] + rng.normal(0, 0.08, (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        return buf.getvalue(), "jpg"
+
+
+def bench_config(case: str, extra: tuple[str, ...] = ()) -> Config:
+    """`small`: the embedded default (Fashion-MNIST-LT, ResNet-8, 28 px). `rn50`: 224 px ResNet-50, K = 4."""
+    if case == "small":
+        return load_config(ROOT / "pipelines" / "fashion_mnist_lt.toml", extra)
+    if case == "rn50":
+        return load_config(ROOT / "pipelines" / "imagenet_lt.toml", RN50_OVERRIDES + tuple(extra))
+    raise ValueError(f"unknown case {case!r}")
+
+
+def untrained_teachers(cfg: Config, wd: Workdir, runtime: Runtime | None = None) -> None:
+    """A checkpoint per teacher of the pipeline: its architecture and seed, weights at initialisation."""
+    manifest = Manifest.load(wd.manifest)
+    for t in cfg.teachers:
+        path = wd.teacher_checkpoint(t.name)
+        if path.is_file():
+            continue
+        torch.manual_seed(t.seed)
+        net = Network(t.arch, manifest.channels, manifest.num_classes, t.gamma)
+        spec = network_spec(net, t.arch, manifest.channels, manifest.num_classes, t.gamma)
+        save_checkpoint(path, net, spec, {"name": t.name, "seed": t.seed, "untrained": True,
+                                          "manifest_fingerprint": manifest.fingerprint})
+
+
+def bench_workdir(case: str, root: Path, cfg: Config) -> Workdir:
+    """Prepared data and untrained teachers for `case` under `root/case` (reused when already there)."""
+    wd = Workdir(Path(root) / case)
+    prepare(cfg, wd, SyntheticJPEG(cfg.data) if case == "rn50" else None)
+    untrained_teachers(cfg, wd)
+    return wd
+
+
+def machine() -> dict:
+    """The machine and torch settings a number was measured with."""
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": model, "cores": cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+def runtime_info(runtime: Runtime) -> dict:
+    return {"device": str(runtime.device), "amp": str(runtime.amp_dtype), "channels_last": runtime.channels_last,
+            "workers": runtime.workers, "compile": runtime.compile}
+
+
+def command() -> str:
+    """How this script was run, from the repository root."""
+    return " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
+
+
+def write_results(name: str, payload: dict, markdown: str) -> None:
+    """results/<name>.json and results/<name>.md, each naming the command and the machine."""
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"command": command(), "machine": machine(), **payload}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    m = payload["machine"]
+    head = (f"Command: `{payload['command']}`  \n"
+            f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}, torch {m['torch']} "
+            f"({m['torch_threads']} threads), {m['date_utc']} UTC\n\n")
+    (RESULTS / f"{name}.md").write_text(markdown.replace("{head}", head))
+    log(f"wrote {RESULTS / name}.md and .json")
+
+
+class Timer:
+    """Wall seconds of a block; `torch.cuda.synchronize` at both ends on CUDA."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.cuda = device is not None and device.type == "cuda"
+
+    def __enter__(self) -> "Timer":
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+
+
+def env_threads() -> None:
+    """Honour CBD_BENCH_THREADS (torch intra-op threads in the main process), for thread-count experiments."""
+    n = os.environ.get("CBD_BENCH_THREADS")
+    if n:
+        torch.set_num_threads(int(n))
