@@ -64,6 +64,8 @@ def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str
     """
     if source not in SOURCES:
         raise ValueError(f"NCM features from {source!r}; expected one of {SOURCES}")
+    if source == "cache" and not ref.startswith("teachers/"):
+        raise FileNotFoundError(f"{ref}: only teachers have cached descriptors; use --features images")
     folder = wd.model_dir(ref)
     ckpt = folder / "checkpoint.pt"
     if not ckpt.is_file():
@@ -72,9 +74,7 @@ def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str
     key = {"checkpoint_sha256": file_sha256(ckpt), "manifest_fingerprint": manifest.fingerprint, "source": source}
     reader = None
     if source == "cache":
-        kind, name = ref.split("/", 1)
-        if kind != "teachers":
-            raise FileNotFoundError(f"{ref}: only teachers have cached descriptors; use --features images")
+        name = ref.split("/", 1)[1]
         reader = CacheReader(wd.cache, manifest, [name], checkpoint_hashes={name: key["checkpoint_sha256"]})
         key["views_per_image"] = reader.views
     out = folder / f"ncm_{source}.json"

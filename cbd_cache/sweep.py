@@ -91,7 +91,7 @@ def _text(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list):
-        return ",".join(map(str, value))
+        return "+".join(map(str, value))
     return str(value)
 
 
@@ -100,7 +100,7 @@ def run_name(cfg: Config, reference: Config) -> str:
     mine, ref = dataclasses.asdict(cfg.student), dataclasses.asdict(reference.student)
     parts = [f"{k}={_text(v)}" for k, v in sorted(mine.items()) if k not in ("name", "seed") and v != ref[k]]
     name = "_".join(["student", *parts, f"seed={cfg.student.seed}"])
-    return re.sub(r"[^A-Za-z0-9_.+=,-]", "-", name)
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "-", name)       # config.NAME_RE: a valid student.name
 
 
 def make_runs(pipeline: str | Path, base: Sequence[str], points: Sequence[tuple[str, Sequence[str]]],
