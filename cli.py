@@ -70,9 +70,16 @@ def main():
 
 
 @main.command()
+@click.option("--dry-run", is_flag=True,
+              help="List the source and print class counts, shards, cache size and an export-time estimate; write nothing.")
 @pipeline_options
-def prepare(ctx: Context):
-    """Write WebDataset shards (train, test) and a manifest from the pipeline's data source."""
+def prepare(ctx: Context, dry_run: bool):
+    """Write WebDataset shards (train, val, test) and a manifest from `data.format` at `data.root` (resumable)."""
+    if dry_run:
+        from cbd_cache.data.dryrun import dry_run as plan
+
+        click.echo(plan(ctx.cfg, ctx.runtime))
+        return
     from cbd_cache.data.prepare import prepare as run_prepare
 
     run_prepare(ctx.cfg, ctx.wd)

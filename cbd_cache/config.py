@@ -46,6 +46,8 @@ class DataCfg:
     imbalance_factor: float = 256.0
     seed: int = 0                  # class-rank permutation, subsampling and shard order
     shard_size: int = 256          # training samples per WebDataset shard (= cache rows per chunk)
+    on_error: str = "stop"         # a label problem (bad line, label out of range, duplicate or missing path):
+                                   # stop with the offending line, or skip the item and list it in the report
     # `synthetic` only: a generated, learnable dataset used by tests and the smoke pipeline.
     num_classes: int = 10
     image_px: int = 16
@@ -148,6 +150,7 @@ CHOICES = {
     "pipeline.channels_last": ("auto", "on", "off"),
     "data.format": ("fashion_mnist", "synthetic", "imagenet_lt", "inat", "imagefolder"),
     "data.profile": ("exponential", "none"),
+    "data.on_error": ("stop", "skip"),
     "teacher.type": ("standard", "data_aug"),
     "teacher.aug_style": ("paper", "official"),
     "export.dtype": ("float16", "float32"),

@@ -82,6 +82,6 @@ def train_crt(cfg: Config, wd: Workdir, runtime: Runtime, plan) -> Path:
                           plan.folder)
     net, meta = load_checkpoint(wd.teacher_checkpoint(teacher))
     net.classifier = classifier.cpu()
-    test = evaluate_network(net, manifest, cfg, runtime, "test")
+    test = evaluate_network(net, manifest, cfg, runtime, manifest.eval_split)
     spec = network_spec(net, meta["network"]["arch"], manifest.channels, manifest.num_classes, s.gamma)
     return finish_run(cfg, plan, net, spec, history, wall_s, test, manifest)

@@ -50,6 +50,21 @@ def evaluate_network(net: Network, manifest: Manifest, cfg: Config, runtime: Run
     return {"split": split, **accuracy_report(out["labels"], out["preds"], manifest.train.class_counts)}
 
 
+def evaluate_splits(net: Network, manifest: Manifest, cfg: Config, runtime: Runtime) -> dict:
+    """The headline split's report (`manifest.eval_split`), with every eval split's (val, test) under `splits`.
+
+    Each split's many / medium / few groups use the training split's class counts.
+    """
+    reports = {s: evaluate_network(net, manifest, cfg, runtime, s) for s in manifest.eval_splits}
+    keys = ("top1", "num_test", "many", "medium", "few", "per_class")
+    return {**reports[manifest.eval_split], "splits": {s: {k: r[k] for k in keys} for s, r in reports.items()}}
+
+
+def split_reports(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{split: report}; a report written before it had `splits` covers its own split only."""
+    return report.get("splits") or {report.get("split", "test"): report}
+
+
 def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
 
@@ -90,14 +105,16 @@ def evaluate_checkpoint(folder: Path, name: str, kind: str, manifest: Manifest, 
     eval_json = folder / "eval.json"
     if eval_json.is_file():
         report = read_json(eval_json)
-        if report.get("checkpoint_sha256") == sha and report.get("manifest_fingerprint") == manifest.fingerprint:
+        if (report.get("checkpoint_sha256") == sha and report.get("manifest_fingerprint") == manifest.fingerprint
+                and set(manifest.eval_splits) <= set(split_reports(report))):
             return report
     net, _ = load_checkpoint(ckpt)
-    report = evaluate_network(net, manifest, cfg, runtime)
+    report = evaluate_splits(net, manifest, cfg, runtime)
     report.update(checkpoint_sha256=sha, manifest_fingerprint=manifest.fingerprint)
     write_report(folder, name, kind, report, manifest.class_names)
-    log(f"[evaluate] {kind} {name}: top-1 {report['top1']:.2f}  many {fmt(report['many'])}  "
-        f"medium {fmt(report['medium'])}  few {fmt(report['few'])}")
+    for split, r in report["splits"].items():
+        log(f"[evaluate] {kind} {name} {split}: top-1 {r['top1']:.2f}  many {fmt(r['many'])}  "
+            f"medium {fmt(r['medium'])}  few {fmt(r['few'])}")
     return report
 
 
@@ -116,9 +133,16 @@ def evaluate_workdir(cfg: Config, wd: Workdir, runtime: Runtime) -> list[dict[st
         rows.append({"model": s, "kind": kind, **evaluate_checkpoint(folder, s, kind, manifest, cfg, runtime)})
     if not rows:
         raise FileNotFoundError(f"{wd.root}: no teacher or student checkpoints to evaluate")
-    table = markdown_table(rows)
-    wd.results_md.write_text(f"# Results: {cfg.pipeline.name} ({manifest.splits['test'].num_samples} test images)\n\n"
-                             + table)
-    write_json(wd.results_json, [{k: r[k] for k in ("model", "kind", "top1", "many", "medium", "few", "per_class")}
-                                 for r in rows])
+    splits = manifest.eval_splits
+    tables = {s: markdown_table([{**r, **split_reports(r)[s]} for r in rows]) for s in splits}
+    if len(splits) == 1:
+        md = f"# Results: {cfg.pipeline.name} ({manifest.splits[splits[0]].num_samples} {splits[0]} images)\n\n"
+        md += tables[splits[0]]
+    else:
+        md = f"# Results: {cfg.pipeline.name}\n\n" + "\n".join(
+            f"## {s} ({manifest.splits[s].num_samples} images)\n\n{tables[s]}" for s in splits)
+    wd.results_md.write_text(md)
+    write_json(wd.results_json, [{**{k: r[k] for k in ("model", "kind", "top1", "many", "medium", "few", "per_class")},
+                                  "splits": {s: {k: split_reports(r)[s][k] for k in ("top1", "many", "medium", "few")}
+                                             for s in splits}} for r in rows])
     return rows

@@ -91,7 +91,7 @@ def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str
         out_train = _model_features(net, manifest, "train", cfg, runtime)
         train, train_labels = out_train["features"], out_train["labels"]
     center, means = ncm_fit(train, train_labels, manifest.num_classes)
-    test = _model_features(net, manifest, "test", cfg, runtime)
+    test = _model_features(net, manifest, manifest.eval_split, cfg, runtime)
     preds = ncm_predict(test["features"], center, means)
     report = {**accuracy_report(test["labels"], preds, manifest.train.class_counts), **key, "model": ref}
     write_json(out, report)

@@ -228,7 +228,7 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
         f"Data: {manifest.train.num_samples} training images in {len(counts)} classes, {max(counts)} down to "
         f"{min(counts)} per class ("
         + ", ".join(f"{groups.count(g)} {g}-shot" for g in SHOT_GROUPS)
-        + f"), {manifest.splits['test'].num_samples} test images. One export: {len(base_cfg.teachers)} teachers "
+        + f"), {manifest.splits[manifest.eval_split].num_samples} {manifest.eval_split} images. One export: {len(base_cfg.teachers)} teachers "
         f"x A = {base_cfg.export.views} views, with logits; A = {base_cfg.student.views} "
         f"(`student.views={base_cfg.student.views}`) everywhere else.",
         "",

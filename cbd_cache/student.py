@@ -52,7 +52,7 @@ def student_kind(cfg: Config) -> str:
     if s.targets == "none":
         if s.init:
             return f"fine-tuning ({s.init}, {s.sampling})"
-        return f"single-stage ({s.type}, {s.sampling})"
+        return f"single-stage ({s.sampling})" if s.type == "standard" else f"single-stage (data_aug, {s.sampling})"
     method = "CBD" if s.distill == "feature" else f"{s.distill} distillation"
     return f"{method} K={len(cfg.student_teachers())} ({s.targets})"
 
@@ -172,7 +172,7 @@ def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     log(f"[student {name}] {plan.kind}, {s.sampling} sampling, alpha {s.alpha}, beta {s.beta}, "
         f"teachers {plan.teachers or '-'}{', init ' + s.init if s.init else ''}")
     history, wall_s = fit(net, stream, s, step_fn, runtime, f"student {name}", folder)
-    test = evaluate_network(net, manifest, cfg, runtime, "test")
+    test = evaluate_network(net, manifest, cfg, runtime, manifest.eval_split)
     spec = network_spec(net, s.arch, manifest.channels, manifest.num_classes, s.gamma)
     return finish_run(cfg, plan, net, spec, history, wall_s, test, manifest)
 

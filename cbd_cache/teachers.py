@@ -46,7 +46,7 @@ def train_teacher(cfg: Config, t: TeacherCfg, wd: Workdir, runtime: Runtime) -> 
                          samples_per_epoch=manifest.train.num_samples, shuffle_buffer=t.shuffle_buffer, augment=t)
     log(f"[teacher {t.name}] {t.type} views, instance sampling")
     history, wall_s = fit(net, stream, t, cross_entropy_step(runtime), runtime, f"teacher {t.name}", folder)
-    test = evaluate_network(net, manifest, cfg, runtime, "test")
+    test = evaluate_network(net, manifest, cfg, runtime, manifest.eval_split)
     train = evaluate_network(net, manifest, cfg, runtime, "train")
     kind = f"teacher ({t.type})"
     meta = {"kind": kind, "name": t.name, "type": t.type, "seed": t.seed, "config": dataclasses.asdict(t),

@@ -10,6 +10,7 @@ from typing import Any
 from ..workdir import read_json, write_json
 
 MANIFEST_SCHEMA = 1
+EVAL_SPLITS = ("val", "test")
 
 
 @dataclass
@@ -29,6 +30,8 @@ class SplitInfo:
     num_samples: int
     class_counts: list[int]
     shards: list[ShardInfo]
+    listed: int = 0            # source items: num_samples + this split's rejected items + profile_dropped
+    profile_dropped: int = 0   # training images the long-tail profile left out on purpose
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Manifest:
     source: dict[str, Any]
     data_config: dict[str, Any]           # the data section that produced it; `prepare` skips when equal
     fingerprint: str = ""
-    rejected: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)   # {split, item, reason, kind: unreadable | label}
     schema_version: int = MANIFEST_SCHEMA
     folder: Path = field(default=Path("."), repr=False, compare=False)
 
@@ -51,6 +54,16 @@ class Manifest:
     @property
     def train(self) -> SplitInfo:
         return self.splits["train"]
+
+    @property
+    def eval_splits(self) -> list[str]:
+        """The held-out splits evaluation reports on, in order (val, test)."""
+        return [s for s in EVAL_SPLITS if s in self.splits]
+
+    @property
+    def eval_split(self) -> str:
+        """The headline split: test where the dataset has one (ImageNet-LT, Places-LT), else val (iNaturalist)."""
+        return "test" if "test" in self.splits else self.eval_splits[0]
 
     def shard_path(self, shard: ShardInfo) -> Path:
         return self.folder / shard.name
@@ -76,6 +89,6 @@ class Manifest:
         d = read_json(path)
         if d.get("schema_version") != MANIFEST_SCHEMA:
             raise ValueError(f"{path}: manifest schema {d.get('schema_version')}, this tool reads {MANIFEST_SCHEMA}")
-        splits = {k: SplitInfo(v["num_samples"], v["class_counts"], [ShardInfo(**s) for s in v["shards"]])
+        splits = {k: SplitInfo(**{**v, "shards": [ShardInfo(**s) for s in v["shards"]]})
                   for k, v in d.pop("splits").items()}
         return cls(splits=splits, folder=path.parent, **d)

@@ -1,17 +1,51 @@
-"""`cbd-cache prepare`: a source's records -> long-tail cut -> shuffled WebDataset shards + manifest."""
+"""`cbd-cache prepare`: a source's records -> long-tail cut -> shuffled WebDataset shards + manifest + report.
+
+Streaming, bounded and resumable. Worker processes read the records, in order and a bounded window
+at a time, and decode each image once to check it (`Source.read`). Each shard takes the next
+`data.shard_size` readable images. A finished shard is appended to a journal, so a killed prepare
+continues at the next shard, and writes the same bytes: the same manifest fingerprint.
+
+Nothing is lost in silence. Every source item ends up in a shard, or in the report
+(W/data/report.md, and `rejected` in the manifest), or is left out by the long-tail profile on
+purpose: listed = in shards + rejected + profile_dropped, per split.
+"""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
 from ..config import Config
-from ..runtime import Progress, log
-from ..workdir import Workdir
+from ..runtime import Progress, cpu_count, log
+from ..workdir import Workdir, atomic_write_bytes
 from .longtail import longtail_subset
-from .manifest import Manifest, ShardInfo, SplitInfo
+from .manifest import EVAL_SPLITS, Manifest, ShardInfo, SplitInfo
 from .shards import Sample, ShardWriter, shard_name
-from .sources import Record, Source, open_source
+from .sources import DataError, Record, Source, Unreadable, open_source
+
+JOURNAL = "prepare.journal"
+REPORT = "report.md"
+SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+READ_CHUNK = 16   # records per task handed to a worker process
+LOG_REJECTS = 10  # items named on the console (per split for unreadable ones); the report names them all
+
+
+@dataclass
+class SplitPlan:
+    records: list[Record]   # what will be read, in shard order
+    listed: int             # the split's source items, label problems included
+    profile_dropped: int    # training items the long-tail profile leaves out
 
 
 def select_train(records: list[Record], cfg: Config, num_classes: int) -> list[Record]:
@@ -19,52 +53,251 @@ def select_train(records: list[Record], cfg: Config, num_classes: int) -> list[R
     d = cfg.data
     if d.profile == "exponential":
         labels = np.array([r.label for r in records])
-        records = [records[i] for i in longtail_subset(labels, num_classes, d.n_max, d.imbalance_factor, d.seed)]
+        try:
+            records = [records[i] for i in longtail_subset(labels, num_classes, d.n_max, d.imbalance_factor, d.seed)]
+        except ValueError as e:
+            raise DataError(f"data.profile=exponential: {e}, or use data.profile=none for a long-tailed source") from None
     order = np.random.default_rng([d.seed, 0x5A4D]).permutation(len(records))
     return [records[i] for i in order]
 
 
-def write_split(source: Source, split: str, records: list[Record], wd: Workdir, shard_size: int,
-                num_classes: int) -> SplitInfo:
-    shards: list[ShardInfo] = []
-    counts = [0] * num_classes
-    progress = Progress(f"prepare {split}", len(records))
-    for index, start in enumerate(range(0, len(records), shard_size)):
-        chunk = records[start:start + shard_size]
-        writer = ShardWriter(wd.data / shard_name(split, index))
-        for row, record in enumerate(chunk, start=start):
-            if not 0 <= record.label < num_classes:
-                raise ValueError(f"{split} record {record.key}: label {record.label} outside [0, {num_classes})")
-            data, ext = source.read(record)
+def plan_splits(source: Source, cfg: Config) -> dict[str, SplitPlan]:
+    """Every split's records in shard order. Cheap (listing only); label problems stop it here, before any shard."""
+    if not any(s in source.splits for s in EVAL_SPLITS):
+        raise DataError(f"{cfg.data.format} at data.root={cfg.data.root}: no val or test split to evaluate on "
+                        f"(found only {', '.join(source.splits)})")
+    plans = {}
+    for split in source.splits:
+        records = source.records(split)
+        skipped = sum(1 for p in source.skipped if p["split"] == split)
+        kept = select_train(records, cfg, len(source.class_names)) if split == "train" else records
+        plans[split] = SplitPlan(kept, len(records) + skipped, len(records) - len(kept))
+    return plans
+
+
+def plan_digest(plans: dict[str, SplitPlan]) -> str:
+    h = hashlib.sha256()
+    for split, plan in plans.items():
+        for r in plan.records:
+            h.update(f"{split}\0{r.key}\0{r.label}\n".encode())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ reading
+_worker_source: Source | None = None
+
+
+def _init_worker(source: Source) -> None:
+    global _worker_source
+    _worker_source = source
+
+
+def read_checked(source: Source, record: Record) -> tuple[bytes | None, str]:
+    """(bytes, ext) of a readable record, or (None, reason)."""
+    try:
+        return source.read(record)
+    except Unreadable as e:
+        return None, str(e)
+
+
+def _read_chunk(records: list[Record]) -> list[tuple[bytes | None, str]]:
+    return [read_checked(_worker_source, r) for r in records]
+
+
+def read_in_order(source: Source, records: list[Record], workers: int) -> Iterator[tuple[Record, bytes | None, str]]:
+    """(record, bytes or None, ext or reason) in record order; at most 4 chunks per worker in flight (bounded memory)."""
+    if workers == 0:
+        for r in records:
+            yield (r, *read_checked(source, r))
+        return
+    chunks = (records[i:i + READ_CHUNK] for i in range(0, len(records), READ_CHUNK))
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(source,))
+    try:
+        pending = deque((c, pool.submit(_read_chunk, c)) for c in itertools.islice(chunks, 4 * workers))
+        while pending:
+            chunk, future = pending.popleft()
+            results = future.result()
+            following = next(chunks, None)
+            if following is not None:
+                pending.append((following, pool.submit(_read_chunk, following)))
+            for r, (data, ext) in zip(chunk, results):
+                yield r, data, ext
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------ journal
+class Journal:
+    """Finished shards, one JSON line each, after a header line naming the data and the plan.
+
+    Opening it keeps the entries whose header matches and whose shard files are intact, up to the
+    first that is not (a torn last line, a missing or resized shard): prepare resumes after them.
+    """
+
+    def __init__(self, path: Path, header: dict[str, Any]):
+        self.path = path
+        self.entries: list[dict[str, Any]] = []
+        lines = path.read_text().splitlines() if path.is_file() else []
+        if lines and _json_or_none(lines[0]) == {"header": header}:
+            for line in lines[1:]:
+                entry = _json_or_none(line)
+                if entry is None or not self._intact(entry):
+                    break
+                self.entries.append(entry)
+        kept = [json.dumps({"header": header})] + [json.dumps(e) for e in self.entries]
+        atomic_write_bytes(path, ("\n".join(kept) + "\n").encode())
+        self.file = open(path, "a")
+
+    def _intact(self, entry: dict[str, Any]) -> bool:
+        if entry.get("name") is None:
+            return True
+        shard = self.path.parent / entry["name"]
+        return shard.is_file() and shard.stat().st_size == entry["bytes"]
+
+    def done(self, split: str) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e["split"] == split]
+
+    def append(self, entry: dict[str, Any]) -> None:
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.entries.append(entry)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+# ------------------------------------------------------------------------------------ writing
+def write_split(source: Source, split: str, plan: SplitPlan, wd: Workdir, shard_size: int, journal: Journal,
+                workers: int) -> tuple[list[ShardInfo], list[dict[str, Any]]]:
+    """Shards of the split's readable records, and its unreadable ones; resumes after the journal's last shard."""
+    done = journal.done(split)
+    shards = [ShardInfo(e["name"], e["start"], e["stop"], e["sha256"]) for e in done if e["name"]]
+    rejected = [r for e in done for r in e["rejected"]]
+    pos = done[-1]["next"] if done else 0
+    total = len(plan.records)
+    if pos == total:
+        return shards, rejected
+    if pos:
+        log(f"[prepare {split}] resuming after shard {len(shards) - 1}: {pos}/{total} records done")
+    row, index = (shards[-1].stop if shards else 0), len(shards)
+    progress = Progress(f"prepare {split}", total - pos)
+    writer, start, pending, nbytes = None, row, [], 0
+    for record, data, ext in read_in_order(source, plan.records[pos:], workers):
+        pos += 1
+        if data is None:
+            pending.append({"split": split, "item": source.item(record), "key": record.key, "reason": ext,
+                            "kind": "unreadable"})
+            if len(rejected) + len(pending) <= LOG_REJECTS:
+                log(f"[prepare {split}] unreadable, left out: {source.item(record)}: {ext}")
+        else:
+            if writer is None:
+                writer, start = ShardWriter(wd.data / shard_name(split, index)), row
             writer.write(Sample(record.key, record.label, row, data, ext))
-            counts[record.label] += 1
-        shards.append(ShardInfo(shard_name(split, index), start, start + len(chunk), writer.close()))
-        progress.update(len(chunk))
-    return SplitInfo(len(records), counts, shards)
+            row += 1
+            nbytes += len(data)
+        if row - start == shard_size or pos == total:
+            entry: dict[str, Any] = {"split": split, "name": None, "next": pos, "rejected": pending}
+            if writer is not None:
+                shards.append(ShardInfo(shard_name(split, index), start, row, writer.close()))
+                entry.update(name=shards[-1].name, start=start, stop=row, sha256=shards[-1].sha256,
+                             bytes=(wd.data / shards[-1].name).stat().st_size)
+                writer, start, index = None, row, index + 1
+            journal.append(entry)
+            rejected += pending
+            pending = []
+        progress.advance(1)
+        if progress.due():
+            mb_per_s = nbytes / 2**20 / max(time.perf_counter() - progress.start, 1e-9)
+            progress.report(f"{mb_per_s:,.1f} MB/s  {len(rejected) + len(pending)} unreadable")
+    return shards, rejected
 
 
-def prepare(cfg: Config, wd: Workdir) -> Manifest:
+def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
+    """Shards + manifest + report from `data.format`'s reader, or from `source` when given (benchmarks bring their own)."""
     data_config = dataclasses.asdict(cfg.data)
     if wd.manifest.is_file():
         existing = Manifest.load(wd.manifest)
         if existing.data_config == data_config:
             log(f"[prepare] {wd.manifest} is up to date ({existing.train.num_samples} training images); skipping")
+            (wd.data / JOURNAL).unlink(missing_ok=True)   # left by a prepare killed after its manifest
             return existing
         log(f"[prepare] {wd.manifest} was made from other data settings; preparing again")
-    source = open_source(cfg.data)
+    source = source or open_source(cfg.data)
+    plans = plan_splits(source, cfg)
+    for p in source.skipped[:LOG_REJECTS]:
+        log(f"[prepare] label problem, left out: {p['where']}: {p['reason']}")
     wd.data.mkdir(parents=True, exist_ok=True)
+    journal = Journal(wd.data / JOURNAL, {"data_config": data_config, "plan": plan_digest(plans)})
+    wd.manifest.unlink(missing_ok=True)   # its shards are about to change: no stage may read them meanwhile
+    workers = cpu_count() if cfg.pipeline.workers < 0 else cfg.pipeline.workers
     num_classes = len(source.class_names)
-    splits = {}
-    for split in source.splits:
-        records = source.records(split)
-        if split == "train":
-            records = select_train(records, cfg, num_classes)
-        splits[split] = write_split(source, split, records, wd, cfg.data.shard_size, num_classes)
+    splits, rejected = {}, list(source.skipped)
+    try:
+        for split, plan in plans.items():
+            shards, unreadable = write_split(source, split, plan, wd, cfg.data.shard_size, journal, workers)
+            rejected += unreadable
+            bad = {r["key"] for r in unreadable}
+            counts = Counter(r.label for r in plan.records if r.key not in bad)
+            splits[split] = SplitInfo(shards[-1].stop if shards else 0, [counts[c] for c in range(num_classes)],
+                                      shards, plan.listed, plan.profile_dropped)
+    finally:
+        journal.close()
+    if splits["train"].num_samples == 0:
+        raise DataError(f"{source.description}: no readable training image ({len(rejected)} items rejected)")
     manifest = Manifest(name=cfg.pipeline.name, class_names=list(source.class_names), channels=source.channels,
-                        splits=splits, source=source.description, data_config=data_config, folder=wd.data)
+                        splits=splits, source=source.description, data_config=data_config, rejected=rejected,
+                        folder=wd.data)
     manifest.fingerprint = manifest.compute_fingerprint()
+    (wd.data / REPORT).write_text(report_markdown(manifest))
     manifest.save(wd.manifest)
-    counts = splits["train"].class_counts
-    log(f"[prepare] {splits['train'].num_samples} training images in {len(splits['train'].shards)} shards, "
-        f"class counts {max(counts)}..{min(counts)}; fingerprint {manifest.fingerprint[:12]}")
+    remove_stale_files(wd.data, manifest)
+    (wd.data / JOURNAL).unlink()
+    train = splits["train"]
+    log(f"[prepare] {train.num_samples} training images in {len(train.shards)} shards, class counts "
+        f"{max(train.class_counts)}..{min(train.class_counts)}; "
+        + ", ".join(f"{s} {splits[s].num_samples}" for s in splits if s != "train")
+        + f"; fingerprint {manifest.fingerprint[:12]}")
+    if rejected:
+        kinds = Counter(r["kind"] for r in rejected)
+        log(f"[prepare] warning: {len(rejected)} source items left out ({kinds['unreadable']} unreadable images, "
+            f"{kinds['label']} label problems); listed in {wd.data / REPORT}")
     return manifest
+
+
+def remove_stale_files(folder: Path, manifest: Manifest) -> None:
+    """Shards of an earlier, larger prepare and half-written ones: nothing in data/ the manifest does not name."""
+    keep = {s.name for split in manifest.splits.values() for s in split.shards}
+    for p in folder.iterdir():
+        if (SHARD_FILE.match(p.name) and p.name not in keep) or p.name.endswith(".partial"):
+            p.unlink()
+
+
+def report_markdown(manifest: Manifest) -> str:
+    """Per split: listed = in shards + unreadable + label problems + left out by the profile; then every left-out item."""
+    lines = [f"# prepare report: {manifest.name}", "",
+             f"source: {json.dumps(manifest.source)}", "",
+             "| split | listed | in shards | unreadable | label problems | left out by profile |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for split, info in manifest.splits.items():
+        kinds = Counter(r["kind"] for r in manifest.rejected if r["split"] == split)
+        lines.append(f"| {split} | {info.listed} | {info.num_samples} | {kinds['unreadable']} | {kinds['label']} "
+                     f"| {info.profile_dropped} |")
+    lines += ["", f"## Left out ({len(manifest.rejected)})", ""]
+    if manifest.rejected:
+        lines += ["| split | item | kind | reason |", "|---|---|---|---|"]
+        lines += [f"| {r['split']} | {_cell(r['item'])} | {r['kind']} | {_cell(r['reason'])} |" for r in manifest.rejected]
+    else:
+        lines.append("Nothing: every listed item is in a shard (or was left out by the long-tail profile).")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")

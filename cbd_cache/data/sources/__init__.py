@@ -1,0 +1,37 @@
+"""Readers: each dataset format lists its records per split and reads one record's encoded bytes.
+
+A reader never decides what is long-tailed or how shards look; `prepare` does. This keeps a new
+format down to two methods: `records(split)` and `read(record)`. `data.format` picks the reader and
+`data.root` points it at the files:
+
+    fashion_mnist   the four IDX files                      train, test
+    synthetic       generated from data.seed, no files      train, test
+    imagenet_lt     <prefix>_{train,val,test}.txt lists     ImageNet-LT, Places-LT
+    inat            train<year>.json, val<year>.json        iNaturalist 2017 / 2018
+    imagefolder     train/<class>/..., val/..., test/...
+"""
+from __future__ import annotations
+
+from ...config import ConfigError, DataCfg
+from .base import SPLITS, DataError, Record, Source, Unreadable, encode_png
+from .fashion_mnist import FashionMNIST
+from .synthetic import Synthetic
+
+__all__ = ["SPLITS", "DataError", "Record", "Source", "Unreadable", "encode_png", "open_source"]
+
+
+def open_source(cfg: DataCfg) -> Source:
+    if cfg.format == "fashion_mnist":
+        return FashionMNIST(cfg.root)
+    if cfg.format == "synthetic":
+        return Synthetic(cfg)
+    if cfg.format == "imagenet_lt":
+        from .imagenet_lt import SplitLists
+        return SplitLists(cfg)
+    if cfg.format == "inat":
+        from .inat import INaturalist
+        return INaturalist(cfg)
+    if cfg.format == "imagefolder":
+        from .imagefolder import ImageFolder
+        return ImageFolder(cfg)
+    raise ConfigError(f"data.format={cfg.format!r}: no reader for this format")

@@ -1,0 +1,253 @@
+"""`cbd-cache prepare` on the three file formats: nothing lost, JPEG untouched, resumable, and the dry run."""
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cbd_cache.config import load_config
+from cbd_cache.data.manifest import Manifest
+from cbd_cache.data.prepare import JOURNAL, Journal, prepare
+from cbd_cache.data.shards import iter_shard
+from cbd_cache.data.sources import DataError
+from cbd_cache.data.sources.files import path_key
+from cbd_cache.workdir import Workdir
+from cli import main
+
+from .conftest import ROOT, SMOKE
+from .image_fixtures import (CLASSES, CORRUPT, FORMATS, MUST_SHOW_CORRUPT, corrupt_items, data_overrides, good_items,
+                             write_dataset)
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def sets(overrides):
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def shard_samples(manifest: Manifest, split: str) -> dict:
+    return {s.key: s for info in manifest.splits[split].shards for s in iter_shard(manifest.shard_path(info))}
+
+
+def assert_counts_add_up(manifest: Manifest) -> None:
+    """listed = in shards + rejected + left out by the profile, split by split."""
+    for split, info in manifest.splits.items():
+        rejected = sum(r["split"] == split for r in manifest.rejected)
+        assert info.listed == info.num_samples + rejected + info.profile_dropped, split
+        assert sum(info.class_counts) == info.num_samples == sum(s.rows for s in info.shards)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_three_corrupt_files_among_200_good_ones(tmp_path, fmt):
+    """Must show: 200 samples in the shards, 3 named rejections, exit 0 with a warning line; JPEG bytes untouched."""
+    train = good_items("train", 200) + corrupt_items("train", MUST_SHOW_CORRUPT)
+    held_out = "val" if fmt == "inat" else "test"
+    root = write_dataset(tmp_path / "src", fmt, {"train": train, held_out: good_items(held_out, 20, seed=1)})
+    wd = tmp_path / "wd"
+    result = cli("prepare", "--pipeline", str(SMOKE), "--workdir", str(wd), *sets(data_overrides(fmt, root)))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"warning: 3 source items left out \(3 unreadable images, 0 label problems\); listed in .*report.md",
+                     result.output)
+    manifest = Manifest.load(wd / "data" / "manifest.json")
+    assert manifest.train.num_samples == 200 and manifest.splits[held_out].num_samples == 20
+    assert manifest.source["format"] == fmt and manifest.train.listed == 203
+    assert_counts_add_up(manifest)
+    bad = {rel: CORRUPT[name][2] for (rel, _, _), name in zip(corrupt_items("train", MUST_SHOW_CORRUPT),
+                                                               MUST_SHOW_CORRUPT)}
+    assert {r["item"]: r["kind"] for r in manifest.rejected} == {rel: "unreadable" for rel in bad}
+    for r in manifest.rejected:
+        assert bad[r["item"]] in r["reason"].lower()
+    report = (wd / "data" / "report.md").read_text()
+    assert "| train | 203 | 200 | 3 | 0 | 0 |" in report and all(rel in report for rel in bad)
+
+    samples = shard_samples(manifest, "train")
+    assert len(samples) == 200
+    jpegs = 0
+    for rel, label, data in good_items("train", 200):
+        sample = samples[path_key(rel)]
+        assert manifest.class_names[sample.label] == CLASSES[label] and sample.ext == ("jpg" if rel.endswith(".JPEG") else "png")
+        assert hashlib.sha256(sample.data).hexdigest() == hashlib.sha256((root / rel).read_bytes()).hexdigest()
+        jpegs += sample.ext == "jpg"
+    assert jpegs == 100
+
+
+def test_every_unreadable_kind_is_reported_and_a_cmyk_jpeg_is_kept(tmp_path):
+    from PIL import Image
+
+    from .image_fixtures import encode
+
+    cmyk = ("train/cat/cmyk.jpg", 0, encode(Image.new("CMYK", (9, 7), (0, 50, 100, 10)), "JPEG"))
+    train = good_items("train", 30) + corrupt_items("train", tuple(CORRUPT)) + [cmyk]
+    root = write_dataset(tmp_path / "src", "imagefolder", {"train": train, "test": good_items("test", 5, seed=1)})
+    manifest = prepare(load_config(SMOKE, data_overrides("imagefolder", root)), Workdir(tmp_path / "wd"))
+    assert manifest.train.num_samples == 31 and len(manifest.rejected) == len(CORRUPT)
+    for (rel, _, _), name in zip(corrupt_items("train", tuple(CORRUPT)), CORRUPT):
+        reason = next(r["reason"] for r in manifest.rejected if r["item"] == rel)
+        assert CORRUPT[name][2].lower() in reason.lower(), (name, reason)
+    assert shard_samples(manifest, "train")[path_key(cmyk[0])].data == cmyk[2]
+    assert_counts_add_up(manifest)
+
+
+def test_label_problem_stops_prepare_with_the_line_unless_skipped(tmp_path):
+    root = write_dataset(tmp_path / "src", "imagenet_lt", {"train": good_items("train", 40),
+                                                           "test": good_items("test", 10, seed=1)})
+    with open(root / "Fixture_LT_test.txt", "a") as f:
+        f.write("test/cat/img.0000.JPEG 12\n")
+    wd = tmp_path / "wd"
+    args = ["prepare", "--pipeline", str(SMOKE), "--workdir", str(wd), *sets(data_overrides("imagenet_lt", root))]
+    result = cli(*args)
+    assert result.exit_code == 2
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("cbd-cache: error: Fixture_LT_test.txt line 11 ('test/cat/img.0000.JPEG 12'): label 12 "
+                           "outside the class range [0, 5)") and "data.on_error=skip" in line
+    assert not wd.exists()
+    result = cli(*args, "--set", "data.on_error=skip")
+    assert result.exit_code == 0 and "warning: 1 source items left out (0 unreadable images, 1 label problems)" \
+        in result.output
+    manifest = Manifest.load(wd / "data" / "manifest.json")
+    assert manifest.splits["test"].listed == 11 and manifest.splits["test"].num_samples == 10
+    assert manifest.rejected[0]["kind"] == "label" and "line 11" in manifest.rejected[0]["where"]
+    assert_counts_add_up(manifest)
+
+
+def test_killed_prepare_resumes_to_the_same_fingerprint(tmp_path):
+    """Must show: kill -9 mid-way, re-run, same manifest fingerprint as an uninterrupted prepare."""
+    root = write_dataset(tmp_path / "src", "imagefolder", {"train": good_items("train", 200),
+                                                           "test": good_items("test", 30, seed=1)})
+    overrides = data_overrides("imagefolder", root)
+    reference = prepare(load_config(SMOKE, overrides), Workdir(tmp_path / "ref"))
+    assert len(reference.train.shards) == 4
+
+    # The copy has a FIFO where shard 2's first image should be: reading it blocks, so the killed
+    # prepare has provably written shards 0 and 1 and no more. No timing guesses.
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    info = reference.train.shards[2]
+    first = next(iter_shard(reference.shard_path(info))).key
+    blocker = copy / {path_key(rel): rel for rel, _, _ in good_items("train", 200)}[first]
+    original = blocker.read_bytes()
+    blocker.unlink()
+    os.mkfifo(blocker)
+    wd = tmp_path / "wd"
+    args = [str(Path(sys.executable).parent / "cbd-cache"), "prepare", "--pipeline", str(SMOKE), "--workdir", str(wd),
+            *sets(data_overrides("imagefolder", copy)), "--set", "pipeline.workers=2"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    journal = wd / "data" / JOURNAL
+    deadline = time.monotonic() + 120
+    try:
+        while not (journal.is_file() and len(journal.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        time.sleep(0.3)   # it cannot pass the FIFO; give it the chance to write more if it (wrongly) could
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)   # the parent and its reader processes, one blocked on the FIFO
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(journal.read_text().splitlines()) == 3 and not (wd / "data" / "manifest.json").exists()
+    written = {p: p.stat().st_mtime_ns for p in (wd / "data").glob("train-00000[01].tar")}
+    assert len(written) == 2
+
+    blocker.unlink()
+    blocker.write_bytes(original)
+    result = cli("prepare", "--pipeline", str(SMOKE), "--workdir", str(wd), *sets(data_overrides("imagefolder", copy)))
+    assert result.exit_code == 0, result.output
+    assert "[prepare train] resuming after shard 1: 128/200 records done" in result.output
+    assert {p: p.stat().st_mtime_ns for p in written} == written   # the finished shards were not written again
+    resumed = Manifest.load(wd / "data" / "manifest.json")
+    assert resumed.fingerprint == reference.fingerprint
+    assert not journal.exists() and not list((wd / "data").glob(".*partial"))
+
+
+def test_journal_keeps_intact_entries_only(tmp_path):
+    header = {"data_config": {"a": 1}, "plan": "p"}
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(b"x" * 10)
+    entry = {"split": "train", "name": shard.name, "start": 0, "stop": 1, "sha256": "h", "bytes": 10, "next": 1,
+             "rejected": []}
+    (tmp_path / JOURNAL).write_text(json.dumps({"header": header}) + "\n" + json.dumps(entry) + "\n"
+                                    + json.dumps({**entry, "name": None, "next": 2}) + "\n" + '{"split": "tr')
+    journal = Journal(tmp_path / JOURNAL, header)
+    journal.close()
+    assert [e["next"] for e in journal.entries] == [1, 2]        # the torn last line is dropped
+    shard.write_bytes(b"x" * 9)                                   # a shard that changed size is redone
+    assert Journal(tmp_path / JOURNAL, header).entries == []
+    assert Journal(tmp_path / JOURNAL, {**header, "plan": "q"}).entries == []   # other data: start again
+
+
+def test_preparing_again_removes_stale_shards_and_a_dataset_needs_a_held_out_split(tmp_path):
+    root = write_dataset(tmp_path / "src", "imagefolder", {"train": good_items("train", 100),
+                                                           "val": good_items("val", 5, seed=1)})
+    wd = Workdir(tmp_path / "wd")
+    overrides = data_overrides("imagefolder", root)
+    assert len(prepare(load_config(SMOKE, overrides), wd).train.shards) == 2
+    manifest = prepare(load_config(SMOKE, [*overrides, "data.shard_size=100"]), wd)
+    assert sorted(p.name for p in wd.data.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
+    assert manifest.train.num_samples == 100
+    shutil.rmtree(root / "val")
+    with pytest.raises(DataError, match="no val or test split to evaluate on"):
+        prepare(load_config(SMOKE, [*overrides, "data.seed=1"]), wd)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    root = write_dataset(tmp_path / "src", "imagefolder", {"train": good_items("train", 103),
+                                                           "val": good_items("val", 10, seed=1)})
+    wd = tmp_path / "wd"
+    result = cli("prepare", "--dry-run", "--pipeline", str(SMOKE), "--workdir", str(wd),
+                 *sets(data_overrides("imagefolder", root)))
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "images listed: train 103, val 10" in out
+    assert "16..31 images       5 classes" in out and "all, largest first: cat 21, dog 21, owl 21, eel 20, yak 20" in out
+    assert "shards: train 2, val 1 (64 images each" in out
+    # 103 rows x A=2 x (2 teachers x 64 x 2 bytes + 5 x 4 bytes) = 56,856 bytes
+    assert "cache: 55.5 KiB for N=103 x A=2 views x K=2 teachers, d=64, float16" in out
+    assert re.search(r"export 2 x resnet8: [\d,]+ img/s measured on cpu .*\nexport estimate: \d+", out)
+    assert not wd.exists()
+
+
+def test_projected_cache_size_matches_an_exported_cache(smoke_workdir):
+    import zarr
+
+    from cbd_cache.data.dryrun import projected_cache_bytes
+
+    manifest = Manifest.load(smoke_workdir.manifest)
+    group = zarr.open_group(str(smoke_workdir.cache), mode="r")
+    projected = projected_cache_bytes(load_config(SMOKE), manifest.train.num_samples, manifest.num_classes)
+    assert projected == {name: group[name].nbytes for name in projected}
+
+
+def test_evaluation_reports_every_held_out_split(tmp_path):
+    """val and test each get top-1 and many / medium / few, with the groups from the training counts."""
+    from cbd_cache.checkpoint import network_spec, save_checkpoint
+    from cbd_cache.evaluation import evaluate_workdir
+    from cbd_cache.models import Network
+    from cbd_cache.runtime import make_runtime
+
+    root = write_dataset(tmp_path / "src", "imagefolder", {"train": good_items("train", 60),
+                                                           "val": good_items("val", 10, seed=1),
+                                                           "test": good_items("test", 15, seed=2)})
+    cfg = load_config(SMOKE, [*data_overrides("imagefolder", root), "views.image_px=12"])
+    wd = Workdir(tmp_path / "wd")
+    manifest = prepare(cfg, wd)
+    assert manifest.eval_splits == ["val", "test"] and manifest.eval_split == "test"
+    net = Network("resnet8", 3, manifest.num_classes, 20.0)
+    save_checkpoint(wd.teacher_checkpoint("std0"), net, network_spec(net, "resnet8", 3, manifest.num_classes, 20.0),
+                    {"name": "std0"})
+    rows = evaluate_workdir(cfg, wd, make_runtime(cfg.pipeline))
+    assert [r["model"] for r in rows] == ["std0"]
+    assert rows[0]["splits"]["val"]["num_test"] == 10 and rows[0]["splits"]["test"]["num_test"] == 15
+    assert rows[0]["num_test"] == 15 and rows[0]["groups"] == ["few"] * 5 and rows[0]["few"] is not None
+    md = wd.results_md.read_text()
+    assert "## val (10 images)" in md and "## test (15 images)" in md and md.count("| std0 | teacher (standard) |") == 2
+    saved = json.loads(wd.results_json.read_text())[0]["splits"]
+    assert set(saved) == {"val", "test"} and set(saved["val"]) == {"top1", "many", "medium", "few"}
