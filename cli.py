@@ -48,17 +48,21 @@ def resume_option(fn):
     return wrapper
 
 
-def pipeline_options(fn):
+def pipeline_options(fn=None, *, workdir_default: str = "runs/{name}"):
     """--pipeline / --workdir / --set, loaded and validated into a Context before anything is written."""
+    if fn is None:
+        return functools.partial(pipeline_options, workdir_default=workdir_default)
+
     @click.option("--pipeline", "pipeline", default=DEFAULT_PIPELINE, show_default=True,
                   help="Pipeline recipe (TOML).")
-    @click.option("--workdir", default=None, help="Where data, checkpoints and the cache live [runs/<pipeline name>].")
+    @click.option("--workdir", default=None,
+                  help=f"Where data, checkpoints and the cache live [{workdir_default.replace('{name}', '<pipeline name>')}].")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override a config value, e.g. --set student.alpha=0.2 (repeatable).")
     @functools.wraps(fn)
     def wrapper(pipeline: str, workdir: str | None, overrides: tuple[str, ...], **kwargs):
         cfg = load_config(pipeline, overrides)
-        return fn(Context(cfg, Path(workdir or f"runs/{cfg.pipeline.name}")), **kwargs)
+        return fn(Context(cfg, Path(workdir or workdir_default.format(name=cfg.pipeline.name))), **kwargs)
     return wrapper
 
 
@@ -213,6 +217,51 @@ def run(ctx: Context):
     run_student(ctx.cfg, ctx.wd, ctx.runtime)
     barrier()
     evaluate_all(ctx)
+
+
+@main.command()
+@click.option("--grid", "grids", multiple=True, metavar="KEY=V1,V2,...",
+              help="A student setting and its values, e.g. student.alpha=0,0.2,0.4 (repeatable: the grid is the product).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of every grid point (student.seed).")
+@click.option("--name", default="", help="Table name under W/sweeps/ [sweep_<keys>].")
+@pipeline_options
+def sweep(ctx: Context, grids: tuple[str, ...], seeds: str, name: str):
+    """Train a grid of student settings x seeds from one cache (finished runs are skipped); mean ± std table."""
+    from cbd_cache.sweep import parse_grid, parse_seeds, run_sweep
+
+    grid, seed_list = parse_grid(grids), parse_seeds(seeds)
+    _, md = run_sweep(ctx.cfg, ctx.wd, ctx.runtime, grid, seed_list, name)
+    click.echo(md.read_text())
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--features", type=click.Choice(["images", "cache"]), default="images", show_default=True,
+              help="Class means from the model run over the training images, or from its cached descriptors.")
+@pipeline_options
+def ncm(ctx: Context, models: tuple[str, ...], features: str):
+    """Nearest-class-mean accuracy of MODELS (teachers/<name>, students/<run>) on centred, normalised features."""
+    from cbd_cache.evaluation import markdown_table
+    from cbd_cache.ncm import ncm_report
+
+    rows = [{"model": m, "kind": f"NCM ({features} features)", **ncm_report(ctx.cfg, ctx.wd, ctx.runtime, m, features)}
+            for m in models]
+    click.echo(markdown_table(rows))
+
+
+@main.command("paper-table")
+@click.option("--out", default="results", show_default=True, help="Folder for <pipeline name>.md/.json and the PNGs.")
+@click.option("--time-limit-min", type=float, default=0, show_default=True,
+              help="Start no new run after this many minutes (0: no limit); run again to continue.")
+@pipeline_options(workdir_default="runs/{name}_paper")
+def paper_table(ctx: Context, out: str, time_limit_min: float):
+    """The paper's Tables 1-3, Figure 3, views per image and per-class plots, 3 seeds, from one cache."""
+    from cbd_cache.report import paper_table as run
+
+    if not run(ctx.cfg, ctx.wd, ctx.runtime, Path(out), time_limit_min):
+        click.echo("paper-table: stopped at the time limit; the same command continues where it stopped", err=True)
+        sys.exit(3)
+    click.echo((Path(out) / f"{ctx.cfg.pipeline.name}.md").read_text())
 
 
 @main.group()

@@ -107,8 +107,13 @@ class StudentCfg(TrainCfg):
     beta: float = 100.0
     teachers: list[str] = field(default_factory=list)   # cached teachers to distil from; [] = all
     targets: str = "cache"         # cache | online (teachers run every step) | none (cross-entropy only)
+    distill: str = "feature"       # feature (Eq. 2/4) | logit (Eq. 3) | hybrid (both)
+    temperature: float = 5.0       # T of logit distillation
     sampling: str = "class_balanced"   # class_balanced | instance
+    type: str = "standard"         # the student's own views: standard | data_aug (single-stage baselines)
     views: int = 0                 # use the first V cached views per image; 0 = all
+    init: str = ""                 # start from teachers/<name> or students/<run> (fine-tuning, cRT); "" = scratch
+    classifier_only: bool = False  # cRT: a new cosine classifier on init's frozen, cached descriptors
 
 
 @dataclass
@@ -155,6 +160,8 @@ CHOICES = {
     "export.dtype": ("float16", "float32", "int8"),
     "student.targets": ("cache", "online", "none"),
     "student.sampling": ("class_balanced", "instance"),
+    "student.distill": ("feature", "logit", "hybrid"),
+    "student.type": ("standard", "data_aug"),
 }
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 
@@ -347,6 +354,19 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= s.alpha <= 1.0, f"student.alpha={s.alpha}: must be in [0, 1]")
     _require(s.beta >= 0, f"student.beta={s.beta}: must be >= 0")
     _require(0 <= s.views <= e.views, f"student.views={s.views}: must be in [0, export.views={e.views}]")
+    _require(s.temperature > 0, f"student.temperature={s.temperature}: must be > 0")
+    _require(s.type == "standard" or s.targets != "cache",
+             "student.type=data_aug: cached targets belong to standard views; use targets=none or online")
+    init = re.match(r"^(teachers|students)/([A-Za-z0-9][A-Za-z0-9_.+=,-]*)$", s.init)
+    _require(s.init == "" or init is not None,
+             f"student.init={s.init!r}: must be teachers/<name> or students/<run>, or empty")
+    if init and init[1] == "teachers":
+        _require(init[2] in names, f"student.init={s.init!r}: no teacher named {init[2]!r} in this pipeline")
+    if s.classifier_only:
+        _require(bool(init) and init[1] == "teachers",
+                 "student.classifier_only=true: cRT needs student.init=teachers/<name>, a teacher in the cache")
+        _require(s.targets == "none", "student.classifier_only=true: cRT trains with cross-entropy only; "
+                 "set student.targets=none")
     for t in s.teachers:
         _require(t in names, f"student.teachers: no teacher named {t!r} in this pipeline (have {names})")
     _require(len(set(s.teachers)) == len(s.teachers), f"student.teachers={s.teachers}: duplicate teacher")

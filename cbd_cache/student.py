@@ -1,26 +1,29 @@
-"""Stage 2: the student, from scratch, class-balanced, distilling the cached teacher descriptors.
+"""Stage 2: the student, and the paper's second-stage baselines, trained into `W/students/<run>`.
 
 targets = "cache"  reads each view's targets from the cache and replays that view: no teacher runs.
 targets = "online" runs the teachers (eval mode) on freshly drawn views every step: the reference.
-targets = "none"   cross-entropy only: the single-stage baselines.
+targets = "none"   cross-entropy only: the single-stage baselines, and fine-tuning with `init`.
+distill            what is distilled: descriptors (feature, Eq. 2/4), logits (Eq. 3) or both (hybrid).
+classifier_only    cRT: hands over to `crt.train_crt`, which never decodes an image.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .cache import CacheReader
-from .checkpoint import network_spec, run_is_done, save_run
-from .config import Config, digest, student_run_name
+from .checkpoint import load_checkpoint, network_spec, run_is_done, save_run
+from .config import Config, ConfigError, StudentCfg, digest, student_run_name
 from .data.manifest import Manifest
 from .data.stream import CacheSpec, TrainStream
 from .engine import fit
 from .evaluation import evaluate_network
 from .export import load_teachers
-from .losses import cbd_loss, normalize_per_teacher
+from .losses import distillation_loss, normalize_per_teacher
 from .models import Network, descriptor_dim, projection_dim
 from .runtime import Runtime, file_sha256, log, seed_everything
 from .teachers import cross_entropy_step
@@ -28,74 +31,165 @@ from .views import ViewSpec
 from .workdir import Workdir
 
 
+@dataclass
+class StudentPlan:
+    """What a student run needs before it trains, and the identity that says whether it already has."""
+
+    name: str
+    folder: Path
+    recipe: dict                 # what the run depends on; a resumed run must agree with it
+    kind: str
+    teachers: list[str]          # the teachers it distils ([] for cross-entropy only)
+    dims: list[int]              # their descriptor sizes when descriptors are distilled, else []
+    cache: CacheSpec | None      # where cached targets come from (targets = "cache")
+    provenance: dict             # teacher name -> checkpoint SHA-256
+
+    @property
+    def identity(self) -> str:
+        return digest(self.recipe)
+
+
 def student_kind(cfg: Config) -> str:
     s = cfg.student
+    if s.classifier_only:
+        return f"cRT ({s.init})"
     if s.targets == "none":
-        return f"single-stage ({s.sampling})"
-    return f"CBD K={len(cfg.student_teachers())} ({s.targets})"
+        if s.init:
+            return f"fine-tuning ({s.init}, {s.sampling})"
+        return f"single-stage ({s.sampling})" if s.type == "standard" else f"single-stage (data_aug, {s.sampling})"
+    method = "CBD" if s.distill == "feature" else f"{s.distill} distillation"
+    return f"{method} K={len(cfg.student_teachers())} ({s.targets})"
 
 
-def distillation_step(runtime: Runtime, dims: list[int], alpha: float, beta: float, teachers=None):
-    """The CBD step: targets from the batch (cache) or from the teachers on the same images (online)."""
+def init_checkpoint(wd: Workdir, s: StudentCfg) -> Path:
+    ckpt = wd.model_dir(s.init) / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"student.init={s.init}: no checkpoint at {ckpt}; train that model first")
+    return ckpt
+
+
+def data_aug(cfg: Config):
+    """The data-augmentation settings a `type = data_aug` student shares with the pipeline's teachers."""
+    return dataclasses.replace(cfg.teacher, type="data_aug") if cfg.student.type == "data_aug" else None
+
+
+def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
+    """Checks the inputs (manifest, cache, teachers, init) and derives the run's name and identity."""
+    s = cfg.student
+    name = student_run_name(cfg)
+    manifest = Manifest.load(wd.manifest)
+    teachers = cfg.student_teachers() if s.targets != "none" else []
+    logits = s.distill != "feature"
+    cache, provenance, dims = None, {}, []
+    if s.classifier_only:
+        teacher = s.init.split("/", 1)[1]
+        hashes = {teacher: file_sha256(ckpt)} if (ckpt := wd.teacher_checkpoint(teacher)).is_file() else {}
+        reader = CacheReader(wd.cache, manifest, [teacher], s.views, checkpoint_hashes=hashes)
+        provenance = {teacher: reader.prov["teachers"][teacher]["checkpoint_sha256"]}
+        cache = CacheSpec(wd.cache, (teacher,), reader.views)
+    elif s.targets == "cache":
+        hashes = {t: file_sha256(wd.teacher_checkpoint(t)) for t in teachers if wd.teacher_checkpoint(t).is_file()}
+        reader = CacheReader(wd.cache, manifest, teachers, s.views, checkpoint_hashes=hashes, with_logits=logits)
+        dims = reader.dims
+        cache = CacheSpec(wd.cache, tuple(teachers), reader.views, with_logits=logits)
+        provenance = {t: reader.prov["teachers"][t]["checkpoint_sha256"] for t in teachers}
+    elif s.targets == "online":
+        for t in teachers:
+            if not wd.teacher_checkpoint(t).is_file():
+                raise FileNotFoundError(f"teacher {t!r} has no checkpoint at {wd.teacher_checkpoint(t)}; "
+                                        "online targets need the teachers")
+        provenance = {t: file_sha256(wd.teacher_checkpoint(t)) for t in teachers}
+        dims = [descriptor_dim(cfg.teacher_by_name(t).arch) for t in teachers]
+    if s.distill == "logit":
+        dims = []
+    config = {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
+    augment = data_aug(cfg)
+    recipe = {"student": config, "views": dataclasses.asdict(cfg.views), "manifest": manifest.fingerprint,
+              "teachers": provenance, "export_views": cfg.export.views if cache else None,
+              "init": file_sha256(init_checkpoint(wd, s)) if s.init else None,
+              "augment": dataclasses.asdict(augment) if augment else None}
+    return StudentPlan(name, wd.student_dir(name), recipe, student_kind(cfg), teachers, dims, cache, provenance)
+
+
+def distillation_step(runtime: Runtime, dims: list[int], s: StudentCfg, teachers=None):
+    """The distillation step: targets from the batch (cache) or from the teachers on the same images (online)."""
+    features, logits_too = s.distill != "logit", s.distill != "feature"
+
     def step(model: torch.nn.Module, batch: tuple):
         x, y = runtime.to_device(batch[0]), batch[1].to(runtime.device, non_blocking=True)
+        targets = teacher_logits = None
         if teachers is None:
-            targets = normalize_per_teacher(batch[4].to(runtime.device, non_blocking=True), dims)
+            if features:
+                targets = normalize_per_teacher(batch[4].to(runtime.device, non_blocking=True), dims)
+            if logits_too:
+                teacher_logits = batch[5].to(runtime.device, non_blocking=True)
         else:
             with torch.no_grad():
-                targets = torch.cat([F.normalize(t.features(x).float(), dim=1) for t in teachers], dim=1)
+                vs = [t.features(x) for t in teachers]
+                if features:
+                    targets = torch.cat([F.normalize(v.float(), dim=1) for v in vs], dim=1)
+                if logits_too:
+                    teacher_logits = torch.cat([t.classifier(t.projection(v)).float()
+                                                for t, v in zip(teachers, vs)], dim=1)
         logits, e = model(x)
-        return cbd_loss(logits, y, e, targets, alpha, beta)
+        return distillation_loss(logits, y, e, targets, teacher_logits, s.alpha, s.beta, s.temperature, s.distill)
     return step
+
+
+def load_init(net: Network, ckpt: Path, ref: str) -> None:
+    """Fine-tuning starts from the whole stage-1 network: backbone, projection and classifier."""
+    source, _ = load_checkpoint(ckpt)
+    try:
+        net.load_state_dict(source.state_dict())
+    except RuntimeError:
+        raise ConfigError(f"student.init={ref}: that network's architecture or projection differs from "
+                          "this student's (fine-tuning starts from a cross-entropy model: targets=none)") from None
 
 
 def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     s = cfg.student
-    name = student_run_name(cfg)
-    folder = wd.student_dir(name)
-    manifest = Manifest.load(wd.manifest)
-    teacher_names = cfg.student_teachers() if s.targets != "none" else []
-    cache_spec, teacher_nets, provenance = None, None, {}
-    if s.targets == "cache":
-        hashes = {t: file_sha256(wd.teacher_checkpoint(t)) for t in teacher_names if wd.teacher_checkpoint(t).is_file()}
-        reader = CacheReader(wd.cache, manifest, teacher_names, s.views, checkpoint_hashes=hashes)
-        dims = reader.dims
-        cache_spec = CacheSpec(wd.cache, tuple(teacher_names), reader.views)
-        provenance = {t: reader.prov["teachers"][t]["checkpoint_sha256"] for t in teacher_names}
-    elif s.targets == "online":
-        teacher_nets, records = load_teachers(cfg, wd, teacher_names)
-        teacher_nets = [runtime.prepare_teacher(n) for n in teacher_nets]
-        dims = [r.descriptor_dim for r in records]
-        provenance = {r.name: r.checkpoint_sha256 for r in records}
-    else:
-        dims = []
-    config = {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
-    recipe = {"student": config, "views": dataclasses.asdict(cfg.views), "export_views": cfg.export.views,
-              "manifest": manifest.fingerprint, "teachers": provenance}
-    identity = digest(recipe)
-    if run_is_done(folder, identity):
+    plan = plan_student(cfg, wd)
+    name, folder = plan.name, plan.folder
+    if run_is_done(folder, plan.identity):
         log(f"[student {name}] already trained with this config ({folder}); skipping")
         return folder / "checkpoint.pt"
+    if s.classifier_only:
+        from .crt import train_crt
 
+        return train_crt(cfg, wd, runtime, plan)
+
+    manifest = Manifest.load(wd.manifest)
     seed_everything(s.seed)
-    proj = projection_dim(descriptor_dim(s.arch), dims)
-    net = runtime.prepare_model(Network(s.arch, manifest.channels, manifest.num_classes, s.gamma, proj))
+    proj = projection_dim(descriptor_dim(s.arch), plan.dims)
+    net = Network(s.arch, manifest.channels, manifest.num_classes, s.gamma, proj)
+    if s.init:
+        load_init(net, init_checkpoint(wd, s), s.init)
+    net = runtime.prepare_model(net)
+    teacher_nets = None
+    if s.targets == "online":
+        teacher_nets = [runtime.prepare_teacher(n) for n in load_teachers(cfg, wd, plan.teachers)[0]]
     stream = TrainStream(manifest, ViewSpec.from_cfg(cfg.views), sampling=s.sampling, seed=s.seed,
                          samples_per_epoch=manifest.train.num_samples, shuffle_buffer=s.shuffle_buffer,
-                         cache=cache_spec)
+                         cache=plan.cache, augment=data_aug(cfg))
     step_fn = (cross_entropy_step(runtime) if s.targets == "none"
-               else distillation_step(runtime, dims, s.alpha, s.beta, teacher_nets))
-    kind = student_kind(cfg)
-    log(f"[student {name}] {kind}, {s.sampling} sampling, alpha {s.alpha}, beta {s.beta}, "
-        f"teachers {teacher_names or '-'}")
-    history, wall_s = fit(net, stream, s, step_fn, runtime, f"student {name}", folder, recipe)
+               else distillation_step(runtime, plan.dims, s, teacher_nets))
+    log(f"[student {name}] {plan.kind}, {s.sampling} sampling, alpha {s.alpha}, beta {s.beta}, "
+        f"teachers {plan.teachers or '-'}{', init ' + s.init if s.init else ''}")
+    history, wall_s = fit(net, stream, s, step_fn, runtime, f"student {name}", folder, plan.recipe)
     if not runtime.dist.main:   # under torchrun rank 0 evaluates and writes the run folder
         return folder / "checkpoint.pt"
     test = evaluate_network(net, manifest, cfg, runtime, manifest.eval_split)
-    meta = {"kind": kind, "name": name, "seed": s.seed, "config": dataclasses.asdict(s), "teachers": provenance,
-            "overrides": cfg.overrides, "manifest_fingerprint": manifest.fingerprint, "test_top1": test["top1"],
-            "train_wall_s": wall_s}
     spec = network_spec(net, s.arch, manifest.channels, manifest.num_classes, s.gamma)
-    ckpt = save_run(folder, net, spec, meta, identity, history, test, manifest.class_names)
-    log(f"[student {name}] done in {wall_s:.0f}s: test top-1 {test['top1']:.2f}")
+    return finish_run(cfg, plan, net, spec, history, wall_s, test, manifest)
+
+
+def finish_run(cfg: Config, plan: StudentPlan, net: Network, spec: dict, history: list[dict], wall_s: float,
+               test: dict, manifest: Manifest) -> Path:
+    """save_run with the student's metadata; shared by every second-stage method."""
+    s = cfg.student
+    meta = {"kind": plan.kind, "name": plan.name, "seed": s.seed, "config": dataclasses.asdict(s),
+            "teachers": plan.provenance, "overrides": cfg.overrides, "manifest_fingerprint": manifest.fingerprint,
+            "test_top1": test["top1"], "train_wall_s": wall_s}
+    ckpt = save_run(plan.folder, net, spec, meta, plan.identity, history, test, manifest.class_names)
+    log(f"[student {plan.name}] done in {wall_s:.0f}s: test top-1 {test['top1']:.2f}")
     return ckpt

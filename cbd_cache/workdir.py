@@ -110,6 +110,10 @@ class Workdir:
     def student_dir(self, name: str) -> Path:
         return self.root / "students" / name
 
+    def model_dir(self, ref: str) -> Path:
+        """A model by reference, `teachers/<name>` or `students/<run>` (as `student.init` names it)."""
+        return self.root / ref
+
     def students(self) -> list[str]:
         folder = self.root / "students"
         return sorted(p.name for p in folder.iterdir() if (p / "checkpoint.pt").is_file()) if folder.is_dir() else []

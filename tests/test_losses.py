@@ -39,3 +39,34 @@ def test_each_teacher_is_normalised_separately():
     assert torch.allclose(out, torch.tensor([[0.6, 0.8, 0.0, 1.0, 0.0]]))
     # the concatenation of K unit vectors has norm sqrt(K): each teacher weighs the same in the cosine
     assert math.isclose(out.norm().item(), math.sqrt(2), rel_tol=1e-6)
+
+
+def test_logit_kd_matches_hand_computation_and_averages_teachers():
+    from cbd_cache.losses import logit_kd
+
+    z = torch.tensor([[1.0, 0.0]])
+    t1, t2 = torch.tensor([[0.0, 2.0]]), torch.tensor([[2.0, 0.0]])
+    T = 2.0
+    p = torch.softmax(torch.cat([t1, t2]) / T, dim=1).mean(0)            # the two teachers' mean distribution
+    q = torch.softmax(z / T, dim=1)[0]
+    expected = T ** 2 * float((p * (p / q).log()).sum())
+    assert math.isclose(logit_kd(z, torch.cat([t1, t2], dim=1), T).item(), expected, rel_tol=1e-5)
+    # a student that matches its one teacher has no logit loss
+    assert logit_kd(t1, t1, T).item() < 1e-6
+
+
+def test_distillation_loss_variants():
+    from cbd_cache.losses import distillation_loss, logit_kd
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    e, t, zt = torch.randn(8, 6), torch.randn(8, 6), torch.randn(8, 10)   # two teachers' logits
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    cos = 1 - torch.nn.functional.cosine_similarity(e, t).mean()
+    kd = logit_kd(logits, zt, 5.0)
+    feature, _ = distillation_loss(logits, labels, e, t, None, 0.4, 100.0, 5.0, "feature")
+    assert torch.isclose(feature, cbd_loss(logits, labels, e, t, 0.4, 100.0)[0])
+    logit, parts = distillation_loss(logits, labels, e, None, zt, 0.4, 100.0, 5.0, "logit")
+    assert torch.isclose(logit, 0.6 * ce + 0.4 * kd) and set(parts) == {"ce", "kd"}
+    hybrid, _ = distillation_loss(logits, labels, e, t, zt, 0.4, 100.0, 5.0, "hybrid")
+    assert torch.isclose(hybrid, 0.6 * ce + 0.4 * (100.0 * cos + kd), rtol=1e-5)

@@ -170,6 +170,13 @@ def read_shard(path: str | Path, start: int, stop: int) -> list[Sample]:
     return samples
 
 
+def read_labels(manifest, split: str = "train") -> np.ndarray:
+    """Every sample's label, by manifest row, read from the shards without decoding an image."""
+    info = manifest.splits[split]
+    return np.array([s.label for sh in info.shards for s in read_shard(manifest.shard_path(sh), sh.start, sh.stop)],
+                    dtype=np.int64)
+
+
 def decode_image(data: bytes, channels: int) -> torch.Tensor:
     """Encoded bytes -> uint8 tensor (C, H, W).
 

@@ -1,0 +1,87 @@
+"""cRT (classifier re-training, Kang et al. 2020): a new cosine classifier on a stage-1 model's frozen
+features, trained with class-balanced sampling.
+
+The features are the teacher's cached descriptors, one stored view per copy, so training decodes no
+image and runs no backbone: it takes seconds. The result is saved as a whole network (the teacher's
+backbone with the new classifier) so that evaluation, NCM and the tables treat it like any model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import IterableDataset
+
+from .cache import CacheReader
+from .checkpoint import load_checkpoint, network_spec
+from .config import Config
+from .data.manifest import Manifest
+from .data.sampling import copies, repeat_factors
+from .data.shards import read_labels
+from .engine import fit
+from .evaluation import evaluate_network
+from .models import CosineClassifier
+from .runtime import Runtime, log, seed_everything
+from .workdir import Workdir
+
+
+class DescriptorStream(IterableDataset):
+    """Endless (descriptor, label) copies: the sampler's copies of each image, each a random stored view.
+
+    Like `TrainStream` (same repeat factors, N samples an epoch) but over an in-memory array, so the
+    shuffle is a full permutation instead of a buffer.
+    """
+
+    def __init__(self, descriptors: np.ndarray, labels: np.ndarray, class_counts: list[int], sampling: str,
+                 seed: int):
+        self.descriptors, self.labels = descriptors, labels
+        self.factors = repeat_factors(class_counts, sampling)
+        self.seed = seed
+        self.samples_per_epoch = len(labels)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        epoch = 0
+        while True:
+            rng = np.random.default_rng([self.seed, epoch, 0xC27])
+            n = [copies(self.factors[y], u) for y, u in zip(self.labels, rng.random(len(self.labels)))]
+            rows = rng.permutation(np.repeat(np.arange(len(self.labels)), n))
+            views = rng.integers(self.descriptors.shape[1], size=len(rows))
+            for r, a in zip(rows, views):
+                yield torch.from_numpy(self.descriptors[r, a]), int(self.labels[r])
+            epoch += 1
+
+
+def classifier_step(runtime: Runtime):
+    def step(model: torch.nn.Module, batch: tuple):
+        v, y = batch[0].to(runtime.device, non_blocking=True), batch[1].to(runtime.device, non_blocking=True)
+        return F.cross_entropy(model(v).float(), y), {}
+    return step
+
+
+def train_crt(cfg: Config, wd: Workdir, runtime: Runtime, plan) -> Path:
+    """Train the new classifier on `student.init`'s cached descriptors; save teacher backbone + classifier."""
+    from .student import finish_run
+
+    s = cfg.student
+    teacher = s.init.split("/", 1)[1]
+    manifest = Manifest.load(wd.manifest)
+    reader = CacheReader(wd.cache, manifest, [teacher], s.views)
+    _, descriptors, _ = reader.read(0, manifest.train.num_samples)
+    labels = read_labels(manifest, "train")
+    stream = DescriptorStream(descriptors.astype(np.float32), labels, manifest.train.class_counts, s.sampling, s.seed)
+    seed_everything(s.seed)
+    classifier = runtime.prepare_model(CosineClassifier(descriptors.shape[-1], manifest.num_classes, s.gamma))
+    log(f"[student {plan.name}] {plan.kind}: new cosine classifier on {descriptors.shape[0]} x "
+        f"{descriptors.shape[1]} cached descriptors of {teacher}, {s.sampling} sampling")
+    in_process = dataclasses.replace(runtime, workers=0)    # in-memory data: loader processes only cost
+    history, wall_s = fit(classifier, stream, s, classifier_step(runtime), in_process, f"student {plan.name}",
+                          plan.folder)
+    net, meta = load_checkpoint(wd.teacher_checkpoint(teacher))
+    net.classifier = classifier.cpu()
+    test = evaluate_network(net, manifest, cfg, runtime, manifest.eval_split)
+    spec = network_spec(net, meta["network"]["arch"], manifest.channels, manifest.num_classes, s.gamma)
+    return finish_run(cfg, plan, net, spec, history, wall_s, test, manifest)

@@ -1,0 +1,98 @@
+"""NCM (nearest class mean): how good a model's features are, without its classifier.
+
+Features are L2-normalised (the cache stores them so), centred on the training mean and
+L2-normalised again; each class is the mean of its training features; a test image goes to the nearest class mean (L2). The training
+features come either from the cache (a teacher's stored descriptors, every stored view of every
+image: no training image is decoded) or from running any trained model over the training images
+(evaluation view). Test features always come from the model, on the evaluation view.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .cache import CacheReader
+from .checkpoint import load_checkpoint
+from .config import Config
+from .data.manifest import Manifest
+from .data.shards import read_labels
+from .engine import predict
+from .evaluation import accuracy_report, eval_loader
+from .runtime import Runtime, file_sha256, log
+from .views import ViewSpec
+from .workdir import Workdir, read_json, write_json
+
+SOURCES = ("images", "cache")
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def ncm_fit(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(centre, class means): the training mean, and per class the mean of centred, L2-normalised features."""
+    features = _normalize(np.asarray(features, dtype=np.float64))
+    center = features.mean(axis=0)
+    f = _normalize(features - center)
+    means = np.zeros((num_classes, f.shape[1]))
+    for c in range(num_classes):
+        if (labels == c).any():
+            means[c] = f[labels == c].mean(axis=0)
+        else:
+            means[c] = np.inf       # a class with no training image is never the nearest
+    return center, means
+
+
+def ncm_predict(features: np.ndarray, center: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """The index of the nearest class mean (L2) of each centred, normalised feature."""
+    f = _normalize(_normalize(np.asarray(features, dtype=np.float64)) - center)
+    distances = ((f[:, None, :] - means[None, :, :]) ** 2).sum(axis=2)
+    return np.nan_to_num(distances, nan=np.inf).argmin(axis=1)
+
+
+def _model_features(net, manifest: Manifest, split: str, cfg: Config, runtime: Runtime) -> dict[str, np.ndarray]:
+    loader = eval_loader(manifest, split, ViewSpec.from_cfg(cfg.views), cfg.eval.batch_size, runtime)
+    return predict(runtime.prepare_model(net), loader, runtime, features=True)
+
+
+def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str = "images") -> dict[str, Any]:
+    """NCM test accuracy (top-1, many / medium / few, per class) of the model `ref` (teachers/<name>, students/<run>).
+
+    Written to `<model>/ncm_<source>.json` and reused while the checkpoint, data and cache are unchanged.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"NCM features from {source!r}; expected one of {SOURCES}")
+    if source == "cache" and not ref.startswith("teachers/"):
+        raise FileNotFoundError(f"{ref}: only teachers have cached descriptors; use --features images")
+    folder = wd.model_dir(ref)
+    ckpt = folder / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ref}: no checkpoint at {ckpt}")
+    manifest = Manifest.load(wd.manifest)
+    key = {"checkpoint_sha256": file_sha256(ckpt), "manifest_fingerprint": manifest.fingerprint, "source": source}
+    reader = None
+    if source == "cache":
+        name = ref.split("/", 1)[1]
+        reader = CacheReader(wd.cache, manifest, [name], checkpoint_hashes={name: key["checkpoint_sha256"]})
+        key["views_per_image"] = reader.views
+    out = folder / f"ncm_{source}.json"
+    if out.is_file():
+        report = read_json(out)
+        if all(report.get(k) == v for k, v in key.items()):
+            return report
+    net, _ = load_checkpoint(ckpt)
+    if reader is not None:
+        _, descriptors, _ = reader.read(0, manifest.train.num_samples)
+        train = descriptors.reshape(-1, descriptors.shape[-1])
+        train_labels = np.repeat(read_labels(manifest, "train"), descriptors.shape[1])
+    else:
+        out_train = _model_features(net, manifest, "train", cfg, runtime)
+        train, train_labels = out_train["features"], out_train["labels"]
+    center, means = ncm_fit(train, train_labels, manifest.num_classes)
+    test = _model_features(net, manifest, manifest.eval_split, cfg, runtime)
+    preds = ncm_predict(test["features"], center, means)
+    report = {**accuracy_report(test["labels"], preds, manifest.train.class_counts), **key, "model": ref}
+    write_json(out, report)
+    log(f"[ncm] {ref} ({source} features): top-1 {report['top1']:.2f}")
+    return report

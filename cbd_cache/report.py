@@ -1,0 +1,370 @@
+"""`cbd-cache paper-table` (`make paper-table`): the paper's protocol on one prepared dataset and one cache.
+
+Table 2 (single-stage baselines, fine-tuning, cRT, CBD, CBD_ENS), Table 3 (NCM), Figure 3 (alpha for
+feature / logit / hybrid distillation), Table 1 (teacher mix), accuracy against views per image next
+to the online mode, and per-class accuracy, each over `SEEDS`. One export with A = 16 views and
+teacher logits serves every row: view a does not depend on A, so `student.views = V` is exactly an
+A = V export, and the default A = 8 is `student.views = 8`. Every run is a `sweep` run: re-running
+skips finished runs, and `--time-limit-min` stops between runs so the work can be done in chunks.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .config import Config, load_config
+from .data.longtail import SHOT_GROUPS, shot_group
+from .data.manifest import Manifest
+from .runtime import Runtime, format_seconds, log
+from .sweep import METRICS, Run, execute, make_runs, pm, stats, summarise
+from .workdir import Workdir, read_json, write_json
+
+BASE = ("export.views=16", "export.logits=true", "student.views=8")
+SEEDS = (0, 1, 2)
+ALPHAS = (0.2, 0.4, 0.8)
+VIEWS = (1, 2, 4, 8, 16)
+DISTILL = ("feature", "logit", "hybrid")
+# The paper's ImageNet-LT test numbers, ResNet-50 (many, medium, few, all).
+PAPER_TABLE2 = {"Standard-Instance": (66.6, 40.4, 13.0, 46.7), "Standard-Class-Bal": (60.4, 40.0, 14.3, 44.3),
+                "Fine-tuning": (62.8, 46.1, 24.8, 49.6), "cRT": (62.9, 46.0, 25.7, 49.8),
+                "CBD": (65.2, 48.0, 25.9, 51.6), "CBD_ENS": (68.5, 52.7, 29.2, 55.6)}
+PAPER_NCM = {"Standard-Instance": 49.0, "CBD": 50.7, "CBD_ENS": 54.0}
+NCM_METHODS = ("Standard-Instance", "Standard-Class-Bal", "Fine-tuning", "CBD", "CBD_ENS")
+PER_CLASS = ("Standard-Instance", "cRT", "CBD_ENS")
+# What the paper's claims rest on is trained first, so a partial table already answers them.
+PRIORITY = ("Standard-Instance", "cRT", "CBD", "CBD_ENS", "logit, alpha=0.4", "hybrid, alpha=0.4", "online")
+
+
+def stage1(cfg: Config) -> str:
+    """The stage-1 model of fine-tuning, cRT and CBD: the first standard (instance-sampled) teacher."""
+    return next((t.name for t in cfg.teachers if t.type == "standard"), cfg.teachers[0].name)
+
+
+def table2(cfg: Config) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    s1 = stage1(cfg)
+    return (
+        ("Standard-Instance", ("student.targets=none", "student.sampling=instance")),
+        ("Standard-Class-Bal", ("student.targets=none",)),
+        ("Data-aug-Instance", ("student.targets=none", "student.type=data_aug", "student.sampling=instance")),
+        ("Data-aug-Class-Bal", ("student.targets=none", "student.type=data_aug")),
+        ("Fine-tuning", ("student.targets=none", f"student.init=teachers/{s1}", "student.lr=0.01", "student.epochs=10")),
+        ("cRT", ("student.targets=none", f"student.init=teachers/{s1}", "student.classifier_only=true")),
+        ("CBD", (f"student.teachers=[{s1}]",)),
+        ("CBD_ENS", ()),
+    )
+
+
+def teacher_mixes(cfg: Config) -> list[list[str] | None]:
+    """Table 1's mixes from the pipeline's teachers: 1 std, 1 aug, 2 std, 2 aug, 1+1, 2+1, then all (None)."""
+    std = [t.name for t in cfg.teachers if t.type == "standard"]
+    aug = [t.name for t in cfg.teachers if t.type == "data_aug"]
+    mixes: list[list[str] | None] = []
+    for mix in (std[:1], aug[:1], std[:2], aug[:2], std[:1] + aug[:1], std[:2] + aug[:1]):
+        if mix and mix not in mixes and len(mix) < len(cfg.teachers):
+            mixes.append(mix)
+    return mixes + [None]
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str
+    points: tuple[tuple[str, tuple[str, ...]], ...]     # (label, student --set items)
+
+
+def sections(cfg: Config) -> list[Section]:
+    s1 = stage1(cfg)
+    fig3 = tuple((f"{d}, alpha={a}", (f"student.teachers=[{s1}]", f"student.distill={d}", f"student.alpha={a}"))
+                 for d in DISTILL for a in ALPHAS)
+    mixes = tuple(("+".join(m) if m else "+".join(t.name for t in cfg.teachers),
+                   (f"student.teachers=[{','.join(m)}]",) if m else ()) for m in teacher_mixes(cfg))
+    views = tuple((f"A={v}", (f"student.views={v}",)) for v in VIEWS) + (("online", ("student.targets=online",)),)
+    return [Section("table2", table2(cfg)), Section("views", views), Section("alpha", fig3), Section("mix", mixes)]
+
+
+def all_runs(cfg: Config, base: Sequence[str]) -> dict[str, list[Run]]:
+    return {s.key: make_runs(cfg.source, base, s.points, SEEDS) for s in sections(cfg)}
+
+
+def training_order(runs: dict[str, list[Run]]) -> list[Run]:
+    flat = [r for rs in runs.values() for r in rs]
+    rank = {label: i for i, label in enumerate(PRIORITY)}
+    return sorted(flat, key=lambda r: rank.get(r.label, len(rank)))      # stable: section order otherwise
+
+
+class Timing:
+    """Wall seconds of every step that did work, kept across chunked invocations (max per step)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.steps: dict[str, float] = read_json(path) if path.is_file() else {}
+
+    def record(self, step: str, seconds: float) -> None:
+        self.steps[step] = max(self.steps.get(step, 0.0), round(seconds, 1))
+        write_json(self.path, self.steps)
+
+    @contextlib.contextmanager
+    def __call__(self, step: str):
+        t0 = time.perf_counter()
+        yield
+        self.record(step, time.perf_counter() - t0)
+
+    def total(self, prefix: str = "") -> float:
+        return sum(v for k, v in self.steps.items() if k.startswith(prefix))
+
+
+def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limit_min: float = 0) -> bool:
+    """Prepare, teachers, export, every run, NCM; then the Markdown, JSON and PNGs in `out`. True when complete."""
+    from .data.prepare import prepare
+    from .export import export_cache
+    from .teachers import train_teacher
+
+    deadline = time.time() + 60 * time_limit_min if time_limit_min > 0 else None
+    pipeline, base = cfg.source, (*BASE, *cfg.overrides)
+    base_cfg = load_config(pipeline, base)
+    timing = Timing(wd.root / "paper_table_timing.json")
+    with timing("prepare"):
+        prepare(base_cfg, wd)
+    for t in base_cfg.teachers:
+        if deadline is not None and time.time() >= deadline:
+            log("[paper-table] time limit reached; run the same command again to continue")
+            return False
+        with timing(f"teacher {t.name}"):
+            train_teacher(base_cfg, t, wd, runtime)
+    with timing("export"):
+        export_cache(base_cfg, wd, runtime)
+    runs = all_runs(base_cfg, base)
+    complete = execute(training_order(runs), pipeline, wd, runtime, deadline,
+                       on_trained=lambda r, s: timing.record(f"student {r.name}", s))
+    ncm = ncm_rows(base_cfg, wd, runtime, runs, timing)       # on the models finished so far
+    write_paper_table(cfg, base, wd, runs, ncm, timing, out, complete)
+    return complete
+
+
+def ncm_rows(cfg: Config, wd: Workdir, runtime: Runtime, runs: dict[str, list[Run]], timing: Timing) -> list[dict]:
+    from .ncm import ncm_report
+
+    rows = []
+    s1 = stage1(cfg)
+    for source in ("cache", "images"):
+        with timing(f"ncm teachers/{s1} {source}"):
+            rep = ncm_report(cfg, wd, runtime, f"teachers/{s1}", source)
+        rows.append({"label": f"Instance: teacher {s1} ({source} features)", "runs": [f"teachers/{s1}"],
+                     "complete": True, **{m: stats([rep[m]] if rep[m] is not None else []) for m in METRICS}})
+    for method in NCM_METHODS:
+        mine = [r for r in runs["table2"] if r.label == method]
+        reps = []
+        for r in [r for r in mine if (wd.student_dir(r.name) / "run.json").is_file()]:
+            with timing(f"ncm students/{r.name} images"):
+                reps.append(ncm_report(cfg, wd, runtime, f"students/{r.name}", "images"))
+        rows.append({"label": method, "runs": [f"students/{r.name}" for r in mine], "complete": len(reps) == len(mine),
+                     **{m: stats([x[m] for x in reps if x[m] is not None]) for m in METRICS}})
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- output
+def _row(rows: list[dict], label: str) -> dict | None:
+    return next((r for r in rows if r["label"] == label), None)
+
+
+def _mean(rows: list[dict], label: str, metric: str = "top1") -> float | None:
+    r = _row(rows, label)
+    return None if r is None or not r["complete"] else r[metric]["mean"]
+
+
+def checks(summary: dict[str, list[dict]], ncm: list[dict], views: int = 8) -> list[str]:
+    """The issue's 'must show' claims, each stated with its numbers and whether it holds."""
+    t2, alpha, by_views = summary["table2"], summary["alpha"], summary["views"]
+    out = []
+
+    def line(claim: str, values: list[tuple[str, float | None]], holds: bool | None):
+        nums = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} –" for k, v in values)
+        verdict = "not yet run" if holds is None else ("holds" if holds else "**does not hold**")
+        out.append(f"- {claim}: {verdict} ({nums}).")
+
+    order = [(m, _mean(t2, m)) for m in ("CBD_ENS", "CBD", "cRT", "Standard-Instance")]
+    ok = None if any(v is None for _, v in order) else all(a[1] > b[1] for a, b in zip(order, order[1:]))
+    line("CBD_ENS > CBD > cRT > Standard-Instance (top-1, mean of 3 seeds)", order, ok)
+    fl = [(d, _mean(alpha, f"{d}, alpha=0.4")) for d in ("feature", "logit")]
+    line("feature >= logit distillation at alpha = 0.4", fl,
+         None if any(v is None for _, v in fl) else fl[0][1] >= fl[1][1])
+    nc = [(f"NCM {m}", _mean(ncm, m)) for m in ("CBD", "Standard-Instance")] if ncm else []
+    line("NCM on CBD features > NCM on Standard-Instance features", nc or [("NCM", None)],
+         None if not nc or any(v is None for _, v in nc) else nc[0][1] > nc[1][1])
+    co = [(f"cached A={views}", _mean(by_views, f"A={views}")), ("online", _mean(by_views, "online"))]
+    line(f"cached CBD_ENS at A = {views} within 1 point of online CBD_ENS", co,
+         None if any(v is None for _, v in co) else abs(co[0][1] - co[1][1]) <= 1.0)
+    return out
+
+
+def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[str, list[Run]], ncm: list[dict],
+                      timing: Timing, out: Path, complete: bool) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    name = cfg.pipeline.name
+    base_cfg = load_config(cfg.source, base)
+    summary = {k: summarise(rs, wd) for k, rs in runs.items()}
+    manifest = Manifest.load(wd.manifest)
+    counts = manifest.train.class_counts
+    groups = [shot_group(n) for n in counts]
+    plots = {"alpha": out / f"{name}_alpha.png", "views": out / f"{name}_views.png",
+             "per_class": out / f"{name}_per_class.png"}
+    plot_alpha(summary, plots["alpha"])
+    plot_views(summary["views"], plots["views"])
+    plot_per_class(summary["table2"], manifest.class_names, plots["per_class"])
+    sets = " ".join(f"--set {o}" for o in base)
+    sweep = f"cbd-cache sweep --pipeline {cfg.source} --workdir {wd.root} {sets}"
+    total = timing.total()
+    lines = [
+        f"# The paper's protocol on {name}, {len(SEEDS)} seeds",
+        "",
+        f"Made by `make paper-table`, i.e. `cbd-cache paper-table --pipeline {cfg.source} --workdir {wd.root} "
+        f"--out {out}`{'' if complete else ' (**partial: not every run is finished yet**)'}. Each row below is "
+        f"also `{sweep} <row's --set> --seeds {','.join(map(str, SEEDS))}`, which finds the same runs "
+        "finished. Numbers are mean ± sample std over the seeds of top-1 and of the mean per-class accuracy of "
+        "the many / medium / few-shot groups, on the balanced test set.",
+        "",
+        f"Data: {manifest.train.num_samples} training images in {len(counts)} classes, {max(counts)} down to "
+        f"{min(counts)} per class ("
+        + ", ".join(f"{groups.count(g)} {g}-shot" for g in SHOT_GROUPS)
+        + f"), {manifest.splits[manifest.eval_split].num_samples} {manifest.eval_split} images. One export: {len(base_cfg.teachers)} teachers "
+        f"x A = {base_cfg.export.views} views, with logits; A = {base_cfg.student.views} "
+        f"(`student.views={base_cfg.student.views}`) everywhere else.",
+        "",
+        f"Wall time, 2-core CPU, no GPU: **{format_seconds(total)}** of work (prepare + teachers + export "
+        f"{format_seconds(timing.total('prepare') + timing.total('teacher') + timing.total('export'))}, "
+        f"{sum(1 for k in timing.steps if k.startswith('student'))} student runs "
+        f"{format_seconds(timing.total('student'))}, NCM {format_seconds(timing.total('ncm'))}), summed over "
+        f"the chunks it ran in (`{wd.root}/paper_table_timing.json`).",
+        "",
+        "## Checks",
+        "",
+        *checks(summary, ncm, base_cfg.student.views),
+        "",
+        "## Table 2: long-tailed recognition",
+        "",
+        "| method | student settings | top-1 | many | medium | few | seeds | paper ImageNet-LT all (many / med / few) |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    sets_of = dict(table2(base_cfg))
+    for r in summary["table2"]:
+        paper = PAPER_TABLE2.get(r["label"])
+        ptxt = f"{paper[3]} ({paper[0]} / {paper[1]} / {paper[2]})" if paper else "–"
+        settings = " ".join(f"`{s.split('.', 1)[1]}`" for s in sets_of[r["label"]]) or "(defaults: every teacher)"
+        lines.append(f"| {r['label']} | {settings} | {pm(r['top1'])} | {pm(r['many'])} | {pm(r['medium'])} | "
+                     f"{pm(r['few'])} | {_seeds(r)} | {ptxt} |")
+    lines += ["", "## Table 3: NCM on each model's features", "",
+              "Features centred on the training mean, L2-normalised; nearest class mean. `cbd-cache ncm "
+              f"--workdir {wd.root} MODEL [--features cache]` computes one.", "",
+              "| features | top-1 | many | medium | few | models | paper ImageNet-LT all |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in ncm:
+        lines.append(f"| {r['label']} | {pm(r['top1'])} | {pm(r['many'])} | {pm(r['medium'])} | {pm(r['few'])} "
+                     f"| {_seeds(r)} | {PAPER_NCM.get(r['label'], '–')} |")
+    alpha_rows = summary["alpha"]
+    lines += ["", f"## Figure 3: top-1 against alpha (teacher {stage1(base_cfg)}, K = 1)", "",
+              f"![alpha]({plots['alpha'].name})", "",
+              "| distillation | " + " | ".join(f"alpha={a}" for a in ALPHAS) + " |",
+              "|---|" + "---:|" * len(ALPHAS)]
+    for d in DISTILL:
+        cells = [pm(_row(alpha_rows, f"{d}, alpha={a}")["top1"]) for a in ALPHAS]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    lines += ["", f"Logit distillation: T = {base_cfg.student.temperature}, the teachers' cached logits; "
+              "hybrid adds both terms under one alpha (see `cbd_cache/losses.py`). alpha = 0 is cross-entropy "
+              "only: the Standard-Class-Bal row of Table 2.",
+              "", f"## Table 1: which teachers (CBD, cached, A = {base_cfg.student.views})", "",
+              "| teachers | K | top-1 | many | medium | few | seeds |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in summary["mix"]:
+        lines.append(f"| {r['label']} | {r['label'].count('+') + 1} | {pm(r['top1'])} | {pm(r['many'])} | "
+                     f"{pm(r['medium'])} | {pm(r['few'])} | {_seeds(r)} |")
+    lines += ["", f"## Views per image (CBD_ENS, K = {len(base_cfg.teachers)})", "",
+              f"![views]({plots['views'].name})", "",
+              "| views | top-1 | many | medium | few | seeds |", "|---|---:|---:|---:|---:|---:|"]
+    for r in summary["views"]:
+        label = "online (teachers every step, fresh views)" if r["label"] == "online" else f"cached, {r['label']}"
+        lines.append(f"| {label} | {pm(r['top1'])} | {pm(r['many'])} | {pm(r['medium'])} | {pm(r['few'])} "
+                     f"| {_seeds(r)} |")
+    lines += ["", "## Per class: accuracy against training images", "", f"![per class]({plots['per_class'].name})",
+              "", "| class | train images | " + " | ".join(PER_CLASS) + " |", "|---|---:|" + "---:|" * len(PER_CLASS)]
+    per = {m: _row(summary["table2"], m) for m in PER_CLASS}
+    for c in sorted(range(len(counts)), key=lambda c: -counts[c]):
+        cells = [f"{per[m]['per_class'][c]:.1f}" if per[m] and per[m]["per_class"] else "–" for m in PER_CLASS]
+        lines.append(f"| {manifest.class_names[c]} | {counts[c]} | " + " | ".join(cells) + " |")
+    md = out / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    write_json(out / f"{name}.json", {"complete": complete, "base_overrides": list(base), "seeds": list(SEEDS),
+                                      "sections": summary, "ncm": ncm, "timing_s": timing.steps})
+    log(f"[paper-table] wrote {md}" + ("" if complete else " (partial)"))
+    return md
+
+
+def _seeds(r: dict) -> str:
+    return f"{r['top1']['n']}" + ("" if r["complete"] else f" of {len(r['runs'])}")
+
+
+# --------------------------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_alpha(summary: dict[str, list[dict]], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for d, marker in zip(DISTILL, "os^"):
+        pts = [(a, _row(summary["alpha"], f"{d}, alpha={a}")["top1"]) for a in ALPHAS]
+        pts = [(a, s) for a, s in pts if s["mean"] is not None]
+        if pts:
+            ax.errorbar([a for a, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts],
+                        marker=marker, capsize=3, label=f"{d} distillation")
+    ce = _row(summary["table2"], "Standard-Class-Bal")
+    if ce and ce["top1"]["mean"] is not None:
+        ax.axhline(ce["top1"]["mean"], color="grey", ls="--", label="alpha = 0 (class-balanced CE)")
+    ax.set(xlabel="alpha", ylabel="top-1 (%)", title="Distillation weight (one standard teacher)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_views(rows: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    pts = [(v, _row(rows, f"A={v}")["top1"]) for v in VIEWS]
+    pts = [(v, s) for v, s in pts if s["mean"] is not None]
+    if pts:
+        ax.errorbar([v for v, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts], marker="o",
+                    capsize=3, label="cached views")
+    online = _row(rows, "online")["top1"]
+    if online["mean"] is not None:
+        ax.axhline(online["mean"], color="C3", label="online (fresh views)")
+        ax.axhspan(online["mean"] - online["std"], online["mean"] + online["std"], color="C3", alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(VIEWS), [str(v) for v in VIEWS])
+    ax.set(xlabel="views per image A", ylabel="top-1 (%)", title="CBD_ENS: cached views vs online")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_per_class(rows: list[dict], class_names: list[str], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, marker in zip(PER_CLASS, "osD"):
+        r = _row(rows, m)
+        if r and r["per_class"]:
+            pts = sorted(zip(r["train_counts"], r["per_class"]))
+            ax.plot([c for c, _ in pts], [a for _, a in pts], marker=marker, label=m)
+    ax.set_xscale("log")
+    ax.set(xlabel="training images of the class", ylabel="test accuracy of the class (%)",
+           title="Per-class accuracy (mean of seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

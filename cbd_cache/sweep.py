@@ -1,0 +1,224 @@
+"""`cbd-cache sweep`: a grid of student settings x seeds, against one prepared dataset and one cache.
+
+Every run is an ordinary student run (`student.train_student`) under `W/students/<run>`, named by the
+student settings that differ from the pipeline file's, plus its seed; so a run is trained once
+whichever sweep (or table) asks for it, and a finished run is skipped when a sweep is re-run. Only
+`student.*` keys may vary: the teachers and the export are never touched, they must already exist.
+The table gives mean ± std (sample std over seeds) per grid point, as Markdown and JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .checkpoint import run_is_done
+from .config import Config, ConfigError, load_config, parse_override
+from .data.longtail import SHOT_GROUPS
+from .runtime import Runtime, format_seconds, log
+from .workdir import Workdir, read_json, write_json
+
+METRICS = ("top1", *SHOT_GROUPS)
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str                     # the grid point (or method) this run is a seed of
+    seed: int
+    name: str                      # its folder under W/students
+    overrides: tuple[str, ...]     # every --set it is trained with, student.name last
+
+
+def split_values(text: str) -> list[str]:
+    """'0,0.2,[std0,aug0]' -> ['0', '0.2', '[std0,aug0]']: commas inside brackets belong to a list value."""
+    values, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    values.append(current.strip())
+    return values
+
+
+def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """`--grid student.alpha=0,0.2` items -> [(key, [value texts])]; only student settings may vary."""
+    grid = []
+    for item in items:
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not text or not key:
+            raise ConfigError(f"--grid {item!r}: expected key=v1,v2,..., for example student.alpha=0,0.2,0.4")
+        if not key.startswith("student.") or key in ("student.seed", "student.name"):
+            raise ConfigError(f"--grid {key}: a sweep varies student settings only (seeds with --seeds; teachers "
+                              "and export are fixed for one cache)")
+        values = split_values(text)
+        if any(not v for v in values):
+            raise ConfigError(f"--grid {item!r}: empty value")
+        grid.append((key, values))
+    return grid
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected integers, for example 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: give one or more distinct seeds")
+    return seeds
+
+
+def grid_points(grid: list[tuple[str, list[str]]]) -> list[tuple[str, tuple[str, ...]]]:
+    """Every combination as (label, --set items), in the order the grid was given."""
+    keys = [k for k, _ in grid]
+    points = []
+    for values in itertools.product(*[v for _, v in grid]):
+        label = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in zip(keys, values))
+        points.append((label or "default", tuple(f"{k}={v}" for k, v in zip(keys, values))))
+    return points
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "+".join(map(str, value))
+    return str(value)
+
+
+def run_name(cfg: Config, reference: Config) -> str:
+    """`student_<field=value ...>_seed=N`: the student fields that differ from the pipeline file's, sorted."""
+    mine, ref = dataclasses.asdict(cfg.student), dataclasses.asdict(reference.student)
+    parts = [f"{k}={_text(v)}" for k, v in sorted(mine.items()) if k not in ("name", "seed") and v != ref[k]]
+    name = "_".join(["student", *parts, f"seed={cfg.student.seed}"])
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "-", name)       # config.NAME_RE: a valid student.name
+
+
+def make_runs(pipeline: str | Path, base: Sequence[str], points: Sequence[tuple[str, Sequence[str]]],
+              seeds: Sequence[int]) -> list[Run]:
+    """Each (label, --set items) x seed as a Run, every config loaded and validated before anything trains."""
+    reference = load_config(pipeline, [o for o in base if not parse_override(o)[0].startswith("student.")])
+    runs = []
+    for label, sets in points:
+        for seed in seeds:
+            overrides = [*base, *sets, f"student.seed={seed}"]
+            name = run_name(load_config(pipeline, overrides), reference)
+            runs.append(Run(label, seed, name, (*overrides, f"student.name={name}")))
+    return runs
+
+
+def unique(runs: Sequence[Run]) -> list[Run]:
+    seen, out = set(), []
+    for r in runs:
+        if r.name not in seen:
+            seen.add(r.name)
+            out.append(r)
+    return out
+
+
+def execute(runs: Sequence[Run], pipeline: str | Path, wd: Workdir, runtime: Runtime,
+            deadline: float | None = None, on_trained=None) -> bool:
+    """Train every run not yet finished, in order (each name once). Returns False if `deadline` stopped it.
+
+    Every run is planned first (cache, teachers and init checked), so a bad run fails before any trains.
+    """
+    from .student import plan_student, train_student
+
+    todo = []
+    for r in unique(runs):
+        cfg = load_config(pipeline, r.overrides)
+        if not run_is_done(wd.student_dir(r.name), plan_student(cfg, wd).identity):
+            todo.append((r, cfg))
+    total = len(unique(runs))
+    log(f"[sweep] {total} runs: {total - len(todo)} finished, {len(todo)} to train")
+    started = time.perf_counter()
+    for i, (r, cfg) in enumerate(todo):
+        if deadline is not None and time.time() >= deadline:
+            log(f"[sweep] time limit reached: {len(todo) - i} runs left; run the same command again to continue")
+            return False
+        t0 = time.perf_counter()
+        train_student(cfg, wd, runtime)
+        if on_trained is not None:
+            on_trained(r, time.perf_counter() - t0)
+        log(f"[sweep] {i + 1}/{len(todo)} trained ({r.name}); elapsed {format_seconds(time.perf_counter() - started)}")
+    return True
+
+
+def load_report(wd: Workdir, run: Run) -> dict[str, Any] | None:
+    path = wd.student_dir(run.name) / "eval.json"
+    return read_json(path) if path.is_file() else None
+
+
+def summarise(runs: Sequence[Run], wd: Workdir) -> list[dict[str, Any]]:
+    """Per label (in first-seen order): mean, sample std and values of each metric over its seeds.
+
+    A label with a missing run gets `complete: false` and statistics over the runs that exist.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        row = rows.setdefault(r.label, {"label": r.label, "runs": [], "seeds": [], "reports": []})
+        row["runs"].append(r.name)
+        row["seeds"].append(r.seed)
+        row["reports"].append(load_report(wd, r))
+    out = []
+    for row in rows.values():
+        reports = [rep for rep in row.pop("reports") if rep is not None]
+        row["complete"] = len(reports) == len(row["runs"])
+        for m in METRICS:
+            values = [rep[m] for rep in reports if rep.get(m) is not None]
+            row[m] = stats(values)
+        per_class = [rep["per_class"] for rep in reports]
+        row["per_class"] = np.mean(np.array(per_class, dtype=float), axis=0).round(3).tolist() if per_class else None
+        row["train_counts"] = reports[0]["train_counts"] if reports else None
+        out.append(row)
+    return out
+
+
+def stats(values: Sequence[float]) -> dict[str, Any]:
+    """mean and sample standard deviation (ddof 1; 0 for one value), None when empty."""
+    if not values:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(np.mean(values)), "std": std, "n": len(values), "values": [round(v, 3) for v in values]}
+
+
+def pm(s: dict[str, Any]) -> str:
+    """'66.4 ± 0.3', or '–' when there is no value."""
+    return "–" if s["mean"] is None else f"{s['mean']:.1f} ± {s['std']:.1f}"
+
+
+def markdown(rows: Sequence[dict[str, Any]], header: str = "setting") -> str:
+    lines = [f"| {header} | top-1 | many | medium | few | seeds |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        seeds = f"{r['top1']['n']}" + ("" if r["complete"] else f" of {len(r['runs'])}")
+        lines.append(f"| {r['label']} | {pm(r['top1'])} | {pm(r['many'])} | {pm(r['medium'])} | {pm(r['few'])} "
+                     f"| {seeds} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(cfg: Config, wd: Workdir, runtime: Runtime, grid: list[tuple[str, list[str]]], seeds: Sequence[int],
+              name: str = "") -> tuple[list[dict[str, Any]], Path]:
+    """Train the grid x seeds (skipping finished runs), then write W/sweeps/<name>.{md,json}."""
+    runs = make_runs(cfg.source, cfg.overrides, grid_points(grid), seeds)
+    execute(runs, cfg.source, wd, runtime)
+    rows = summarise(runs, wd)
+    if not name:
+        name = "_".join(["sweep", *[k.split(".", 1)[1] for k, _ in grid]])
+    folder = wd.root / "sweeps"
+    folder.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["cbd-cache sweep", f"--pipeline {cfg.source}", f"--workdir {wd.root}",
+                        *[f"--set {o}" for o in cfg.overrides],
+                        *[f"--grid {k}={','.join(v)}" for k, v in grid], f"--seeds {','.join(map(str, seeds))}"])
+    md = f"# Sweep {name}\n\n`{command}`\n\n" + markdown(rows)
+    (folder / f"{name}.md").write_text(md)
+    write_json(folder / f"{name}.json", {"command": command, "grid": grid, "seeds": list(seeds), "rows": rows})
+    return rows, folder / f"{name}.md"
