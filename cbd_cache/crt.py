@@ -7,7 +7,9 @@ backbone with the new classifier) so that evaluation, NCM and the tables treat i
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Iterator
 
@@ -43,16 +45,28 @@ class DescriptorStream(IterableDataset):
         self.seed = seed
         self.samples_per_epoch = len(labels)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        self.rank, self.world, self.skip = 0, 1, 0
+
+    def place(self, rank: int, world: int, batches_done: int = 0, batch_size: int = 1) -> "DescriptorStream":
+        """Rank `rank` takes every `world`-th copy of the one global sequence, after `batches_done` batches."""
+        placed = copy.copy(self)
+        placed.rank, placed.world, placed.skip = rank, world, batches_done * batch_size * world
+        return placed
+
+    def sequence(self) -> Iterator[tuple[int, int]]:
+        """The global, endless (row, view) sequence: a fresh permutation of the sampler's copies per pass."""
         epoch = 0
         while True:
             rng = np.random.default_rng([self.seed, epoch, 0xC27])
             n = [copies(self.factors[y], u) for y, u in zip(self.labels, rng.random(len(self.labels)))]
             rows = rng.permutation(np.repeat(np.arange(len(self.labels)), n))
             views = rng.integers(self.descriptors.shape[1], size=len(rows))
-            for r, a in zip(rows, views):
-                yield torch.from_numpy(self.descriptors[r, a]), int(self.labels[r])
+            yield from zip(rows.tolist(), views.tolist())
             epoch += 1
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        for r, a in itertools.islice(self.sequence(), self.skip + self.rank, None, self.world):
+            yield torch.from_numpy(self.descriptors[r, a]), int(self.labels[r])
 
 
 def classifier_step(runtime: Runtime):
@@ -79,7 +93,9 @@ def train_crt(cfg: Config, wd: Workdir, runtime: Runtime, plan) -> Path:
         f"{descriptors.shape[1]} cached descriptors of {teacher}, {s.sampling} sampling")
     in_process = dataclasses.replace(runtime, workers=0)    # in-memory data: loader processes only cost
     history, wall_s = fit(classifier, stream, s, classifier_step(runtime), in_process, f"student {plan.name}",
-                          plan.folder)
+                          plan.folder, plan.recipe)
+    if not runtime.dist.main:   # under torchrun rank 0 evaluates and writes the run folder
+        return plan.folder / "checkpoint.pt"
     net, meta = load_checkpoint(wd.teacher_checkpoint(teacher))
     net.classifier = classifier.cpu()
     test = evaluate_network(net, manifest, cfg, runtime, manifest.eval_split)

@@ -114,3 +114,27 @@ def test_logit_and_hybrid_distillation_from_the_cache_and_online(smoke_copy):
         net, _ = load_checkpoint(ckpt)
         # logit distillation alone needs no projection h; hybrid distils two 64-d teachers through h
         assert net.classifier.weight.shape[1] == (128 if "student.distill=hybrid" in extra else 64)
+
+
+def test_crt_descriptor_stream_splits_over_ranks_and_resumes_in_place():
+    """Ranks take disjoint interleaved copies of one sequence; a stream placed after b batches continues it."""
+    import itertools
+
+    import numpy as np
+
+    from cbd_cache.crt import DescriptorStream
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), [20, 5, 1])
+    descriptors = rng.standard_normal((len(labels), 4, 8)).astype(np.float32)
+    stream = DescriptorStream(descriptors, labels, [20, 5, 1], "class_balanced", seed=3)
+
+    def take(s, n):
+        return [(x.numpy().tobytes(), y) for x, y in itertools.islice(iter(s), n)]
+
+    whole = take(stream.place(0, 1), 60)
+    assert take(stream.place(0, 1, batches_done=5, batch_size=4), 40) == whole[20:60]
+    rank0, rank1 = take(stream.place(0, 2), 30), take(stream.place(1, 2), 30)
+    assert rank0 == whole[0::2] and rank1 == whole[1::2]
+    counts = np.bincount([y for _, y in whole], minlength=3)
+    assert counts.min() >= 10      # class-balanced: the single-image class is drawn as often as the others
