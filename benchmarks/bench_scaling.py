@@ -4,7 +4,7 @@ K = 4), and what that projects to for ImageNet-LT and iNaturalist18 at their def
 
 Each point is its own workdir: `prepare` (N through data.n_max), untrained teachers (speed does not
 depend on the weights), `export_cache` timed end to end, `cache info` for the bytes, and the real
-student loop on cached targets (TrainStream, DataLoader, train_one_epoch) for its images/s.
+student loop on cached targets (TrainStream, DataLoader, engine.train_step) for its images/s.
 
 The projection uses the cache schema (bytes = N * A * (K * d * bytes_per_value + 20 view bytes), int8
 adding 2 bytes of scale per vector), checked here against every measured cache, and the ResNet-50
@@ -22,14 +22,14 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from common import RESULTS, ROOT, Timer, bench_config, runtime_info, untrained_teachers, write_results
+from common import RESULTS, ROOT, Timer, bench_config, runtime_info, train_images_per_s, untrained_teachers, write_results
 
 from cbd_cache.cache import CacheReader, cache_info
 from cbd_cache.config import load_config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare
 from cbd_cache.data.stream import CacheSpec, TrainStream
-from cbd_cache.engine import cosine_schedule, make_optimizer, train_one_epoch
+from cbd_cache.engine import cosine_schedule, make_optimizer
 from cbd_cache.export import export_cache
 from cbd_cache.models import Network, descriptor_dim, projection_dim
 from cbd_cache.runtime import log, make_runtime, seed_everything
@@ -47,10 +47,12 @@ VIEW_BYTES = 5 * 4
 BYTES = {"float32": 4, "float16": 2, "int8": 1}
 
 
-def schema_bytes(n: int, a: int, k: int, d: int, dtype: str) -> int:
-    """Bytes of the cache's chunks by the schema: views + descriptors (+ int8 scales); metadata not counted."""
+def schema_bytes(n: int, a: int, k: int, d: int, dtype: str, chunk_rows: int = 1) -> int:
+    """Bytes of the cache's chunks by the schema: views + descriptors (+ int8 scales) + one shard_done byte
+    per chunk; the last chunk is stored whole (Zarr pads edge chunks); metadata not counted."""
     scales = 2 if dtype == "int8" else 0
-    return n * a * (VIEW_BYTES + k * (d * BYTES[dtype] + scales))
+    chunks = -(-n // chunk_rows)
+    return chunks * chunk_rows * a * (VIEW_BYTES + k * (d * BYTES[dtype] + scales)) + (chunks if chunk_rows > 1 else 0)
 
 
 def student_rate(cfg, wd: Workdir, runtime, teachers: list[str], warmup: int, steps: int) -> float:
@@ -66,9 +68,9 @@ def student_rate(cfg, wd: Workdir, runtime, teachers: list[str], warmup: int, st
     batches = iter(DataLoader(stream, batch_size=s.batch_size, **runtime.loader_kwargs()))
     opt = make_optimizer(net, s)
     sched = cosine_schedule(opt, 10**6)
-    step = distillation_step(runtime, reader.dims, s.alpha, s.beta)
-    train_one_epoch(net, batches, warmup, opt, sched, step, runtime, "warm-up", s.batch_size)
-    return train_one_epoch(net, batches, steps, opt, sched, step, runtime, "student", s.batch_size)["images_per_s"]
+    step = distillation_step(runtime, reader.dims, s)
+    train_images_per_s(net, batches, warmup, opt, sched, step, runtime, s.batch_size)
+    return train_images_per_s(net, batches, steps, opt, sched, step, runtime, s.batch_size)
 
 
 def run_point(root: Path, n_max: int, a: int, k: int, warmup: int, steps: int) -> dict:
@@ -97,7 +99,8 @@ def run_point(root: Path, n_max: int, a: int, k: int, warmup: int, steps: int) -
     chunk_bytes = sum(f.stat().st_size for f in wd.cache.rglob("*") if f.is_file() and "/c/" in str(f))
     r = {"N": n, "A": a, "K": k, "export_s": export_s, "export_us_per_ivt": 1e6 * export_s / (n * a * k),
          "cache_bytes": info["bytes_on_disk"], "chunk_bytes": chunk_bytes,
-         "schema_bytes": schema_bytes(n, a, k, d, "float16"), "student_images_per_s": rate,
+         "schema_bytes": schema_bytes(n, a, k, d, "float16", cfg.export.chunk_rows or cfg.data.shard_size),
+         "student_images_per_s": rate,
          "runtime": runtime_info(runtime)}
     log(f"[scaling] N={n} A={a} K={k}: export {export_s:.1f}s ({r['export_us_per_ivt']:.1f} us per image.view.teacher), "
         f"cache {info['bytes_on_disk'] / 2**20:.2f} MiB, student {rate:.0f} img/s")
@@ -129,7 +132,8 @@ def markdown(res: dict) -> str:
     lines = ["# Scaling: export time, cache bytes and student throughput against N, A and K", "", "{head}",
              "Embedded default (Fashion-MNIST-LT, 28 px, untrained ResNet-8 teachers, d = 64, float16), one axis "
              "varied at a time. Export: `export_cache` end to end. Student: the CBD student on cached targets, real "
-             "loop, images/s. Schema bytes: N·A·(20 + K·d·2), chunks only.", "",
+             "loop, images/s. Schema bytes: N'·A·(20 + K·d·2) + S, chunks only, with N' = N rounded up to whole "
+             "chunks of one shard (Zarr stores the last chunk whole) and S shard_done bytes.", "",
              "| varied | N | A | K | export (s) | µs per image·view·teacher | cache on disk (MiB) | chunk bytes = "
              "schema? | student img/s |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for axis, r in zip([p[0] for p in POINTS], res["points"]):

@@ -28,6 +28,7 @@ from cbd_cache.config import Config, DataCfg, load_config  # noqa: E402
 from cbd_cache.data.manifest import Manifest  # noqa: E402
 from cbd_cache.data.prepare import prepare  # noqa: E402
 from cbd_cache.data.sources import Record, Synthetic  # noqa: E402
+from cbd_cache.engine import train_step  # noqa: E402
 from cbd_cache.models import Network  # noqa: E402
 from cbd_cache.runtime import Runtime, cpu_count, log  # noqa: E402
 from cbd_cache.workdir import Workdir  # noqa: E402
@@ -155,6 +156,17 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
+
+
+def train_images_per_s(model: torch.nn.Module, batches, steps: int, optimizer, scheduler, step_fn, runtime,
+               batch_size: int) -> float:
+    """images/s of `steps` steps of `engine.train_step` (fit's step) on batches from an iterator."""
+    model.train()
+    with Timer(runtime.device) as t:
+        for _ in range(steps):
+            loss, _ = train_step(model, next(batches), step_fn, optimizer, scheduler, runtime)
+        loss.item()   # the last step has finished
+    return steps * batch_size / t.seconds
 
 
 def env_threads() -> None:

@@ -164,6 +164,18 @@ def fold(local: dict[str, torch.Tensor], state: TrainState) -> None:
     local.clear()
 
 
+def train_step(model: torch.nn.Module, batch: tuple, step_fn: LossFn, optimizer: torch.optim.Optimizer,
+               scheduler, runtime: Runtime) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step on one batch: what `fit` does per step, and what the benchmarks time."""
+    with runtime.autocast():
+        loss, stats = step_fn(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.detach(), stats
+
+
 def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Runtime, tag: str,
         folder: Path, config: dict[str, Any] | None = None) -> tuple[list[dict[str, float]], float]:
     """Train `net` for `t.epochs` epochs of `stream.samples_per_epoch` samples: SGD, cosine schedule per step.
@@ -208,15 +220,8 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
         epoch = state.step // steps
         if progress is None:   # (a resumed epoch counts only its remaining steps)
             progress = Progress(f"{tag} epoch {epoch + 1}/{t.epochs}", ((epoch + 1) * steps - state.step) * global_batch)
-        batch = next(batches)
-        with runtime.autocast():
-            loss, stats = step_fn(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        loss, stats = train_step(model, next(batches), step_fn, optimizer, scheduler, runtime)
         state.step += 1
-        loss = loss.detach()
         first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), state.step, first_bad)
         for k, v in {"loss": loss, **stats}.items():
             local[k] = local[k] + v.float() if k in local else v.float()
