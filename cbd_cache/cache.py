@@ -146,7 +146,8 @@ class CacheWriter:
             if p["logits"]:
                 group.create_array(f"logits/{name}", shape=(n, a, p["num_classes"]), chunks=(rows, a, p["num_classes"]),
                                    dtype=logits_dtype(p["dtype"]), compressors=None, fill_value=0)
-        group.create_array("shard_done", shape=(len(p["shards"]),), chunks=(1,), dtype="uint8", fill_value=0)
+        group.create_array("shard_done", shape=(len(p["shards"]),), chunks=(1,), dtype="uint8", compressors=None,
+                           fill_value=0)
         # provenance last: readers take the group for a cache only once its arrays exist
         group.attrs.update({"provenance": p,
                             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
