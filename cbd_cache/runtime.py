@@ -74,7 +74,8 @@ def loader_workers(cuda: bool, cores: int) -> int:
 
     CUDA: up to 8, leaving the main process a core to launch kernels. CPU: the step's own threads
     already use every core, and a worker beside them only steals those cores (measured on 2 cores:
-    see results/bench_student.md), so small machines load in the main process between steps and
+    the embedded default's export takes 29 s with one worker, 18-20 s without; README, Performance),
+    so small machines load in the main process between steps and
     larger ones give a quarter of their cores to loading.
     """
     if cuda:
