@@ -44,7 +44,6 @@ class DescriptorStream(IterableDataset):
         self.factors = repeat_factors(class_counts, sampling)
         self.seed = seed
         self.samples_per_epoch = len(labels)
-
         self.rank, self.world, self.skip = 0, 1, 0
 
     def place(self, rank: int, world: int, batches_done: int = 0, batch_size: int = 1) -> "DescriptorStream":

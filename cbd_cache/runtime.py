@@ -88,7 +88,7 @@ def keep_freed_memory() -> None:
 
     PyTorch allocates CPU tensors with plain malloc. Above glibc's mmap threshold every activation is
     a fresh mapping that the kernel zero-fills page by page, on every batch: on 2 cores, half of the
-    embedded default's export went to the kernel (38 s, 29 s of it system time; 22 s with this). A fixed
+    embedded default's export went to the kernel (38 s, 29 s of it system time; 21 s with this). A fixed
     threshold of 32 MiB (glibc's maximum) and a 256 MiB trim threshold stop that. No-op off glibc.
     """
     try:

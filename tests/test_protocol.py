@@ -1,12 +1,15 @@
 """The paper's second-stage methods: fine-tuning, cRT, logit / hybrid distillation, data-aug students."""
+import itertools
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from cbd_cache.cache import CacheError
 from cbd_cache.checkpoint import load_checkpoint
 from cbd_cache.config import ConfigError
+from cbd_cache.crt import DescriptorStream
 from cbd_cache.runtime import make_runtime
 from cbd_cache.workdir import read_json
 
@@ -118,12 +121,6 @@ def test_logit_and_hybrid_distillation_from_the_cache_and_online(smoke_copy):
 
 def test_crt_descriptor_stream_splits_over_ranks_and_resumes_in_place():
     """Ranks take disjoint interleaved copies of one sequence; a stream placed after b batches continues it."""
-    import itertools
-
-    import numpy as np
-
-    from cbd_cache.crt import DescriptorStream
-
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), [20, 5, 1])
     descriptors = rng.standard_normal((len(labels), 4, 8)).astype(np.float32)
