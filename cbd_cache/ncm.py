@@ -47,8 +47,12 @@ def ncm_fit(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple
 def ncm_predict(features: np.ndarray, center: np.ndarray, means: np.ndarray) -> np.ndarray:
     """The index of the nearest class mean (L2) of each centred, normalised feature."""
     f = _normalize(_normalize(np.asarray(features, dtype=np.float64)) - center)
-    distances = ((f[:, None, :] - means[None, :, :]) ** 2).sum(axis=2)
-    return np.nan_to_num(distances, nan=np.inf).argmin(axis=1)
+    empty = ~np.isfinite(means).all(axis=1)
+    m = np.where(empty[:, None], 0.0, means)
+    # |f - m|^2 less the per-row constant |f|^2, by one matmul: no (images x classes x d) array at ImageNet scale
+    distances = (m ** 2).sum(axis=1)[None, :] - 2.0 * f @ m.T
+    distances[:, empty] = np.inf
+    return distances.argmin(axis=1)
 
 
 def _model_features(net, manifest: Manifest, split: str, cfg: Config, runtime: Runtime) -> dict[str, np.ndarray]:
