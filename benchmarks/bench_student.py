@@ -42,7 +42,7 @@ from cbd_cache.teachers import cross_entropy_step
 from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir
 
-CASES = {"small": dict(ks=(1, 4), warmup=8, steps=40, rounds=3),
+CASES = {"small": dict(ks=(1, 4), warmup=8, steps=40, rounds=5),
          "rn50": dict(ks=(4,), warmup=1, steps=4, rounds=2)}
 
 

@@ -15,6 +15,7 @@ import torch
 from . import distributed
 from .config import ConfigError, PipelineCfg
 from .distributed import Dist
+from .views import to_unit
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
+        """A loader's batch on the device, in [0, 1] floats (`views.to_unit`) and the model's memory format."""
+        images = to_unit(images.to(self.device, non_blocking=True))
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:

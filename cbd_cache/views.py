@@ -91,21 +91,31 @@ def derive_view(seed: int, key: str, index: int, height: int, width: int, spec: 
 
 
 def replay(image: torch.Tensor, view: np.ndarray | torch.Tensor, image_px: int) -> torch.Tensor:
-    """uint8 (C, H, W) image + view -> float32 (C, image_px, image_px) in [0, 1]. Deterministic on CPU.
+    """uint8 (C, H, W) image + view -> uint8 (C, image_px, image_px). Deterministic on CPU.
 
     The crop is resized in uint8 (antialiased bilinear, as torchvision resizes uint8 images): about
     half the time of resizing in float32 at 224 px, where each loader worker replays every sample.
+    Views stay uint8 until `to_unit` on the device: a quarter of the bytes through the loader's
+    shared memory and the host-to-device copy, and one conversion per batch instead of per view.
     """
     top, left, h, w, flip = view.tolist()
     x = image[None, :, top:top + h, left:left + w]
     if (h, w) != (image_px, image_px):
         x = F.interpolate(x, size=(image_px, image_px), mode="bilinear", align_corners=False, antialias=True)
-    x = x[0].float().div_(255.0)
-    return x.flip(-1) if flip else x
+    return x[0].flip(-1) if flip else x[0]
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1]; float tensors (photometrically augmented views) pass through.
+
+    A multiply, not a divide: CUDA divides by a scalar as a multiply by its reciprocal and the CPU
+    divides, so only the multiply gives the same bits on both, wherever a batch is converted.
+    """
+    return x.float().mul_(1 / 255) if x.dtype == torch.uint8 else x
 
 
 def eval_view(image: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
-    """Evaluation: resize the short side to eval_resize_px and centre-crop image_px (or resize to image_px)."""
+    """uint8 evaluation view: resize the short side to eval_resize_px and centre-crop image_px (or resize to image_px)."""
     _, height, width = image.shape
     if spec.eval_resize_px == 0:
         return replay(image, np.array([0, 0, height, width, 0]), spec.image_px)
@@ -116,12 +126,13 @@ def eval_view(image: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
 
 
 def photometric(x: torch.Tensor, rng: np.random.Generator, teacher: TeacherCfg) -> torch.Tensor:
-    """Data-augmentation teachers' extra noise on a view in [0, 1].
+    """Data-augmentation teachers' extra noise on a uint8 view -> float32 in [0, 1].
 
     paper: colour jitter of strength `jitter` (brightness, contrast, saturation) in random order,
     then Gaussian noise of `noise_std`. official: SimCLR jitter (0.8, 0.8, 0.8, 0.2) with p=0.8,
     then grayscale with p=0.2, no noise.
     """
+    x = to_unit(x)
     official = teacher.aug_style == "official"
     strength = (0.8, 0.8, 0.8, 0.2) if official else (teacher.jitter, teacher.jitter, teacher.jitter, 0.0)
     rgb = x.shape[0] == 3

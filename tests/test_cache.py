@@ -11,7 +11,7 @@ from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import decode_image, read_shard
 from cbd_cache.export import export_cache
 from cbd_cache.runtime import make_runtime
-from cbd_cache.views import ViewSpec, replay
+from cbd_cache.views import ViewSpec, replay, to_unit
 
 from .conftest import smoke_config
 
@@ -27,8 +27,8 @@ def test_cache_row_i_holds_the_descriptors_of_manifest_sample_i(smoke_workdir):
     for info in manifest.train.shards[::3]:                  # several shards, every row of each
         samples = read_shard(manifest.shard_path(info), info.start, info.stop)
         views = group["views"][info.start:info.stop]
-        x = torch.stack([replay(decode_image(s.data, manifest.channels), views[i, a], spec.image_px)
-                         for i, s in enumerate(samples) for a in range(views.shape[1])])
+        x = to_unit(torch.stack([replay(decode_image(s.data, manifest.channels), views[i, a], spec.image_px)
+                                 for i, s in enumerate(samples) for a in range(views.shape[1])]))
         for name, net in nets.items():
             with torch.no_grad():
                 expected = F.normalize(net.features(x), dim=1).numpy().reshape(len(samples), views.shape[1], -1)

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.stream import CacheSpec, ExportStream, TrainStream
-from cbd_cache.views import ViewSpec, derive_view, derive_views, eval_view, replay
+from cbd_cache.views import ViewSpec, derive_view, derive_views, eval_view, replay, to_unit
 
 from .conftest import smoke_config
 
@@ -35,11 +35,21 @@ def test_views_respect_the_spec():
 
 def test_replay_crops_resizes_and_flips():
     image = torch.arange(2 * 8 * 8, dtype=torch.uint8).reshape(2, 8, 8)
-    out = replay(image, np.array([2, 1, 4, 4, 0]), 4)          # same size: a pure crop
-    assert torch.equal(out, image[:, 2:6, 1:5].float() / 255)
+    out = replay(image, np.array([2, 1, 4, 4, 0]), 4)          # same size: a pure crop, still uint8
+    assert out.dtype == torch.uint8 and torch.equal(out, image[:, 2:6, 1:5])
     flipped = replay(image, np.array([2, 1, 4, 4, 1]), 4)
     assert torch.equal(flipped, out.flip(-1))
     assert replay(image, np.array([0, 0, 8, 8, 0]), 16).shape == (2, 16, 16)
+
+
+def test_to_unit_maps_pixels_to_the_unit_interval_the_same_per_view_or_per_batch():
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
+    x = to_unit(pixels)
+    assert x.dtype == torch.float32 and x.min() == 0 and x.max() == 1
+    torch.testing.assert_close(x, pixels.double().div(255).float(), rtol=0, atol=1e-7)
+    batch = torch.stack([pixels, pixels.flip(-1)])
+    assert torch.equal(to_unit(batch)[1], to_unit(pixels.flip(-1)))
+    assert to_unit(x) is x                                    # augmented float views pass through
 
 
 def test_eval_view_centre_crops_after_resizing_the_short_side():

@@ -165,16 +165,23 @@ class TrainStream(IterableDataset):
             for _ in range(skip):        # fast-forward: the order only, no image decoded
                 next(items)
             for j, item in enumerate(items, start=skip):
-                yield self.materialize(item, np.random.default_rng([self.seed, epoch, slot, j]))
+                yield self.materialize(item, (self.seed, epoch, slot, j))
             epoch, skip = epoch + 1, 0
 
-    def materialize(self, item: tuple, rng: np.random.Generator) -> tuple:
+    def materialize(self, item: tuple, rng_seed: tuple[int, ...]) -> tuple:
+        """The item's image, uint8 (float once photometrically augmented), with its label, row and targets.
+
+        Its generator (fresh view, photometric noise) is seeded only when one is needed: seeding
+        costs about as much as replaying a 28 px view, and a cached view needs none.
+        """
         sample, view, a, target, logits = item
         image = decode_image(sample.data, self.manifest.channels)
+        augment = self.augment is not None and self.augment.type == "data_aug"
+        rng = np.random.default_rng(list(rng_seed)) if view is None or augment else None
         if view is None:
             view = sample_view(rng, image.shape[1], image.shape[2], self.spec)
         x = replay(image, view, self.spec.image_px)
-        if self.augment is not None and self.augment.type == "data_aug":
+        if augment:
             x = photometric(x, rng, self.augment)
         return (x, sample.label, sample.row, a,
                 EMPTY if target is None else torch.from_numpy(np.asarray(target)),
@@ -196,7 +203,7 @@ class EvalStream(IterableDataset):
 
 
 class ExportStream(IterableDataset):
-    """Batches of (shard index, rows, views int32 (n, A, 5), images (n*A, C, px, px)) over whole shards.
+    """Batches of (shard index, rows, views int32 (n, A, 5), images uint8 (n*A, C, px, px)) over whole shards.
 
     View a of image `key` is `derive_views(view_seed, key, ...)[a]`, replayed exactly as the
     student's `TrainStream` replays the stored parameters.
