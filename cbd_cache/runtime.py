@@ -77,10 +77,10 @@ def loader_workers(cuda: bool, cores: int) -> int:
     """Loader processes for `pipeline.workers = -1`.
 
     CUDA: up to 8, leaving the main process a core to launch kernels. CPU: the step's own threads
-    already use every core, and a worker beside them only steals those cores (measured on 2 cores:
-    the embedded default's export takes 29 s with one worker, 18-20 s without; README, Performance),
-    so small machines load in the main process between steps and
-    larger ones give a quarter of their cores to loading.
+    already use every core, and a worker beside them only steals those cores (on 2 cores the
+    embedded default's export took 16.0-16.5 s with one worker, niced or not, against 15.7 s
+    without), so small machines load in the main process between steps and larger ones give a
+    quarter of their cores to loading.
     """
     if cuda:
         return min(8, max(cores - 1, 1))
