@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -127,13 +128,24 @@ def command() -> str:
     return " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
 
 
+def commit() -> str:
+    """The checkout's commit, with "+changes" when the tracked files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return (head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def write_results(name: str, payload: dict, markdown: str) -> None:
-    """results/<name>.json and results/<name>.md, each naming the command and the machine."""
+    """results/<name>.json and results/<name>.md, each naming the command, the commit and the machine."""
     RESULTS.mkdir(exist_ok=True)
-    payload = {"command": command(), "machine": machine(), **payload}
+    payload = {"command": command(), "commit": commit(), "machine": machine(), **payload}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     m = payload["machine"]
-    head = (f"Command: `{payload['command']}`  \n"
+    head = (f"Command: `{payload['command']}` at commit {payload['commit']}  \n"
             f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}, torch {m['torch']} "
             f"({m['torch_threads']} threads), {m['date_utc']} UTC\n\n")
     (RESULTS / f"{name}.md").write_text(markdown.replace("{head}", head))
