@@ -78,9 +78,9 @@ def loader_workers(cuda: bool, cores: int) -> int:
 
     CUDA: up to 8, leaving the main process a core to launch kernels. CPU: the step's own threads
     already use every core, and a worker beside them only steals those cores (on 2 cores the
-    embedded default's export took 16.0-16.5 s with one worker, niced or not, against 15.7 s
-    without), so small machines load in the main process between steps and larger ones give a
-    quarter of their cores to loading.
+    embedded default's export was slower with one worker, niced or not, than without), so small
+    machines load in the main process between steps and larger ones give a quarter of their cores
+    to loading.
     """
     if cuda:
         return min(8, max(cores - 1, 1))
@@ -91,8 +91,8 @@ def keep_freed_memory() -> None:
     """Let glibc keep freed large blocks for the next batch instead of handing them back to the OS.
 
     PyTorch allocates CPU tensors with plain malloc. Above glibc's mmap threshold every activation is
-    a fresh mapping that the kernel zero-fills page by page, on every batch: on 2 cores, half of the
-    embedded default's export went to the kernel (38 s, 29 s of it system time; 21 s with this). A fixed
+    a fresh mapping that the kernel zero-fills page by page, on every batch: on 2 cores, most of the
+    embedded default's export time went to the kernel (README, Performance). A fixed
     threshold of 32 MiB (glibc's maximum) and a 256 MiB trim threshold stop that. No-op off glibc.
     """
     try:

@@ -94,6 +94,7 @@ class TrainStream(IterableDataset):
         self.factors = repeat_factors(manifest.train.class_counts, sampling)
         self.seed, self.samples_per_epoch, self.shuffle_buffer = seed, samples_per_epoch, shuffle_buffer
         self.cache, self.augment = cache, augment
+        self.augmenting = augment is not None and augment.type == "data_aug"
         self.rank, self.world = rank, world
         self.batches_done, self.batch_size = 0, 1
 
@@ -176,12 +177,11 @@ class TrainStream(IterableDataset):
         """
         sample, view, a, target, logits = item
         image = decode_image(sample.data, self.manifest.channels)
-        augment = self.augment is not None and self.augment.type == "data_aug"
-        rng = np.random.default_rng(list(rng_seed)) if view is None or augment else None
+        rng = np.random.default_rng(list(rng_seed)) if view is None or self.augmenting else None
         if view is None:
             view = sample_view(rng, image.shape[1], image.shape[2], self.spec)
         x = replay(image, view, self.spec.image_px)
-        if augment:
+        if self.augmenting:
             x = photometric(x, rng, self.augment)
         return (x, sample.label, sample.row, a,
                 EMPTY if target is None else torch.from_numpy(np.asarray(target)),
