@@ -6,9 +6,10 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
+from cbd_cache.data import stream as stream_module
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.stream import CacheSpec, ExportStream, TrainStream
-from cbd_cache.views import ViewSpec, derive_view, derive_views, eval_view, replay, to_unit
+from cbd_cache.views import ViewSpec, derive_view, derive_views, eval_view, replay, replay_views, to_unit
 
 from .conftest import smoke_config
 
@@ -22,6 +23,16 @@ def test_view_is_a_pure_function_of_seed_key_and_index():
     assert not np.array_equal(a, derive_view(0, "train-00043", 3, 28, 28, SPEC))
     # view a does not depend on how many views are exported: the first 4 of 16 are the 4 of an A=4 export
     assert np.array_equal(derive_views(0, "k", 16, 28, 28, SPEC)[:4], derive_views(0, "k", 4, 28, 28, SPEC))
+
+
+def test_views_are_the_same_in_every_version():
+    """Pinned values: a change to the derivation (or to numpy's generator) would silently give new
+    exports other views than earlier ones under the same seed."""
+    spec = ViewSpec(image_px=28, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True, eval_resize_px=0)
+    assert derive_views(0, "train-000042", 4, 28, 28, spec).tolist() == [
+        [2, 0, 23, 21, 1], [7, 8, 17, 19, 0], [3, 5, 22, 21, 0], [4, 0, 23, 28, 0]]
+    photo = ViewSpec(image_px=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True, eval_resize_px=256)
+    assert derive_views(7, "n01440764_10026", 2, 375, 500, photo).tolist() == [[6, 56, 262, 301, 1], [0, 95, 290, 278, 0]]
 
 
 def test_views_respect_the_spec():
@@ -40,6 +51,21 @@ def test_replay_crops_resizes_and_flips():
     flipped = replay(image, np.array([2, 1, 4, 4, 1]), 4)
     assert torch.equal(flipped, out.flip(-1))
     assert replay(image, np.array([0, 0, 8, 8, 0]), 16).shape == (2, 16, 16)
+
+
+@pytest.mark.parametrize("channels,height,width,px", [(1, 28, 28, 28), (3, 40, 37, 32), (3, 64, 64, 24), (4, 30, 30, 16)])
+def test_replay_views_is_replay_of_each_view(channels, height, width, px):
+    """Export's batched replay gives the student's per-view pixels bit for bit (downscales, upscales, identity crops, flips)."""
+    g = torch.Generator().manual_seed(channels * 1000 + height)
+    images = torch.randint(0, 256, (12, channels, height, width), dtype=torch.uint8, generator=g)
+    spec = ViewSpec(image_px=px, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), flip=True, eval_resize_px=0)
+    views = np.stack([derive_views(3, f"img{i}", 8, height, width, spec) for i in range(12)])
+    views[0, 0] = [0, 0, height, width, 1]                  # the whole image, flipped
+    top, left = (height - px) // 2, (width - px) // 2
+    views[1, :2] = [[top, left, px, px, 0], [top, left, px, px, 1]]   # crops of the output size: no resize
+    batched = replay_views(images, views, px)
+    assert batched.dtype == torch.uint8 and batched.shape == (12 * 8, channels, px, px)
+    assert torch.equal(batched, torch.stack([replay(images[i], views[i, a], px) for i in range(12) for a in range(8)]))
 
 
 def test_to_unit_maps_pixels_to_the_unit_interval_the_same_per_view_or_per_batch():
@@ -70,6 +96,20 @@ def export_tensors(manifest, cfg):
             for a in range(a_count):
                 seen[(row, a)] = images[i * a_count + a]
     return seen
+
+
+def test_export_batches_do_not_depend_on_how_many_views_replay_at_once(smoke_workdir, monkeypatch):
+    cfg = smoke_config()
+    manifest = Manifest.load(smoke_workdir.manifest)
+    a = cfg.export.views
+    stream = ExportStream(manifest, [0, 1], ViewSpec.from_cfg(cfg.views), cfg.pipeline.seed, a, 5 * a)   # 5 images a batch
+    windowed = list(stream)                                    # whole shards replay at once at this size
+    monkeypatch.setattr(stream_module, "REPLAY_WINDOW_BYTES", 0)  # one batch at a time
+    single = list(stream)
+    assert len(windowed) == len(single) > 2
+    for (s, rows, views, pixels), (s1, rows1, views1, pixels1) in zip(windowed, single):
+        assert s == s1 and len(rows) <= 5 and pixels.shape[0] == len(rows) * a
+        assert torch.equal(rows, rows1) and torch.equal(views, views1) and torch.equal(pixels, pixels1)
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -21,12 +21,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..config import TeacherCfg
-from ..views import ViewSpec, derive_views, eval_view, photometric, replay, sample_view
+from ..views import ViewSpec, derive_views, eval_view, photometric, replay, replay_views, sample_view
 from .manifest import Manifest
 from .sampling import copies, repeat_factors
 from .shards import Sample, decode_image, read_shard
 
 EMPTY = torch.empty(0)
+REPLAY_WINDOW_BYTES = 16 << 20   # export replays up to this many bytes of views at once
 
 
 def worker_slot(rank: int, world: int) -> tuple[int, int]:
@@ -215,21 +216,29 @@ class ExportStream(IterableDataset):
         self.view_seed, self.views = view_seed, views
         self.rows_per_batch = max(1, batch_images // views)
 
-    def shard_views(self, samples: list[Sample]) -> Iterator[tuple[Sample, np.ndarray, list[torch.Tensor]]]:
-        for sample in samples:
-            image = decode_image(sample.data, self.manifest.channels)
-            views = derive_views(self.view_seed, sample.key, self.views, image.shape[1], image.shape[2], self.spec)
-            yield sample, views, [replay(image, v, self.spec.image_px) for v in views]
+    def replay(self, samples: list[Sample]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """Rows, views (n, A, 5) and their replayed pixels (n * A, C, px, px), image-major."""
+        images = [decode_image(sample.data, self.manifest.channels) for sample in samples]
+        views = np.stack([derive_views(self.view_seed, sample.key, self.views, image.shape[1], image.shape[2], self.spec)
+                          for sample, image in zip(samples, images)])
+        px = self.spec.image_px
+        if len({image.shape for image in images}) == 1:   # the embedded default; one resize per crop size
+            pixels = replay_views(torch.stack(images), views, px)
+        else:                                            # photos of many sizes: one resize per view
+            pixels = torch.stack([replay(image, v, px) for image, vs in zip(images, views) for v in vs])
+        return torch.tensor([sample.row for sample in samples]), views, pixels
 
     def __iter__(self) -> Iterator[tuple]:
+        """Replays whole batches at a time, several when they are small: the more views replay together,
+        the more share a crop size, hence a resize call (the embedded default replays a shard at once)."""
         slot, slots = worker_slot(0, 1)
+        n, a = self.rows_per_batch, self.views
+        row_bytes = a * self.manifest.channels * self.spec.image_px ** 2
+        window = n * max(1, REPLAY_WINDOW_BYTES // (n * row_bytes))
         for s in self.shard_indices[slot::slots]:
             info = self.manifest.train.shards[s]
             samples = read_shard(self.manifest.shard_path(info), info.start, info.stop)
-            for b in range(0, len(samples), self.rows_per_batch):
-                rows, views, images = [], [], []
-                for sample, v, xs in self.shard_views(samples[b:b + self.rows_per_batch]):
-                    rows.append(sample.row)
-                    views.append(v)
-                    images.extend(xs)
-                yield s, torch.tensor(rows), torch.from_numpy(np.stack(views)), torch.stack(images)
+            for w in range(0, len(samples), window):
+                rows, views, pixels = self.replay(samples[w:w + window])
+                for b in range(0, len(rows), n):
+                    yield s, rows[b:b + n], torch.from_numpy(views[b:b + n]), pixels[b * a:(b + n) * a]
