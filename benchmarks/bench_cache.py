@@ -191,9 +191,10 @@ def student_rate(arch: str, px: int, channels: int, batch: int, k: int, d: int, 
 def bench_export(case: str, root: Path, runtime: Runtime, rounds: int, extra: tuple[str, ...] = ()) -> dict:
     """export_cache wall time against the same teachers' forward over the same batches, preloaded.
 
-    The two alternate for `rounds` rounds and each round gives one ratio: this machine's speed drifts
-    by +-10 % over minutes, so a ratio of two timings taken side by side is the stable quantity, and
-    the median of the rounds' ratios is what is reported (with every round's).
+    The two alternate for `rounds` rounds, export first in even rounds and plain first in odd ones,
+    and each round gives one ratio: this machine's speed drifts by +-10 % over minutes, so a ratio
+    of two timings taken side by side is the stable quantity, and the median of the rounds' ratios
+    is what is reported (with every round's).
     """
     cfg = bench_config(case, extra)
     wd = bench_workdir(case, root, cfg)
@@ -223,13 +224,16 @@ def bench_export(case: str, root: Path, runtime: Runtime, rounds: int, extra: tu
                         F.normalize(net.features(x).float(), dim=1).cpu()
 
     plain()   # warm-up: kernel selection and allocator caches for every batch shape, for both timings below
+    def export() -> None:
+        shutil.rmtree(fresh.cache, ignore_errors=True)
+        export_cache(cfg, fresh, runtime)
+
     export_s, plain_s = [], []
     for r in range(rounds):
-        shutil.rmtree(fresh.cache, ignore_errors=True)
-        with Timer(runtime.device) as t_export:
-            export_cache(cfg, fresh, runtime)
-        with Timer(runtime.device) as t_plain:
-            plain()
+        t_export, t_plain = Timer(runtime.device), Timer(runtime.device)
+        for timer, run in ((t_export, export), (t_plain, plain))[::1 if r % 2 == 0 else -1]:   # ABBA: drift cancels
+            with timer:
+                run()
         export_s.append(t_export.seconds)
         plain_s.append(t_plain.seconds)
         log(f"[export {case}] round {r + 1}/{rounds}: export {t_export.seconds:.2f}s, plain {t_plain.seconds:.2f}s "
@@ -294,7 +298,7 @@ def markdown(res: dict) -> str:
         lines += ["## Export against plain teacher inference on the same batches", "",
                   "`export_cache` wall time (loader, K teachers, normalisation, Zarr writes, resumable bookkeeping) "
                   "against the same teachers' forward passes over the same batches, decoded and replayed beforehand. "
-                  "The two alternate, round by round; views/s from the median times, export ÷ plain the median of the "
+                  "The two alternate, round by round, in ABBA order (export first in odd rounds, plain first in even ones); views/s from the median times, export ÷ plain the median of the "
                   "rounds' ratios. Target: export >= 0.9x plain inference. Last column: against plain inference "
                   "plus the loader alone (decoding and replaying the views, which any inference over the images pays), "
                   "i.e. what writing the cache itself costs.", "",
