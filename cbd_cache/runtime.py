@@ -88,20 +88,21 @@ def loader_workers(cuda: bool, cores: int) -> int:
 
 
 def keep_freed_memory() -> None:
-    """Let glibc keep freed large blocks for the next batch instead of handing them back to the OS.
+    """Let glibc keep freed blocks for the next batch instead of handing them back to the OS.
 
-    PyTorch allocates CPU tensors with plain malloc. Above glibc's mmap threshold every activation is
-    a fresh mapping that the kernel zero-fills page by page, on every batch: on 2 cores, most of the
-    embedded default's export time went to the kernel (README, Performance). A fixed
-    threshold of 32 MiB (glibc's maximum) and a 256 MiB trim threshold stop that. No-op off glibc.
+    PyTorch allocates CPU tensors with plain malloc, and glibc serves large blocks with fresh
+    mappings and trims the freed top of the heap: then every batch page-faults its activations in
+    again, and the kernel zero-fills them page by page (README, Performance). So: no mappings at all
+    (every block comes from the heap, where a freed one is reused) and no trimming. Memory stays at
+    its peak, as under CUDA's caching allocator. No-op off glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:   # pragma: no cover - not glibc
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)
-    libc.mallopt(m_trim_threshold, 256 << 20)
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def make_runtime(cfg: PipelineCfg) -> Runtime:

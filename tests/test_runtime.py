@@ -1,6 +1,9 @@
 """The GPU path's settings, exercised on CPU: bf16 autocast and channels_last change the numbers a little,
 not the result; loader workers are sized from the machine."""
+import resource
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -8,7 +11,7 @@ import torch
 from cbd_cache.cache import CacheReader
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.export import export_cache
-from cbd_cache.runtime import loader_workers, make_runtime
+from cbd_cache.runtime import keep_freed_memory, loader_workers, make_runtime
 
 from .conftest import smoke_config
 
@@ -20,6 +23,31 @@ def test_loader_workers_are_sized_from_the_machine():
     runtime = make_runtime(smoke_config("pipeline.workers=2").pipeline)
     kw = runtime.loader_kwargs()
     assert kw["num_workers"] == 2 and kw["persistent_workers"] and not kw["pin_memory"]   # pinned only on CUDA
+
+
+FAULTS_PER_BATCH = """
+import resource, sys, torch
+from cbd_cache.runtime import keep_freed_memory
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+faults = []
+for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.empty(96 << 18).fill_(1.0)      # a 96 MiB activation, freed after each batch
+    del x
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[2:]))                        # after the heap has grown to the peak
+"""
+
+
+def test_freed_activations_are_reused_without_page_faults():
+    """glibc maps a 96 MiB block afresh on every allocation, so each batch page-faults it in again
+    (24,576 faults); under keep_freed_memory the freed block is reused. In a fresh process each,
+    since how a long-lived heap is fragmented decides where the next block lands."""
+    pages = 10 * (96 << 20) // resource.getpagesize()
+    run = lambda mode: int(subprocess.check_output([sys.executable, "-c", FAULTS_PER_BATCH, mode], text=True))
+    assert run("default") >= pages
+    assert run("keep") < pages // 4
 
 
 def test_bf16_channels_last_export_matches_float32(smoke_copy):
