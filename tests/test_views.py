@@ -68,6 +68,32 @@ def test_replay_views_is_replay_of_each_view(channels, height, width, px):
     assert torch.equal(batched, torch.stack([replay(images[i], views[i, a], px) for i in range(12) for a in range(8)]))
 
 
+@pytest.mark.parametrize("sizes", [[(20, 24), (20, 24), (20, 24)], [(20, 24), (31, 18), (20, 24)]])
+def test_export_replays_same_sized_and_mixed_photos_alike(sizes):
+    """Export batches same-sized images (`replay_views`) and replays photos of many sizes one view at a time."""
+    import io
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from cbd_cache.data.shards import Sample, decode_image
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i, (h, w) in enumerate(sizes):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        samples.append(Sample(f"img{i}", 0, 10 + i, buf.getvalue(), "png"))
+    spec = ViewSpec(image_px=16, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), flip=True, eval_resize_px=0)
+    rows, views, pixels = ExportStream(SimpleNamespace(channels=3), [], spec, 5, 4, 8).replay(samples)
+    assert rows.tolist() == [10, 11, 12] and views.shape == (3, 4, 5) and pixels.shape == (12, 3, 16, 16)
+    for i, sample in enumerate(samples):
+        image = decode_image(sample.data, 3)
+        assert np.array_equal(views[i], derive_views(5, sample.key, 4, image.shape[1], image.shape[2], spec))
+        for a in range(4):
+            assert torch.equal(pixels[i * 4 + a], replay(image, views[i, a], 16))
+
+
 def test_to_unit_maps_pixels_to_the_unit_interval_the_same_per_view_or_per_batch():
     pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
     x = to_unit(pixels)
