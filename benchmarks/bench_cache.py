@@ -191,7 +191,7 @@ def student_rate(arch: str, px: int, channels: int, batch: int, k: int, d: int, 
 def bench_export(case: str, root: Path, runtime: Runtime, rounds: int, extra: tuple[str, ...] = ()) -> dict:
     """export_cache wall time against the same teachers' forward over the same batches, preloaded.
 
-    The two alternate for `rounds` rounds, export first in even rounds and plain first in odd ones,
+    The two alternate for `rounds` rounds (export first in rounds 1, 3, ..., plain first in 2, 4, ...)
     and each round gives one ratio: this machine's speed drifts by +-10 % over minutes, so a ratio
     of two timings taken side by side is the stable quantity, and the median of the rounds' ratios
     is what is reported (with every round's).
@@ -224,6 +224,7 @@ def bench_export(case: str, root: Path, runtime: Runtime, rounds: int, extra: tu
                         F.normalize(net.features(x).float(), dim=1).cpu()
 
     plain()   # warm-up: kernel selection and allocator caches for every batch shape, for both timings below
+
     def export() -> None:
         shutil.rmtree(fresh.cache, ignore_errors=True)
         export_cache(cfg, fresh, runtime)
@@ -298,7 +299,8 @@ def markdown(res: dict) -> str:
         lines += ["## Export against plain teacher inference on the same batches", "",
                   "`export_cache` wall time (loader, K teachers, normalisation, Zarr writes, resumable bookkeeping) "
                   "against the same teachers' forward passes over the same batches, decoded and replayed beforehand. "
-                  "The two alternate, round by round, in ABBA order (export first in odd rounds, plain first in even ones); views/s from the median times, export ÷ plain the median of the "
+                  "The two alternate, round by round, in ABBA order (export first in odd rounds, plain first in even "
+                  "ones); views/s from the median times, export ÷ plain the median of the "
                   "rounds' ratios. Target: export >= 0.9x plain inference. Last column: against plain inference "
                   "plus the loader alone (decoding and replaying the views, which any inference over the images pays), "
                   "i.e. what writing the cache itself costs.", "",
