@@ -54,7 +54,7 @@ def sample_view(rng: np.random.Generator, height: int, width: int, spec: ViewSpe
     area = height * width
     (s0, s1), (r0, r1) = spec.scale, (math.log(spec.ratio[0]), math.log(spec.ratio[1]))
     box = None
-    for _ in range(CROP_ATTEMPTS):   # lo + (hi - lo) * random() is rng.uniform(lo, hi) to the bit, in a third of the time
+    for _ in range(CROP_ATTEMPTS):   # lo + (hi - lo) * random() is rng.uniform(lo, hi) to the bit, with less call overhead
         target = area * (s0 + (s1 - s0) * rng.random())
         aspect = math.exp(r0 + (r1 - r0) * rng.random())
         w = int(round(math.sqrt(target * aspect)))

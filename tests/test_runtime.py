@@ -11,7 +11,7 @@ import torch
 from cbd_cache.cache import CacheReader
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.export import export_cache
-from cbd_cache.runtime import keep_freed_memory, loader_workers, make_runtime
+from cbd_cache.runtime import loader_workers, make_runtime
 
 from .conftest import smoke_config
 
