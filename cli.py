@@ -1,22 +1,39 @@
 """`cbd-cache`: the command line. Every command takes --pipeline, --workdir and any number of --set key=value."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
 from pathlib import Path
 
 import click
+import torch
 
-from cbd_cache import __version__
+from cbd_cache import __version__, distributed, stage2
+from cbd_cache.allocator import keep_freed_memory
+from cbd_cache.cache import CacheError, cache_info
 from cbd_cache.config import DEFAULT_PIPELINE, Config, ConfigError, load_config
+from cbd_cache.data.manifest import Manifest
+from cbd_cache.data.prepare import prepare as run_prepare
+from cbd_cache.dryrun import dry_run as plan_dry_run
+from cbd_cache.engine import NonFiniteLoss
+from cbd_cache.evaluation import evaluate_workdir, results_table
+from cbd_cache.experiments.paper_table import paper_table as run_paper_table
+from cbd_cache.experiments.sweep import parse_grid, parse_seeds, run_sweep
+from cbd_cache.export import export_cache
+from cbd_cache.jobs import JobsFailed, run_parallel
+from cbd_cache.logs import log
+from cbd_cache.ncm import ncm_report
+from cbd_cache.runtime import make_runtime
+from cbd_cache.teachers import train_teacher as run_teacher
+from cbd_cache.verify import verify_cache
+from cbd_cache.workdir import Workdir, is_url, upload
 
 
 class Context:
     def __init__(self, cfg: Config, workdir: Path):
         self.cfg = cfg
-        from cbd_cache.workdir import Workdir
-
         self.wd = Workdir(workdir, cfg.pipeline.data_url, cfg.pipeline.cache_url)
         self._runtime = None
         self.resume = False
@@ -25,10 +42,7 @@ class Context:
     def runtime(self):
         """The device, and under torchrun this process's rank (joining the process group on first use)."""
         if self._runtime is None:
-            import dataclasses
-
-            from cbd_cache.runtime import make_runtime
-
+            keep_freed_memory()   # CPU work reuses freed blocks instead of page-faulting them in again (allocator.py)
             self._runtime = dataclasses.replace(make_runtime(self.cfg.pipeline), resume=self.resume)
         return self._runtime
 
@@ -70,10 +84,6 @@ class CLI(click.Group):
     """Turns expected failures into one line on stderr: exit 2 for bad input, 1 for a failed stage."""
 
     def invoke(self, ctx):
-        from cbd_cache import distributed
-        from cbd_cache.cache import CacheError
-        from cbd_cache.engine import NonFiniteLoss
-
         try:
             result = super().invoke(ctx)
             distributed.barrier()    # under torchrun no rank leaves before the others are done
@@ -81,7 +91,7 @@ class CLI(click.Group):
         except (ConfigError, CacheError, FileNotFoundError) as e:
             click.echo(f"cbd-cache: error: {e}", err=True)
             sys.exit(2)
-        except (NonFiniteLoss, distributed.JobsFailed) as e:
+        except (NonFiniteLoss, JobsFailed) as e:
             click.echo(f"cbd-cache: error: {e}", err=True)
             sys.exit(1)
         finally:
@@ -104,23 +114,14 @@ def main():
 def prepare(ctx: Context, dry_run: bool):
     """Write WebDataset shards (train, val, test) and a manifest from `data.format` at `data.root` (resumable)."""
     if dry_run:
-        from cbd_cache.data.dryrun import dry_run as plan
-
-        click.echo(plan(ctx.cfg, ctx.runtime))
+        click.echo(plan_dry_run(ctx.cfg, ctx.runtime))
         return
     prepare_data(ctx)
 
 
 def prepare_data(ctx: Context) -> None:
     """Rank 0 prepares; with a remote `pipeline.data_url` it prepares W/data, then uploads it there."""
-    import dataclasses
-
-    from cbd_cache.data.prepare import prepare as run_prepare
-    from cbd_cache.distributed import barrier, from_env
-    from cbd_cache.runtime import log
-    from cbd_cache.workdir import is_url, upload
-
-    if from_env().main:   # (prepare needs no process group, so it joins none when run alone)
+    if distributed.from_env().main:   # (prepare needs no process group, so it joins none when run alone)
         if is_url(ctx.wd.data):
             local = dataclasses.replace(ctx.wd, data_url="")
             run_prepare(ctx.cfg, local)
@@ -128,9 +129,9 @@ def prepare_data(ctx: Context) -> None:
             upload(local.data, ctx.wd.data)
         else:
             run_prepare(ctx.cfg, ctx.wd)
-    if from_env().world > 1:
+    if distributed.from_env().world > 1:
         ctx.runtime   # join the group to wait for rank 0
-        barrier()
+        distributed.barrier()
 
 
 @main.command("train-teacher")
@@ -141,22 +142,16 @@ def prepare_data(ctx: Context) -> None:
 @resume_option
 def train_teacher(ctx: Context, names: tuple[str, ...], jobs: int):
     """Stage 1: train teachers with instance sampling; skips teachers already trained with the same config."""
-    from cbd_cache.teachers import train_teacher as run
-
     teachers = [ctx.cfg.teacher_by_name(n) for n in names] if names else ctx.cfg.teachers
     if jobs > 1 and len(teachers) > 1:
         return train_teachers_in_parallel(ctx, [t.name for t in teachers], jobs)
     for t in teachers:
-        run(ctx.cfg, t, ctx.wd, ctx.runtime)
+        run_teacher(ctx.cfg, t, ctx.wd, ctx.runtime)
 
 
 def train_teachers_in_parallel(ctx: Context, names: list[str], jobs: int) -> None:
     """One `cbd-cache train-teacher --name N` process per teacher, `jobs` at a time."""
-    import torch
-
-    from cbd_cache.distributed import from_env, run_parallel
-
-    if from_env().world > 1:
+    if distributed.from_env().world > 1:
         raise ConfigError("--jobs trains one teacher per process; under torchrun train them one after another")
     common = ["train-teacher", "--pipeline", ctx.cfg.source, "--workdir", str(ctx.wd.root),
               *[x for o in ctx.cfg.overrides for x in ("--set", o)], *(["--resume"] if ctx.resume else [])]
@@ -168,8 +163,6 @@ def train_teachers_in_parallel(ctx: Context, names: list[str], jobs: int) -> Non
 @pipeline_options
 def export(ctx: Context):
     """Run every teacher over A views of every training image into the Zarr cache (resumable)."""
-    from cbd_cache.export import export_cache
-
     export_cache(ctx.cfg, ctx.wd, ctx.runtime)
 
 
@@ -178,9 +171,7 @@ def export(ctx: Context):
 @resume_option
 def train_student(ctx: Context):
     """Stage 2: train the student from the cache (no teacher runs), class-balanced."""
-    from cbd_cache.student import train_student as run
-
-    run(ctx.cfg, ctx.wd, ctx.runtime)
+    stage2.train(ctx.cfg, ctx.wd, ctx.runtime)
 
 
 @main.command()
@@ -192,8 +183,6 @@ def evaluate(ctx: Context):
 
 def evaluate_all(ctx: Context) -> None:
     """Rank 0 evaluates (the others wait at the command's closing barrier)."""
-    from cbd_cache.evaluation import evaluate_workdir
-
     if ctx.main:
         evaluate_workdir(ctx.cfg, ctx.wd, ctx.runtime)
         click.echo(ctx.wd.results_md.read_text())
@@ -204,18 +193,13 @@ def evaluate_all(ctx: Context) -> None:
 @resume_option
 def run(ctx: Context):
     """Every stage in order, skipping what is already done; prints the results table."""
-    from cbd_cache.distributed import barrier
-    from cbd_cache.export import export_cache
-    from cbd_cache.student import train_student as run_student
-    from cbd_cache.teachers import train_teacher as run_teacher
-
     prepare_data(ctx)
     for t in ctx.cfg.teachers:
         run_teacher(ctx.cfg, t, ctx.wd, ctx.runtime)
-        barrier()   # rank 0 has written the teacher before anyone reads it
+        distributed.barrier()   # rank 0 has written the teacher before anyone reads it
     export_cache(ctx.cfg, ctx.wd, ctx.runtime)
-    run_student(ctx.cfg, ctx.wd, ctx.runtime)
-    barrier()
+    stage2.train(ctx.cfg, ctx.wd, ctx.runtime)
+    distributed.barrier()
     evaluate_all(ctx)
 
 
@@ -227,8 +211,6 @@ def run(ctx: Context):
 @pipeline_options
 def sweep(ctx: Context, grids: tuple[str, ...], seeds: str, name: str):
     """Train a grid of student settings x seeds from one cache (finished runs are skipped); mean ± std table."""
-    from cbd_cache.sweep import parse_grid, parse_seeds, run_sweep
-
     grid, seed_list = parse_grid(grids), parse_seeds(seeds)
     _, md = run_sweep(ctx.cfg, ctx.wd, ctx.runtime, grid, seed_list, name)
     click.echo(md.read_text())
@@ -241,12 +223,9 @@ def sweep(ctx: Context, grids: tuple[str, ...], seeds: str, name: str):
 @pipeline_options
 def ncm(ctx: Context, models: tuple[str, ...], features: str):
     """Nearest-class-mean accuracy of MODELS (teachers/<name>, students/<run>) on centred, normalised features."""
-    from cbd_cache.evaluation import markdown_table
-    from cbd_cache.ncm import ncm_report
-
     rows = [{"model": m, "kind": f"NCM ({features} features)", **ncm_report(ctx.cfg, ctx.wd, ctx.runtime, m, features)}
             for m in models]
-    click.echo(markdown_table(rows))
+    click.echo(results_table(rows))
 
 
 @main.command("paper-table")
@@ -256,9 +235,7 @@ def ncm(ctx: Context, models: tuple[str, ...], features: str):
 @pipeline_options(workdir_default="runs/{name}_paper")
 def paper_table(ctx: Context, out: str, time_limit_min: float):
     """The paper's Tables 1-3, Figure 3, views per image and per-class plots, 3 seeds, from one cache."""
-    from cbd_cache.report import paper_table as run
-
-    if not run(ctx.cfg, ctx.wd, ctx.runtime, Path(out), time_limit_min):
+    if not run_paper_table(ctx.cfg, ctx.wd, ctx.runtime, Path(out), time_limit_min):
         click.echo("paper-table: stopped at the time limit; the same command continues where it stopped", err=True)
         sys.exit(3)
     click.echo((Path(out) / f"{ctx.cfg.pipeline.name}.md").read_text())
@@ -280,9 +257,6 @@ def verify(ctx: Context, rows: int, seed: int, tolerance: float, as_json: bool):
 
     Exits 1 on any mismatch.
     """
-    from cbd_cache.cache import verify_cache
-    from cbd_cache.data.manifest import Manifest
-
     manifest = Manifest.load(ctx.wd.manifest)
     checkpoints = {t.name: ctx.wd.teacher_checkpoint(t.name) for t in ctx.cfg.teachers}
     report = verify_cache(ctx.wd.cache, manifest, checkpoints, ctx.runtime, rows, seed, tolerance)
@@ -303,8 +277,6 @@ def verify(ctx: Context, rows: int, seed: int, tolerance: float, as_json: bool):
 @pipeline_options
 def info(ctx: Context, as_json: bool):
     """Arrays, shapes, dtypes, chunking, fingerprint, completeness and bytes on disk."""
-    from cbd_cache.cache import cache_info
-
     d = cache_info(ctx.wd.cache)
     if as_json:
         click.echo(json.dumps(d, indent=1))

@@ -44,7 +44,8 @@ from cbd_cache.engine import make_optimizer
 from cbd_cache.export import export_cache, load_teachers
 from cbd_cache.losses import cbd_loss, normalize_per_teacher
 from cbd_cache.models import Network, descriptor_dim, projection_dim
-from cbd_cache.runtime import Runtime, log, make_runtime
+from cbd_cache.logs import log
+from cbd_cache.runtime import Runtime, make_runtime
 from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir
 

@@ -28,7 +28,7 @@ from common import ROOT, write_results
 
 from cbd_cache.cache import CacheReader, cache_info, dequantize_int8
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.runtime import log
+from cbd_cache.logs import log
 from cbd_cache.workdir import Workdir, read_json
 
 DTYPES = ("float32", "float16", "int8")

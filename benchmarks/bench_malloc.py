@@ -1,4 +1,4 @@
-"""What `runtime.keep_freed_memory` saves: ResNet-50 inference at 224 px on CPU, in fresh processes,
+"""What `allocator.keep_freed_memory` saves: ResNet-50 inference at 224 px on CPU, in fresh processes,
 under glibc's default allocator settings, under our earlier ones (mmap threshold at glibc's 32 MiB
 ceiling, trim threshold 256 MiB: activations above 32 MiB were still mapped afresh every batch)
 and under the current ones (no mapping, no trimming), alternating.
@@ -24,7 +24,7 @@ from common import log, write_results
 
 CHILD = """
 import ctypes, json, resource, sys, time, torch, torchvision
-from cbd_cache.runtime import keep_freed_memory
+from cbd_cache.allocator import keep_freed_memory
 setting, batch, batches = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if setting == "keep_freed_memory":
     keep_freed_memory()

@@ -32,7 +32,9 @@ from cbd_cache.data.stream import CacheSpec, TrainStream
 from cbd_cache.engine import cosine_schedule, make_optimizer
 from cbd_cache.export import export_cache
 from cbd_cache.models import Network, descriptor_dim, projection_dim
-from cbd_cache.runtime import log, make_runtime, seed_everything
+from cbd_cache.logs import log
+from cbd_cache.runtime import make_runtime
+from cbd_cache.seeding import seed_everything
 from cbd_cache.student import distillation_step
 from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir

@@ -33,12 +33,14 @@ from cbd_cache.cache import CacheReader
 from cbd_cache.config import Config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.stream import CacheSpec, TrainStream
-from cbd_cache.engine import cosine_schedule, make_optimizer
+from cbd_cache.engine import cosine_schedule, cross_entropy_step, make_optimizer
 from cbd_cache.export import export_cache, load_teachers
+from cbd_cache.logs import log
 from cbd_cache.models import Network, descriptor_dim, projection_dim
-from cbd_cache.runtime import Runtime, log, make_runtime, seed_everything
+from cbd_cache.runtime import Runtime, make_runtime
+from cbd_cache.online import online_step
+from cbd_cache.seeding import seed_everything
 from cbd_cache.student import distillation_step
-from cbd_cache.teachers import cross_entropy_step
 from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir
 
@@ -70,7 +72,7 @@ def make_variant(name: str, targets: str, cfg: Config, wd: Workdir, manifest: Ma
         step_fn = distillation_step(runtime, dims, s)
     else:
         dims = [n.dim for n in teacher_nets]
-        step_fn = distillation_step(runtime, dims, s, teacher_nets)
+        step_fn = online_step(runtime, s, teacher_nets)
     seed_everything(s.seed)
     net = runtime.prepare_model(Network(s.arch, manifest.channels, manifest.num_classes, s.gamma,
                                         projection_dim(descriptor_dim(s.arch), dims)))

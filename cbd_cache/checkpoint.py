@@ -40,32 +40,3 @@ def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
     """The plain module under torch.compile / DistributedDataParallel wrappers."""
     net = getattr(net, "_orig_mod", net)
     return getattr(net, "module", net)
-
-
-# A run folder (teachers/<name>, students/<run>) holds checkpoint.pt, eval.json / eval.md (test report),
-# log.jsonl (per epoch), run.json (identity, kind, history, meta) and, while training, resume.pt
-# (engine.RESUME_FILE). `identity` hashes everything the result depends on, so a finished run with the
-# same identity is not trained again.
-def run_is_done(folder: Path, identity: str) -> bool:
-    from .workdir import read_json
-
-    run_json = folder / "run.json"
-    return (folder / "checkpoint.pt").is_file() and run_json.is_file() and read_json(run_json).get("identity") == identity
-
-
-def save_run(folder: Path, net: Network, spec: dict[str, Any], meta: dict[str, Any], identity: str,
-             history: list[dict], report: dict[str, Any], class_names: list[str]) -> Path:
-    """Checkpoint, test report and run.json, in that order: run.json last marks the run finished."""
-    from .evaluation import write_report
-    from .runtime import file_sha256
-    from .workdir import write_json
-
-    ckpt = folder / "checkpoint.pt"
-    save_checkpoint(ckpt, net, spec, meta)
-    report = {**report, "checkpoint_sha256": file_sha256(ckpt), "manifest_fingerprint": meta["manifest_fingerprint"]}
-    write_report(folder, meta["name"], meta["kind"], report, class_names)
-    write_json(folder / "run.json", {"identity": identity, "history": history, **meta})
-    from .engine import RESUME_FILE
-
-    (folder / RESUME_FILE).unlink(missing_ok=True)   # the finished run needs it no more
-    return ckpt

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .models import ARCHS
+
 DEFAULT_PIPELINE = "pipelines/fashion_mnist_lt.toml"
 
 
@@ -381,8 +383,6 @@ def _check_train(prefix: str, t: TrainCfg) -> None:
     _require(t.weight_decay >= 0, f"{prefix}.weight_decay={t.weight_decay}: must be >= 0")
     _require(t.gamma > 0, f"{prefix}.gamma={t.gamma}: must be > 0")
     _require(t.shuffle_buffer >= 1, f"{prefix}.shuffle_buffer={t.shuffle_buffer}: must be >= 1")
-    from .models import ARCHS  # local import: models imports torch, configs should load fast
-
     _require(t.arch in ARCHS, f"{prefix}.arch={t.arch!r}: must be one of {', '.join(ARCHS)}")
 
 
@@ -390,17 +390,3 @@ def _check_train(prefix: str, t: TrainCfg) -> None:
 def digest(obj: Any) -> str:
     """A stable short hash of JSON-able data: configs, provenance."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def student_run_name(cfg: Config) -> str:
-    """`student.name`, or "student" plus the student overrides, so each `--set` variant gets its own folder."""
-    if cfg.student.name:
-        return cfg.student.name
-    parts = ["student"]
-    for item in cfg.overrides:
-        key, value = parse_override(item)
-        if key.startswith("student.") and key != "student.name":
-            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-            parts.append(f"{key.split('.', 1)[1]}={text}")
-    name = "_".join(parts)
-    return re.sub(r"[^A-Za-z0-9_.+=,-]", "-", name)

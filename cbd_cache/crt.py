@@ -26,8 +26,12 @@ from .data.sampling import copies, repeat_factors
 from .data.shards import read_labels
 from .engine import fit
 from .evaluation import evaluate_network
+from .logs import log
 from .models import CosineClassifier
-from .runtime import Runtime, log, seed_everything
+from .runs import run_is_done
+from .runtime import Runtime
+from .seeding import seed_everything
+from .student import finish_run, plan_student
 from .workdir import Workdir
 
 
@@ -75,10 +79,12 @@ def classifier_step(runtime: Runtime):
     return step
 
 
-def train_crt(cfg: Config, wd: Workdir, runtime: Runtime, plan) -> Path:
+def train_crt(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     """Train the new classifier on `student.init`'s cached descriptors; save teacher backbone + classifier."""
-    from .student import finish_run
-
+    plan = plan_student(cfg, wd)
+    if run_is_done(plan.folder, plan.identity):
+        log(f"[student {plan.name}] already trained with this config ({plan.folder}); skipping")
+        return plan.folder / "checkpoint.pt"
     s = cfg.student
     teacher = s.init.split("/", 1)[1]
     manifest = Manifest.load(wd.manifest)

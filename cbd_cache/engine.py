@@ -11,6 +11,7 @@ stops every rank, naming the step and the last good checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import random
@@ -21,11 +22,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import distributed
 from .config import ConfigError, TrainCfg
-from .runtime import Progress, Runtime, log
+from .logs import Progress, log
+from .runtime import Runtime
 from .workdir import atomic_write_bytes
 
 # loss_fn(model, batch) -> (loss, {name: detached scalar tensor}); batch as TrainStream collates it
@@ -117,8 +120,6 @@ class Checkpoints:
 
     def save(self, net: torch.nn.Module, optimizer, scheduler, state: TrainState, config: dict, workers: int) -> None:
         if self.runtime.dist.main:
-            import io
-
             buf = io.BytesIO()
             torch.save({"step": state.step, "config": config, "loader_workers": workers,
                         "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
@@ -294,3 +295,12 @@ def predict(model: torch.nn.Module, loader: DataLoader, runtime: Runtime,
     result = {k: torch.cat(v).numpy() for k, v in out.items() if v}
     order = np.argsort(result["rows"])
     return {k: v[order] for k, v in result.items()}
+
+
+def cross_entropy_step(runtime: Runtime) -> LossFn:
+    """Plain cross-entropy on the batch: teachers, and the single-stage and fine-tuning baselines."""
+    def step(model: torch.nn.Module, batch: tuple):
+        x, y = runtime.to_device(batch[0]), batch[1].to(runtime.device, non_blocking=True)
+        logits, _ = model(x)
+        return F.cross_entropy(logits.float(), y), {}
+    return step

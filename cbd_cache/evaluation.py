@@ -8,15 +8,18 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader
 
+from .checkpoint import load_checkpoint
 from .config import Config
 from .data.longtail import SHOT_GROUPS, shot_group
 from .data.manifest import Manifest
 from .data.stream import EvalStream
 from .engine import predict
+from .logs import log
 from .models import Network
-from .runtime import Runtime, file_sha256, log
+from .runtime import Runtime
+from .tables import fmt, markdown_table
 from .views import ViewSpec
-from .workdir import Workdir, read_json, write_json
+from .workdir import Workdir, file_sha256, read_json, write_json
 
 
 def accuracy_report(labels: np.ndarray, preds: np.ndarray, train_counts: list[int]) -> dict[str, Any]:
@@ -65,32 +68,23 @@ def split_reports(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return report.get("splits") or {report.get("split", "test"): report}
 
 
-def fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1f}"
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def results_table(rows: list[dict[str, Any]]) -> str:
     """| model | kind | top-1 | many | medium | few | with one row per evaluated model."""
-    lines = ["| model | kind | top-1 | many | medium | few |", "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['kind']} | {fmt(r['top1'])} | {fmt(r['many'])} | {fmt(r['medium'])} "
-                     f"| {fmt(r['few'])} |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(["model", "kind", "top-1", "many", "medium", "few"],
+                          ([r["model"], r["kind"], *(fmt(r[k]) for k in ("top1", *SHOT_GROUPS))] for r in rows), "llrrrr")
 
 
 def per_class_table(report: dict[str, Any], class_names: list[str]) -> str:
-    lines = ["| class | train images | group | accuracy |", "|---|---:|---|---:|"]
     order = np.argsort(report["train_counts"])[::-1]
-    for c in order:
-        lines.append(f"| {class_names[c]} | {report['train_counts'][c]} | {report['groups'][c]} "
-                     f"| {fmt(report['per_class'][c])} |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(["class", "train images", "group", "accuracy"],
+                          ([class_names[c], report["train_counts"][c], report["groups"][c], fmt(report["per_class"][c])]
+                           for c in order), "lrlr")
 
 
 def write_report(folder: Path, name: str, kind: str, report: dict[str, Any], class_names: list[str]) -> None:
     """eval.json (keys top1, many, medium, few, per_class, ...) and eval.md beside the checkpoint."""
     write_json(folder / "eval.json", report)
-    md = f"# {kind} {name}\n\n" + markdown_table([{"model": name, "kind": kind, **report}]) + "\n" + \
+    md = f"# {kind} {name}\n\n" + results_table([{"model": name, "kind": kind, **report}]) + "\n" + \
         per_class_table(report, class_names)
     (folder / "eval.md").write_text(md)
 
@@ -98,8 +92,6 @@ def write_report(folder: Path, name: str, kind: str, report: dict[str, Any], cla
 def evaluate_checkpoint(folder: Path, name: str, kind: str, manifest: Manifest, cfg: Config,
                         runtime: Runtime) -> dict[str, Any]:
     """The test report of the checkpoint in `folder`, reusing eval.json while the checkpoint is unchanged."""
-    from .checkpoint import load_checkpoint
-
     ckpt = folder / "checkpoint.pt"
     sha = file_sha256(ckpt)
     eval_json = folder / "eval.json"
@@ -134,7 +126,7 @@ def evaluate_workdir(cfg: Config, wd: Workdir, runtime: Runtime) -> list[dict[st
     if not rows:
         raise FileNotFoundError(f"{wd.root}: no teacher or student checkpoints to evaluate")
     splits = manifest.eval_splits
-    tables = {s: markdown_table([{**r, **split_reports(r)[s]} for r in rows]) for s in splits}
+    tables = {s: results_table([{**r, **split_reports(r)[s]} for r in rows]) for s in splits}
     if len(splits) == 1:
         md = f"# Results: {cfg.pipeline.name} ({manifest.splits[splits[0]].num_samples} {splits[0]} images)\n\n"
         md += tables[splits[0]]

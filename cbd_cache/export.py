@@ -9,9 +9,9 @@ shards' chunks into the one store, and a rerun redoes exactly the shards not mar
 from __future__ import annotations
 
 import time
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .cache import CacheWriter, TeacherRecord, provenance
@@ -20,9 +20,11 @@ from .config import Config
 from .data.manifest import Manifest
 from .data.stream import ExportStream
 from .distributed import barrier
-from .runtime import Progress, Runtime, file_sha256, log
+from .logs import Progress, log
+from .losses import teacher_target
+from .runtime import Runtime
 from .views import VIEW_FIELDS, ViewSpec
-from .workdir import Location, Workdir
+from .workdir import Location, Workdir, file_sha256
 
 
 def load_teachers(cfg: Config, wd: Workdir, names: list[str]) -> tuple[list[torch.nn.Module], list[TeacherRecord]]:
@@ -90,7 +92,7 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime) -> Location:
             outs = [(name, net, net.features(x)) for name, net in zip(names, nets)]
             logits = {name: net.classifier(v) for name, net, v in outs} if e.logits else {}
         for name, _, v in outs:
-            buf.descriptors[name][local] = F.normalize(v.float(), dim=1).cpu().numpy().reshape(n, e.views, -1)
+            buf.descriptors[name][local] = teacher_target(v).cpu().numpy().reshape(n, e.views, -1)
         for name, z in logits.items():
             buf.logits[name][local] = z.float().cpu().numpy().reshape(n, e.views, -1)
         buf.missing -= n

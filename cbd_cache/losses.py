@@ -19,6 +19,14 @@ import torch.nn.functional as F
 DISTILL = ("feature", "logit", "hybrid")
 
 
+def teacher_target(v: torch.Tensor) -> torch.Tensor:
+    """A teacher's target for one view: its pooled descriptor v, L2-normalised, in float32.
+
+    The one definition: export stores it, `cache verify` recomputes it, the online student computes it each step.
+    """
+    return F.normalize(v.float(), dim=1)
+
+
 def normalize_per_teacher(targets: torch.Tensor, dims: list[int]) -> torch.Tensor:
     """L2-normalise each teacher's slice of the concatenated target (float32), undoing float16 rounding."""
     parts = torch.split(targets.float(), dims, dim=1)

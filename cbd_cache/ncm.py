@@ -19,9 +19,10 @@ from .data.manifest import Manifest
 from .data.shards import read_labels
 from .engine import predict
 from .evaluation import accuracy_report, eval_loader
-from .runtime import Runtime, file_sha256, log
+from .logs import log
+from .runtime import Runtime
 from .views import ViewSpec
-from .workdir import Workdir, read_json, write_json
+from .workdir import Workdir, file_sha256, read_json, write_json
 
 SOURCES = ("images", "cache")
 

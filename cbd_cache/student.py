@@ -1,10 +1,11 @@
 """Stage 2: the student, and the paper's second-stage baselines, trained into `W/students/<run>`.
 
 targets = "cache"  reads each view's targets from the cache and replays that view: no teacher runs.
-targets = "online" runs the teachers (eval mode) on freshly drawn views every step: the reference.
 targets = "none"   cross-entropy only: the single-stage baselines, and fine-tuning with `init`.
 distill            what is distilled: descriptors (feature, Eq. 2/4), logits (Eq. 3) or both (hybrid).
-classifier_only    cRT: hands over to `crt.train_crt`, which never decodes an image.
+The other second-stage trainers build on this module: `online.py` (targets = "online", the teachers
+run every step) and `crt.py` (classifier_only); `stage2.py` picks one. This module never imports
+teacher code: a cached student runs no teacher and loads none (tests/test_imports.py checks it).
 """
 from __future__ import annotations
 
@@ -13,22 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .cache import CacheReader
-from .checkpoint import load_checkpoint, network_spec, run_is_done, save_run
-from .config import Config, ConfigError, StudentCfg, digest, student_run_name
+from .checkpoint import load_checkpoint, network_spec
+from .config import Config, ConfigError, StudentCfg, digest
 from .data.manifest import Manifest
 from .data.stream import CacheSpec, TrainStream
-from .engine import fit
+from .engine import LossFn, cross_entropy_step, fit
 from .evaluation import evaluate_network
-from .export import load_teachers
+from .logs import log
 from .losses import distillation_loss, normalize_per_teacher
 from .models import Network, descriptor_dim, projection_dim
-from .runtime import Runtime, file_sha256, log, seed_everything
-from .teachers import cross_entropy_step
+from .runs import run_is_done, save_run, student_run_name
+from .runtime import Runtime
+from .seeding import seed_everything
 from .views import ViewSpec
-from .workdir import Workdir
+from .workdir import Workdir, file_sha256
 
 
 @dataclass
@@ -111,26 +112,14 @@ def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
     return StudentPlan(name, wd.student_dir(name), recipe, student_kind(cfg), teachers, dims, cache, provenance)
 
 
-def distillation_step(runtime: Runtime, dims: list[int], s: StudentCfg, teachers=None):
-    """The distillation step: targets from the batch (cache) or from the teachers on the same images (online)."""
+def distillation_step(runtime: Runtime, dims: list[int], s: StudentCfg) -> LossFn:
+    """The cached distillation step: the batch carries each view's stored targets (and logits)."""
     features, logits_too = s.distill != "logit", s.distill != "feature"
 
     def step(model: torch.nn.Module, batch: tuple):
         x, y = runtime.to_device(batch[0]), batch[1].to(runtime.device, non_blocking=True)
-        targets = teacher_logits = None
-        if teachers is None:
-            if features:
-                targets = normalize_per_teacher(batch[4].to(runtime.device, non_blocking=True), dims)
-            if logits_too:
-                teacher_logits = batch[5].to(runtime.device, non_blocking=True)
-        else:
-            with torch.no_grad():
-                vs = [t.features(x) for t in teachers]
-                if features:
-                    targets = torch.cat([F.normalize(v.float(), dim=1) for v in vs], dim=1)
-                if logits_too:
-                    teacher_logits = torch.cat([t.classifier(t.projection(v)).float()
-                                                for t, v in zip(teachers, vs)], dim=1)
+        targets = normalize_per_teacher(batch[4].to(runtime.device, non_blocking=True), dims) if features else None
+        teacher_logits = batch[5].to(runtime.device, non_blocking=True) if logits_too else None
         logits, e = model(x)
         return distillation_loss(logits, y, e, targets, teacher_logits, s.alpha, s.beta, s.temperature, s.distill)
     return step
@@ -147,17 +136,22 @@ def load_init(net: Network, ckpt: Path, ref: str) -> None:
 
 
 def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
-    s = cfg.student
+    """A student with cached targets, or cross-entropy only (targets = "none")."""
     plan = plan_student(cfg, wd)
+    if cfg.student.targets == "online" or cfg.student.classifier_only:
+        raise ConfigError(f"[student {plan.name}] online targets and cRT train through stage2.train")
+    if run_is_done(plan.folder, plan.identity):
+        log(f"[student {plan.name}] already trained with this config ({plan.folder}); skipping")
+        return plan.folder / "checkpoint.pt"
+    step_fn = (cross_entropy_step(runtime) if cfg.student.targets == "none"
+               else distillation_step(runtime, plan.dims, cfg.student))
+    return train_network(cfg, wd, runtime, plan, step_fn)
+
+
+def train_network(cfg: Config, wd: Workdir, runtime: Runtime, plan: StudentPlan, step_fn: LossFn) -> Path:
+    """Build the student network, train it with `step_fn` on the student's stream, evaluate and save it."""
+    s = cfg.student
     name, folder = plan.name, plan.folder
-    if run_is_done(folder, plan.identity):
-        log(f"[student {name}] already trained with this config ({folder}); skipping")
-        return folder / "checkpoint.pt"
-    if s.classifier_only:
-        from .crt import train_crt
-
-        return train_crt(cfg, wd, runtime, plan)
-
     manifest = Manifest.load(wd.manifest)
     seed_everything(s.seed)
     proj = projection_dim(descriptor_dim(s.arch), plan.dims)
@@ -165,14 +159,9 @@ def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     if s.init:
         load_init(net, init_checkpoint(wd, s), s.init)
     net = runtime.prepare_model(net)
-    teacher_nets = None
-    if s.targets == "online":
-        teacher_nets = [runtime.prepare_teacher(n) for n in load_teachers(cfg, wd, plan.teachers)[0]]
     stream = TrainStream(manifest, ViewSpec.from_cfg(cfg.views), sampling=s.sampling, seed=s.seed,
                          samples_per_epoch=manifest.train.num_samples, shuffle_buffer=s.shuffle_buffer,
                          cache=plan.cache, augment=data_aug(cfg))
-    step_fn = (cross_entropy_step(runtime) if s.targets == "none"
-               else distillation_step(runtime, plan.dims, s, teacher_nets))
     log(f"[student {name}] {plan.kind}, {s.sampling} sampling, alpha {s.alpha}, beta {s.beta}, "
         f"teachers {plan.teachers or '-'}{', init ' + s.init if s.init else ''}")
     history, wall_s = fit(net, stream, s, step_fn, runtime, f"student {name}", folder, plan.recipe)

@@ -4,17 +4,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from .checkpoint import network_spec, run_is_done, save_run
+from .checkpoint import network_spec
 from .config import Config, TeacherCfg, digest
 from .data.manifest import Manifest
 from .data.stream import TrainStream
-from .engine import fit
+from .engine import cross_entropy_step, fit
 from .evaluation import evaluate_network
+from .logs import log
 from .models import Network
-from .runtime import Runtime, log, seed_everything
+from .runs import run_is_done, save_run
+from .runtime import Runtime
+from .seeding import seed_everything
 from .views import ViewSpec
 from .workdir import Workdir
 
@@ -26,14 +26,6 @@ def teacher_recipe(cfg: Config, t: TeacherCfg, manifest: Manifest) -> dict:
 
 def teacher_identity(cfg: Config, t: TeacherCfg, manifest: Manifest) -> str:
     return digest(teacher_recipe(cfg, t, manifest))
-
-
-def cross_entropy_step(runtime: Runtime):
-    def step(model: torch.nn.Module, batch: tuple):
-        x, y = runtime.to_device(batch[0]), batch[1].to(runtime.device, non_blocking=True)
-        logits, _ = model(x)
-        return F.cross_entropy(logits.float(), y), {}
-    return step
 
 
 def train_teacher(cfg: Config, t: TeacherCfg, wd: Workdir, runtime: Runtime) -> Path:

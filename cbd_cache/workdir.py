@@ -14,6 +14,7 @@ any fsspec URL (`s3://bucket/prefix`, `gs://...`, `memory://...`): `pipeline.dat
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 
 Location = Path | str   # a local path, or an fsspec URL string
 
@@ -49,16 +51,12 @@ def open_file(loc: Location, mode: str = "rb"):
     """A file object for a path or a URL (fsspec)."""
     if not is_url(loc):
         return open(loc, mode)
-    import fsspec
-
     return fsspec.open(loc, mode).open()
 
 
 def exists(loc: Location) -> bool:
     if not is_url(loc):
         return Path(loc).exists()
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(loc)
     return fs.exists(path)
 
@@ -67,16 +65,12 @@ def bytes_under(loc: Location) -> int:
     """Bytes stored under a folder or prefix."""
     if not is_url(loc):
         return sum(f.stat().st_size for f in Path(loc).rglob("*") if f.is_file())
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(loc)
     return int(fs.du(path))
 
 
 def upload(folder: Path, url: str) -> None:
     """Copy a local folder's files to a URL prefix (what `prepare` does for a remote `data_url`)."""
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(url)
     for f in sorted(folder.iterdir()):
         if f.is_file() and not f.name.startswith("."):
@@ -147,3 +141,12 @@ def write_json(path: Path, obj: Any) -> None:
 def read_json(path: Location) -> Any:
     with open_file(path, "rb") as f:
         return json.loads(f.read())
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks: checkpoints' identity in provenance and run records."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

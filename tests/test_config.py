@@ -2,7 +2,8 @@
 import pytest
 from click.testing import CliRunner
 
-from cbd_cache.config import ConfigError, load_config, parse_value, student_run_name
+from cbd_cache.config import ConfigError, load_config, parse_value
+from cbd_cache.runs import student_run_name
 from cli import main
 
 from .conftest import ROOT, SMOKE, smoke_config
@@ -86,5 +87,5 @@ def test_missing_data_root_exits_2_and_writes_nothing(tmp_path):
 def test_student_run_names_follow_the_overrides():
     assert student_run_name(smoke_config()) == "student"
     assert student_run_name(smoke_config("student.alpha=0.2", "data.seed=1")) == "student_alpha=0.2"
-    assert student_run_name(smoke_config("student.teachers=[std0,aug0]")) == "student_teachers=std0,aug0"
+    assert student_run_name(smoke_config("student.teachers=[std0,aug0]")) == "student_teachers=std0+aug0"
     assert student_run_name(smoke_config("student.alpha=0.2", "student.name=mine")) == "mine"

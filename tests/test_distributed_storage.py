@@ -6,11 +6,12 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from cbd_cache.cache import CacheError, CacheReader, verify_cache
+from cbd_cache.cache import CacheError, CacheReader
+from cbd_cache.verify import verify_cache
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.export import export_cache
 from cbd_cache.runtime import make_runtime
-from cbd_cache.student import train_student
+from cbd_cache.stage2 import train as train_student
 from cbd_cache.workdir import Workdir, location
 from cli import main
 

@@ -218,7 +218,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
 def test_projected_cache_size_matches_an_exported_cache(smoke_workdir):
     import zarr
 
-    from cbd_cache.data.dryrun import projected_cache_bytes
+    from cbd_cache.dryrun import projected_cache_bytes
 
     manifest = Manifest.load(smoke_workdir.manifest)
     group = zarr.open_group(str(smoke_workdir.cache), mode="r")

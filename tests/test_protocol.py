@@ -66,7 +66,7 @@ def test_crt_trains_a_classifier_from_cached_descriptors_only(smoke_copy, monkey
     """No image is decoded and no backbone runs while training; the backbone is the teacher's, frozen."""
     from cbd_cache import crt, models
     from cbd_cache.data import stream
-    from cbd_cache.student import train_student
+    from cbd_cache.stage2 import train as train_student
 
     cfg = smoke_config("student.init=teachers/std0", "student.classifier_only=true", "student.targets=none",
                        "student.epochs=3")
@@ -100,7 +100,7 @@ def test_crt_trains_a_classifier_from_cached_descriptors_only(smoke_copy, monkey
 @pytest.mark.slow
 def test_logit_and_hybrid_distillation_from_the_cache_and_online(smoke_copy):
     from cbd_cache.export import export_cache
-    from cbd_cache.student import train_student
+    from cbd_cache.stage2 import train as train_student
 
     shutil.rmtree(smoke_copy.cache)
     base = ("export.logits=true", "student.epochs=1")

@@ -2,7 +2,7 @@
 import shutil
 
 from cbd_cache.config import load_config
-from cbd_cache.report import SEEDS, Timing, all_runs, teacher_mixes, training_order, write_paper_table
+from cbd_cache.experiments.paper_table import SEEDS, Timing, all_runs, teacher_mixes, training_order, write_paper_table
 from cbd_cache.workdir import Workdir, write_json
 
 from .conftest import ROOT, SMOKE

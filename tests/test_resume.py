@@ -19,7 +19,7 @@ from cbd_cache.data.stream import CacheSpec, TrainStream
 from cbd_cache.engine import NonFiniteLoss, fit
 from cbd_cache.models import Network
 from cbd_cache.runtime import make_runtime
-from cbd_cache.teachers import cross_entropy_step
+from cbd_cache.engine import cross_entropy_step
 from cbd_cache.views import ViewSpec
 from cli import main
 

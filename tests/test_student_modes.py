@@ -3,7 +3,7 @@ import torch
 
 from cbd_cache.checkpoint import load_checkpoint
 from cbd_cache.runtime import make_runtime
-from cbd_cache.student import train_student
+from cbd_cache.stage2 import train as train_student
 from cbd_cache.workdir import read_json
 
 from .conftest import smoke_config
@@ -18,7 +18,7 @@ def test_online_and_cross_entropy_students_train(smoke_copy):
         net, meta = load_checkpoint(ckpt)
         assert meta["network"]["projection_dim"] == proj        # h: R^64 -> R^(2*64) only when distilling K=2
         assert net(torch.zeros(2, 3, 16, 16))[0].shape == (2, 10)
-    online = read_json(smoke_copy.student_dir("student_targets=online_epochs=1") / "run.json")
+    online = read_json(smoke_copy.student_dir("student_epochs=1_targets=online") / "run.json")
     assert set(online["teachers"]) == {"std0", "aug0"}            # provenance: the checkpoints it ran
 
 

@@ -27,7 +27,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..config import Config
-from ..runtime import Progress, cpu_count, log
+from ..logs import Progress, log
+from ..runtime import cpu_count
 from ..workdir import Workdir, atomic_write_bytes
 from .longtail import longtail_subset
 from .manifest import EVAL_SPLITS, Manifest, ShardInfo, SplitInfo

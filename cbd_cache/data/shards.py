@@ -17,6 +17,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from ..workdir import open_file
+
 try:  # torchvision 0.29 deprecates its decoders (for torchcodec); PIL takes over where they are gone
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                             category=DeprecationWarning)
@@ -135,8 +137,6 @@ def _pax_records(content: bytes) -> dict[str, str]:
 def iter_shard(path: str | Path) -> Iterator[Sample]:
     """The samples of one shard (a path or an fsspec URL), in order: consecutive members `<key>.<ext>`
     grouped by key, as webdataset does."""
-    from ..workdir import open_file
-
     with open_file(path, "rb") as f:
         data = f.read()
     key, fields = None, {}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..cache import CacheReader
 from ..config import TeacherCfg
 from ..views import ViewSpec, derive_views, eval_view, photometric, replay, replay_views, sample_view
 from .manifest import Manifest
@@ -47,8 +48,6 @@ class CacheSpec:
     with_logits: bool = False
 
     def open(self, manifest: Manifest):
-        from ..cache import CacheReader
-
         return CacheReader(self.path, manifest, list(self.teachers), self.views, with_logits=self.with_logits)
 
 

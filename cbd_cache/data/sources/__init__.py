@@ -15,23 +15,19 @@ from __future__ import annotations
 from ...config import ConfigError, DataCfg
 from .base import SPLITS, DataError, Record, Source, Unreadable, encode_png
 from .fashion_mnist import FashionMNIST
+from .imagefolder import ImageFolder
+from .imagenet_lt import SplitLists
+from .inat import INaturalist
 from .synthetic import Synthetic
 
 __all__ = ["SPLITS", "DataError", "Record", "Source", "Unreadable", "encode_png", "open_source"]
 
+# data.format -> reader: a new format is one new file, registered here
+READERS = {"fashion_mnist": lambda cfg: FashionMNIST(cfg.root), "synthetic": Synthetic,
+           "imagenet_lt": SplitLists, "inat": INaturalist, "imagefolder": ImageFolder}
+
 
 def open_source(cfg: DataCfg) -> Source:
-    if cfg.format == "fashion_mnist":
-        return FashionMNIST(cfg.root)
-    if cfg.format == "synthetic":
-        return Synthetic(cfg)
-    if cfg.format == "imagenet_lt":
-        from .imagenet_lt import SplitLists
-        return SplitLists(cfg)
-    if cfg.format == "inat":
-        from .inat import INaturalist
-        return INaturalist(cfg)
-    if cfg.format == "imagefolder":
-        from .imagefolder import ImageFolder
-        return ImageFolder(cfg)
-    raise ConfigError(f"data.format={cfg.format!r}: no reader for this format")
+    if cfg.format not in READERS:
+        raise ConfigError(f"data.format={cfg.format!r}: no reader for this format")
+    return READERS[cfg.format](cfg)

@@ -1,16 +1,14 @@
 """`cbd-cache sweep`: a grid of student settings x seeds, against one prepared dataset and one cache.
 
-Every run is an ordinary student run (`student.train_student`) under `W/students/<run>`, named by the
-student settings that differ from the pipeline file's, plus its seed; so a run is trained once
+Every run is an ordinary second-stage run (`stage2.train`) under `W/students/<run>`, named by the
+student settings that differ from the pipeline file's (`runs.student_run_name`); so a run is trained once
 whichever sweep (or table) asks for it, and a finished run is skipped when a sweep is re-run. Only
 `student.*` keys may vary: the teachers and the export are never touched, they must already exist.
 The table gives mean ± std (sample std over seeds) per grid point, as Markdown and JSON.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +16,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .checkpoint import run_is_done
-from .config import Config, ConfigError, load_config, parse_override
-from .data.longtail import SHOT_GROUPS
-from .runtime import Runtime, format_seconds, log
-from .workdir import Workdir, read_json, write_json
+from .. import stage2
+from ..config import Config, ConfigError, load_config
+from ..data.longtail import SHOT_GROUPS
+from ..logs import format_seconds, log
+from ..runs import run_is_done, student_run_name
+from ..runtime import Runtime
+from ..student import plan_student
+from ..tables import markdown_table, pm
+from ..workdir import Workdir, read_json, write_json
 
 METRICS = ("top1", *SHOT_GROUPS)
 
@@ -87,31 +89,14 @@ def grid_points(grid: list[tuple[str, list[str]]]) -> list[tuple[str, tuple[str,
     return points
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return "+".join(map(str, value))
-    return str(value)
-
-
-def run_name(cfg: Config, reference: Config) -> str:
-    """`student_<field=value ...>_seed=N`: the student fields that differ from the pipeline file's, sorted."""
-    mine, ref = dataclasses.asdict(cfg.student), dataclasses.asdict(reference.student)
-    parts = [f"{k}={_text(v)}" for k, v in sorted(mine.items()) if k not in ("name", "seed") and v != ref[k]]
-    name = "_".join(["student", *parts, f"seed={cfg.student.seed}"])
-    return re.sub(r"[^A-Za-z0-9_.+=-]", "-", name)       # config.NAME_RE: a valid student.name
-
-
 def make_runs(pipeline: str | Path, base: Sequence[str], points: Sequence[tuple[str, Sequence[str]]],
               seeds: Sequence[int]) -> list[Run]:
     """Each (label, --set items) x seed as a Run, every config loaded and validated before anything trains."""
-    reference = load_config(pipeline, [o for o in base if not parse_override(o)[0].startswith("student.")])
     runs = []
     for label, sets in points:
         for seed in seeds:
             overrides = [*base, *sets, f"student.seed={seed}"]
-            name = run_name(load_config(pipeline, overrides), reference)
+            name = student_run_name(load_config(pipeline, overrides))
             runs.append(Run(label, seed, name, (*overrides, f"student.name={name}")))
     return runs
 
@@ -131,8 +116,6 @@ def execute(runs: Sequence[Run], pipeline: str | Path, wd: Workdir, runtime: Run
 
     Every run is planned first (cache, teachers and init checked), so a bad run fails before any trains.
     """
-    from .student import plan_student, train_student
-
     todo = []
     for r in unique(runs):
         cfg = load_config(pipeline, r.overrides)
@@ -146,7 +129,7 @@ def execute(runs: Sequence[Run], pipeline: str | Path, wd: Workdir, runtime: Run
             log(f"[sweep] time limit reached: {len(todo) - i} runs left; run the same command again to continue")
             return False
         t0 = time.perf_counter()
-        train_student(cfg, wd, runtime)
+        stage2.train(cfg, wd, runtime)
         if on_trained is not None:
             on_trained(r, time.perf_counter() - t0)
         log(f"[sweep] {i + 1}/{len(todo)} trained ({r.name}); elapsed {format_seconds(time.perf_counter() - started)}")
@@ -191,18 +174,14 @@ def stats(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": float(np.mean(values)), "std": std, "n": len(values), "values": [round(v, 3) for v in values]}
 
 
-def pm(s: dict[str, Any]) -> str:
-    """'66.4 ± 0.3', or '–' when there is no value."""
-    return "–" if s["mean"] is None else f"{s['mean']:.1f} ± {s['std']:.1f}"
+def seeds_text(row: dict[str, Any]) -> str:
+    """How many seeds a row's statistics cover, 'k of n' while some are missing."""
+    return f"{row['top1']['n']}" + ("" if row["complete"] else f" of {len(row['runs'])}")
 
 
 def markdown(rows: Sequence[dict[str, Any]], header: str = "setting") -> str:
-    lines = [f"| {header} | top-1 | many | medium | few | seeds |", "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        seeds = f"{r['top1']['n']}" + ("" if r["complete"] else f" of {len(r['runs'])}")
-        lines.append(f"| {r['label']} | {pm(r['top1'])} | {pm(r['many'])} | {pm(r['medium'])} | {pm(r['few'])} "
-                     f"| {seeds} |")
-    return "\n".join(lines) + "\n"
+    return markdown_table([header, "top-1", "many", "medium", "few", "seeds"],
+                          ([r["label"], *(pm(r[m]) for m in METRICS), seeds_text(r)] for r in rows))
 
 
 def run_sweep(cfg: Config, wd: Workdir, runtime: Runtime, grid: list[tuple[str, list[str]]], seeds: Sequence[int],

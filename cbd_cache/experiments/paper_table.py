@@ -15,12 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .config import Config, load_config
-from .data.longtail import SHOT_GROUPS, shot_group
-from .data.manifest import Manifest
-from .runtime import Runtime, format_seconds, log
-from .sweep import METRICS, Run, execute, make_runs, pm, stats, summarise
-from .workdir import Workdir, read_json, write_json
+from matplotlib.figure import Figure   # figures drawn straight to files: no pyplot, no GUI backend
+
+from ..config import Config, load_config
+from ..data.longtail import SHOT_GROUPS, shot_group
+from ..data.manifest import Manifest
+from ..data.prepare import prepare
+from ..export import export_cache
+from ..logs import format_seconds, log
+from ..ncm import ncm_report
+from ..runtime import Runtime
+from ..tables import markdown_table, pm
+from ..teachers import train_teacher
+from ..workdir import Workdir, read_json, write_json
+from .sweep import METRICS, Run, execute, make_runs, seeds_text, stats, summarise
 
 BASE = ("export.views=16", "export.logits=true", "student.views=8")
 SEEDS = (0, 1, 2)
@@ -117,10 +125,6 @@ class Timing:
 
 def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limit_min: float = 0) -> bool:
     """Prepare, teachers, export, every run, NCM; then the Markdown, JSON and PNGs in `out`. True when complete."""
-    from .data.prepare import prepare
-    from .export import export_cache
-    from .teachers import train_teacher
-
     deadline = time.time() + 60 * time_limit_min if time_limit_min > 0 else None
     pipeline, base = cfg.source, (*BASE, *cfg.overrides)
     base_cfg = load_config(pipeline, base)
@@ -144,8 +148,6 @@ def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limi
 
 
 def ncm_rows(cfg: Config, wd: Workdir, runtime: Runtime, runs: dict[str, list[Run]], timing: Timing) -> list[dict]:
-    from .ncm import ncm_report
-
     rows = []
     s1 = stage1(cfg)
     for source in ("cache", "images"):
@@ -253,7 +255,7 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
         ptxt = f"{paper[3]} ({paper[0]} / {paper[1]} / {paper[2]})" if paper else "–"
         settings = " ".join(f"`{s.split('.', 1)[1]}`" for s in sets_of[r["label"]]) or "(defaults: every teacher)"
         lines.append(f"| {r['label']} | {settings} | {pm(r['top1'])} | {pm(r['many'])} | {pm(r['medium'])} | "
-                     f"{pm(r['few'])} | {_seeds(r)} | {ptxt} |")
+                     f"{pm(r['few'])} | {seeds_text(r)} | {ptxt} |")
     lines += ["", "## Table 3: NCM on each model's features", "",
               "Features centred on the training mean, L2-normalised; nearest class mean. `cbd-cache ncm "
               f"--workdir {wd.root} MODEL [--features cache]` computes one.", "",
@@ -261,7 +263,7 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
               "|---|---:|---:|---:|---:|---:|---:|"]
     for r in ncm:
         lines.append(f"| {r['label']} | {pm(r['top1'])} | {pm(r['many'])} | {pm(r['medium'])} | {pm(r['few'])} "
-                     f"| {_seeds(r)} | {PAPER_NCM.get(r['label'], '–')} |")
+                     f"| {seeds_text(r)} | {PAPER_NCM.get(r['label'], '–')} |")
     alpha_rows = summary["alpha"]
     lines += ["", f"## Figure 3: top-1 against alpha (teacher {stage1(base_cfg)}, K = 1)", "",
               f"![alpha]({plots['alpha'].name})", "",
@@ -277,14 +279,14 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
               "| teachers | K | top-1 | many | medium | few | seeds |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in summary["mix"]:
         lines.append(f"| {r['label']} | {r['label'].count('+') + 1} | {pm(r['top1'])} | {pm(r['many'])} | "
-                     f"{pm(r['medium'])} | {pm(r['few'])} | {_seeds(r)} |")
+                     f"{pm(r['medium'])} | {pm(r['few'])} | {seeds_text(r)} |")
     lines += ["", f"## Views per image (CBD_ENS, K = {len(base_cfg.teachers)})", "",
               f"![views]({plots['views'].name})", "",
               "| views | top-1 | many | medium | few | seeds |", "|---|---:|---:|---:|---:|---:|"]
     for r in summary["views"]:
         label = "online (teachers every step, fresh views)" if r["label"] == "online" else f"cached, {r['label']}"
         lines.append(f"| {label} | {pm(r['top1'])} | {pm(r['many'])} | {pm(r['medium'])} | {pm(r['few'])} "
-                     f"| {_seeds(r)} |")
+                     f"| {seeds_text(r)} |")
     lines += ["", "## Per class: accuracy against training images", "", f"![per class]({plots['per_class'].name})",
               "", "| class | train images | " + " | ".join(PER_CLASS) + " |", "|---|---:|" + "---:|" * len(PER_CLASS)]
     per = {m: _row(summary["table2"], m) for m in PER_CLASS}
@@ -299,23 +301,10 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
     return md
 
 
-def _seeds(r: dict) -> str:
-    return f"{r['top1']['n']}" + ("" if r["complete"] else f" of {len(r['runs'])}")
-
-
 # --------------------------------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_alpha(summary: dict[str, list[dict]], path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     for d, marker in zip(DISTILL, "os^"):
         pts = [(a, _row(summary["alpha"], f"{d}, alpha={a}")["top1"]) for a in ALPHAS]
         pts = [(a, s) for a, s in pts if s["mean"] is not None]
@@ -329,12 +318,11 @@ def plot_alpha(summary: dict[str, list[dict]], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_views(rows: list[dict], path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     pts = [(v, _row(rows, f"A={v}")["top1"]) for v in VIEWS]
     pts = [(v, s) for v, s in pts if s["mean"] is not None]
     if pts:
@@ -350,12 +338,11 @@ def plot_views(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_per_class(rows: list[dict], class_names: list[str], path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for m, marker in zip(PER_CLASS, "osD"):
         r = _row(rows, m)
         if r and r["per_class"]:
@@ -367,4 +354,3 @@ def plot_per_class(rows: list[dict], class_names: list[str], path: Path) -> None
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

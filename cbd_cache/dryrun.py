@@ -11,12 +11,13 @@ import time
 
 import torch
 
-from ..config import Config
-from ..models import Network, descriptor_dim
-from ..runtime import Runtime, format_seconds
-from .longtail import SHOT_GROUPS, shot_group
-from .prepare import plan_splits
-from .sources import open_source
+from .config import Config
+from .data.longtail import SHOT_GROUPS, shot_group
+from .data.prepare import plan_splits
+from .data.sources import open_source
+from .logs import format_seconds
+from .models import Network, descriptor_dim
+from .runtime import Runtime
 
 VIEW_FIELDS = 5          # top, left, height, width, flip: int32 each (cache.py's `views` array)
 DTYPE_BYTES = {"float16": 2, "float32": 4}

@@ -1,0 +1,47 @@
+"""Stage 2 with online targets: the teachers run (eval mode) on the student's freshly drawn views every step.
+
+The reference the cache is measured against (`student.targets = "online"`): the same student,
+stream and loss as `student.py`, but each batch's targets come from the teachers instead of the cache.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import Config, StudentCfg
+from .engine import LossFn
+from .export import load_teachers
+from .logs import log
+from .losses import distillation_loss, teacher_target
+from .runs import run_is_done
+from .runtime import Runtime
+from .student import plan_student, train_network
+from .workdir import Workdir
+
+
+def online_step(runtime: Runtime, s: StudentCfg, teachers: list[torch.nn.Module]) -> LossFn:
+    """The distillation step with targets (and logits) from the teachers on the batch's own images."""
+    features, logits_too = s.distill != "logit", s.distill != "feature"
+
+    def step(model: torch.nn.Module, batch: tuple):
+        x, y = runtime.to_device(batch[0]), batch[1].to(runtime.device, non_blocking=True)
+        targets = teacher_logits = None
+        with torch.no_grad():
+            vs = [t.features(x) for t in teachers]
+            if features:
+                targets = torch.cat([teacher_target(v) for v in vs], dim=1)
+            if logits_too:
+                teacher_logits = torch.cat([t.classifier(t.projection(v)).float() for t, v in zip(teachers, vs)], dim=1)
+        logits, e = model(x)
+        return distillation_loss(logits, y, e, targets, teacher_logits, s.alpha, s.beta, s.temperature, s.distill)
+    return step
+
+
+def train_online(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
+    plan = plan_student(cfg, wd)
+    if run_is_done(plan.folder, plan.identity):
+        log(f"[student {plan.name}] already trained with this config ({plan.folder}); skipping")
+        return plan.folder / "checkpoint.pt"
+    teachers = [runtime.prepare_teacher(n) for n in load_teachers(cfg, wd, plan.teachers)[0]]
+    return train_network(cfg, wd, runtime, plan, online_step(runtime, cfg.student, teachers))

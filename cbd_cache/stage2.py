@@ -1,0 +1,21 @@
+"""Stage 2's entry: the one place that picks a second-stage trainer for a config.
+
+cRT (`student.classifier_only`) -> crt.py; online targets -> online.py; cached targets or
+cross-entropy only -> student.py. The CLI's train-student, `run` and the sweeps all go through here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import crt, online, student
+from .config import Config
+from .runtime import Runtime
+from .workdir import Workdir
+
+
+def train(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
+    if cfg.student.classifier_only:
+        return crt.train_crt(cfg, wd, runtime)
+    if cfg.student.targets == "online":
+        return online.train_online(cfg, wd, runtime)
+    return student.train_student(cfg, wd, runtime)
