@@ -1,8 +1,10 @@
-"""The benchmark scripts import against the current library (they run outside the suite, so API drift shows here)."""
+"""The benchmark scripts run against the current library: they import, parse their command lines, and
+their pure parts (the schema's byte count, cosines) give known values on tiny inputs."""
 import importlib
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -14,3 +16,50 @@ def test_benchmark_script_imports(script, monkeypatch):
     module = importlib.import_module(script)
     assert module.__file__.startswith(str(BENCHMARKS))
     sys.modules.pop(script, None)
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Import a benchmark script by name (benchmarks/ on sys.path), forgetting it afterwards."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    loaded = []
+
+    def load(script: str):
+        loaded.append(script)
+        return importlib.import_module(script)
+    yield load
+    for script in loaded:
+        sys.modules.pop(script, None)
+
+
+@pytest.mark.parametrize("dtype, by_hand", [("float16", 80 * (20 + 3 * 8 * 2) + 2), ("int8", 80 * (20 + 3 * (8 + 2)) + 2)])
+def test_schema_bytes_match_a_cache_the_real_writer_wrote(bench, tmp_path, dtype, by_hand):
+    """bench_scaling projects ImageNet-sized caches from `schema_bytes`: it must count what CacheWriter
+    stores, here 35 rows in chunks of 20 (the edge chunk stored whole), A = 2, K = 3, d = 8."""
+    bench_cache, bench_scaling = bench("bench_cache"), bench("bench_scaling")
+    manifest = bench_cache.synthetic_manifest("bytes", rows=35, shard_rows=20)
+    path = tmp_path / "cache.zarr"
+    bench_cache.write_synthetic_cache(path, manifest, views=2, teachers=3, dim=8, dtype=dtype)
+    chunk_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "/c/" in f.as_posix())
+    assert bench_scaling.schema_bytes(35, 2, 3, 8, dtype, chunk_rows=20) == chunk_bytes == by_hand
+
+
+def test_int8_cosines_are_cosines(bench):
+    cosines = bench("bench_int8").cosines
+    a = np.array([[1, 0], [1, 1], [3, 4]], dtype=np.float16)
+    b = np.array([[0, 1], [2, 2], [-3, -4]], dtype=np.float32)
+    np.testing.assert_allclose(cosines(a, b), [0.0, 1.0, -1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("script, option", [("bench_cache", "--export-rounds"), ("bench_int8", "--teachers-from"),
+                                            ("bench_malloc", "--batch-size"), ("bench_scaling", "--warmup"),
+                                            ("bench_student", "--case"), ("prepare_throughput", "--sizes")])
+def test_benchmark_command_line_parses(bench, monkeypatch, capsys, script, option):
+    """Each script's argparse is reached before any work, and names its own options."""
+    module = bench(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {script}.py") and option in out

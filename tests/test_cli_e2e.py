@@ -19,10 +19,40 @@ def cbd(*args, check=True):
     return result
 
 
-def test_version_and_help():
+COMMANDS = {"prepare", "train-teacher", "export", "train-student", "evaluate", "run", "sweep", "ncm",
+            "paper-table", "cache"}
+
+
+def test_version():
     assert cbd("--version").stdout.startswith("cbd-cache, version")
-    for command in ("prepare", "train-teacher", "export", "train-student", "evaluate", "run", "cache"):
-        assert "--help" in cbd(command, "--help").stdout or "Usage" in cbd(command, "--help").stdout
+
+
+def test_help_lists_every_command_and_each_command_its_options():
+    """`--help` of the group names every command; each command's names its own options and no other's."""
+    import click
+    from click.testing import CliRunner
+
+    from cli import main
+
+    assert set(main.commands) == COMMANDS and set(main.commands["cache"].commands) == {"info", "verify"}
+    runner = CliRunner()
+    top = runner.invoke(main, ["--help"], prog_name="cbd-cache")
+    assert top.exit_code == 0
+    listed = {line.split()[0] for line in top.output.split("Commands:")[1].splitlines() if line.strip()}
+    assert listed == COMMANDS
+
+    commands = [((name,), cmd) for name, cmd in main.commands.items() if name != "cache"]
+    commands += [(("cache", name), cmd) for name, cmd in main.commands["cache"].commands.items()]
+    all_options = {o for _, cmd in commands for p in cmd.params for o in p.opts if o.startswith("--")}
+    for path, cmd in commands:
+        out = runner.invoke(main, [*path, "--help"], prog_name="cbd-cache")
+        assert out.exit_code == 0, out.output
+        assert f"Usage: cbd-cache {' '.join(path)} [OPTIONS]" in out.output
+        own = {o for p in cmd.params if isinstance(p, click.Option) for o in p.opts if o.startswith("--")}
+        assert {"--pipeline", "--workdir", "--set"} <= own, path
+        words = {w.strip(",;:") for w in out.output.split()}
+        assert {o for o in all_options if o in words} == own, path
+        assert " ".join(cmd.help.split("\n")[0].split())[:40] in " ".join(out.output.split()), path
 
 
 @pytest.mark.slow

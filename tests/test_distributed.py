@@ -47,7 +47,7 @@ def test_ranks_read_disjoint_equal_slices_and_stay_balanced_together(smoke_workd
 
 
 def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """The README's command line: torchrun --nproc_per_node=N --no-python cbd-cache ..."""
+    """docs/cluster.md's command line: torchrun --nproc_per_node=N --no-python cbd-cache ..."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
                CLI, *args]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

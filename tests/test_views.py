@@ -3,6 +3,7 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import zarr
 from torch.utils.data import DataLoader
 
@@ -110,6 +111,55 @@ def test_eval_view_centre_crops_after_resizing_the_short_side():
     image[:, 150, 200] = 255                                     # the centre pixel survives a centre crop
     out = eval_view(image, spec)
     assert out.shape == (3, 224, 224) and out.max() > 0
+
+
+def coordinates(height: int, width: int) -> torch.Tensor:
+    """uint8 (3, H, W): channel 0 holds each pixel's row, channel 1 its column, channel 2 their sum."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.stack([rows, cols, rows + cols]).to(torch.uint8)
+
+
+def eval_spec(image_px: int, eval_resize_px: int) -> ViewSpec:
+    return ViewSpec(image_px=image_px, scale=(0.35, 1), ratio=(0.75, 4 / 3), flip=True, eval_resize_px=eval_resize_px)
+
+
+@pytest.mark.parametrize("height, width, top, left", [(12, 20, 2, 6), (20, 12, 6, 2), (13, 21, 2, 6)])
+def test_eval_view_at_scale_one_is_the_exact_centre_crop(height, width, top, left):
+    """eval_resize_px = the short side: no resizing, so the view is the image's centre pixels, unflipped."""
+    image = coordinates(height, width)
+    out = eval_view(image, eval_spec(8, min(height, width)))
+    assert out.shape == (3, 8, 8) and out.dtype == torch.uint8
+    assert torch.equal(out, image[:, top:top + 8, left:left + 8])
+
+
+def test_eval_view_resizes_the_short_side_then_crops_the_centre():
+    """30 x 40 at eval_resize_px 20: scale 2/3, so the 10 px view is a centre crop of 15 source pixels."""
+    image = coordinates(30, 40)
+    out = eval_view(image, eval_spec(10, 20))
+    assert out.shape == (3, 10, 10)
+    top, left = (30 - 15) // 2, (40 - 15) // 2                       # 7, 12
+    assert torch.equal(out, replay(image[:, top:top + 15, left:left + 15].clone(), np.array([0, 0, 15, 15, 0]), 10))
+    rows, cols = out[0].float(), out[1].float()
+    assert (rows.diff(dim=0) > 0).all() and (rows.diff(dim=1) == 0).all()       # rows run down, not across
+    assert (cols.diff(dim=1) > 0).all() and (cols.diff(dim=0) == 0).all()       # columns run left to right
+    assert abs(rows.mean().item() - 14) < 0.6 and abs(cols.mean().item() - 19) < 0.6   # centred on (14, 19)
+
+
+def test_eval_view_without_eval_resize_squashes_the_whole_image():
+    """eval_resize_px = 0: the whole image, resized to image_px x image_px (no crop, aspect not kept)."""
+    image = coordinates(12, 20)
+    out = eval_view(image, eval_spec(8, 0))
+    assert out.shape == (3, 8, 8)
+    assert torch.equal(out, F.interpolate(image[None], size=(8, 8), mode="bilinear", antialias=True)[0])
+    assert out[1, :, 0].max() <= 2 and out[1, :, -1].min() >= 17     # columns 0..19 all there
+    assert out[0, 0].max() <= 1 and out[0, -1].min() >= 10           # rows 0..11 all there
+
+
+def test_eval_view_crop_never_leaves_the_image():
+    """A crop larger than the short side is clipped to it: 12 x 20 at scale 1/2 wants 16 px, gets 12 x 16."""
+    image = coordinates(12, 20)
+    out = eval_view(image, eval_spec(8, 6))
+    assert torch.equal(out, replay(image[:, 0:12, 2:18].clone(), np.array([0, 0, 12, 16, 0]), 8))
 
 
 def export_tensors(manifest, cfg):
