@@ -28,10 +28,9 @@ from .engine import fit
 from .evaluation import evaluate_network
 from .logs import log
 from .models import CosineClassifier
-from .runs import run_is_done
 from .runtime import Runtime
 from .seeding import seed_everything
-from .student import finish_run, plan_student
+from .student import finish_run, finished, plan_student
 from .workdir import Workdir
 
 
@@ -82,8 +81,7 @@ def classifier_step(runtime: Runtime):
 def train_crt(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     """Train the new classifier on `student.init`'s cached descriptors; save teacher backbone + classifier."""
     plan = plan_student(cfg, wd)
-    if run_is_done(plan.folder, plan.identity):
-        log(f"[student {plan.name}] already trained with this config ({plan.folder}); skipping")
+    if finished(plan):
         return plan.folder / "checkpoint.pt"
     s = cfg.student
     teacher = s.init.split("/", 1)[1]

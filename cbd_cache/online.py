@@ -12,11 +12,9 @@ import torch
 from .config import Config, StudentCfg
 from .engine import LossFn
 from .export import load_teachers
-from .logs import log
 from .losses import distillation_loss, teacher_target
-from .runs import run_is_done
 from .runtime import Runtime
-from .student import plan_student, train_network
+from .student import finished, plan_student, train_network
 from .workdir import Workdir
 
 
@@ -40,8 +38,7 @@ def online_step(runtime: Runtime, s: StudentCfg, teachers: list[torch.nn.Module]
 
 def train_online(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     plan = plan_student(cfg, wd)
-    if run_is_done(plan.folder, plan.identity):
-        log(f"[student {plan.name}] already trained with this config ({plan.folder}); skipping")
+    if finished(plan):
         return plan.folder / "checkpoint.pt"
     teachers = [runtime.prepare_teacher(n) for n in load_teachers(cfg, wd, plan.teachers)[0]]
     return train_network(cfg, wd, runtime, plan, online_step(runtime, cfg.student, teachers))

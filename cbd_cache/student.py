@@ -112,6 +112,14 @@ def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
     return StudentPlan(name, wd.student_dir(name), recipe, student_kind(cfg), teachers, dims, cache, provenance)
 
 
+def finished(plan: StudentPlan) -> bool:
+    """True (and says so) when the run folder already holds this plan's finished run."""
+    done = run_is_done(plan.folder, plan.identity)
+    if done:
+        log(f"[student {plan.name}] already trained with this config ({plan.folder}); skipping")
+    return done
+
+
 def distillation_step(runtime: Runtime, dims: list[int], s: StudentCfg) -> LossFn:
     """The cached distillation step: the batch carries each view's stored targets (and logits)."""
     features, logits_too = s.distill != "logit", s.distill != "feature"
@@ -140,8 +148,7 @@ def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     plan = plan_student(cfg, wd)
     if cfg.student.targets == "online" or cfg.student.classifier_only:
         raise ConfigError(f"[student {plan.name}] online targets and cRT train through stage2.train")
-    if run_is_done(plan.folder, plan.identity):
-        log(f"[student {plan.name}] already trained with this config ({plan.folder}); skipping")
+    if finished(plan):
         return plan.folder / "checkpoint.pt"
     step_fn = (cross_entropy_step(runtime) if cfg.student.targets == "none"
                else distillation_step(runtime, plan.dims, cfg.student))

@@ -25,7 +25,7 @@ from ..export import export_cache
 from ..logs import format_seconds, log
 from ..ncm import ncm_report
 from ..runtime import Runtime
-from ..tables import markdown_table, pm
+from ..tables import pm
 from ..teachers import train_teacher
 from ..workdir import Workdir, read_json, write_json
 from .sweep import METRICS, Run, execute, make_runs, seeds_text, stats, summarise
