@@ -19,7 +19,7 @@ from cbd_cache.data.prepare import JOURNAL, Journal, prepare
 from cbd_cache.data.shards import iter_shard
 from cbd_cache.data.sources import DataError
 from cbd_cache.data.sources.files import path_key
-from cbd_cache.workdir import Workdir
+from cbd_cache.workdir import Workdir, file_sha256, write_json
 from cli import main
 
 from .conftest import ROOT, SMOKE
@@ -243,6 +243,7 @@ def test_evaluation_reports_every_held_out_split(tmp_path):
     net = Network("resnet8", 3, manifest.num_classes, 20.0)
     save_checkpoint(wd.teacher_checkpoint("std0"), net, network_spec(net, "resnet8", 3, manifest.num_classes, 20.0),
                     {"name": "std0"})
+    write_json(wd.teacher_dir("std0") / "run.json", {"checkpoint_sha256": file_sha256(wd.teacher_checkpoint("std0"))})
     rows = evaluate_workdir(cfg, wd, make_runtime(cfg.pipeline))
     assert [r["model"] for r in rows] == ["std0"]
     assert rows[0]["splits"]["val"]["num_test"] == 10 and rows[0]["splits"]["test"]["num_test"] == 15
