@@ -252,3 +252,15 @@ def test_evaluation_reports_every_held_out_split(tmp_path):
     assert "## val (10 images)" in md and "## test (15 images)" in md and md.count("| std0 | teacher (standard) |") == 2
     saved = json.loads(wd.results_json.read_text())[0]["splits"]
     assert set(saved) == {"val", "test"} and set(saved["val"]) == {"top1", "many", "medium", "few"}
+
+
+def test_a_class_left_without_training_images_and_one_class_data_are_warned(tmp_path, capfd):
+    train = [item for item in good_items("train", 20) if item[1] != 4] + [("train/eel/broken.png", 4, b"junk")]
+    root = write_dataset(tmp_path / "src", "imagefolder", {"train": train, "test": good_items("test", 5, seed=1)})
+    manifest = prepare(load_config(SMOKE, data_overrides("imagefolder", root)), Workdir(tmp_path / "wd"))
+    assert manifest.train.class_counts[manifest.class_names.index("eel")] == 0
+    assert "warning: 1 class(es) have no training image (eel): no model can learn them" in capfd.readouterr().err
+    one = write_dataset(tmp_path / "one", "imagefolder", {"train": [i for i in good_items("train", 10) if i[1] == 0],
+                                                          "test": [i for i in good_items("test", 5) if i[1] == 0]})
+    prepare(load_config(SMOKE, data_overrides("imagefolder", one)), Workdir(tmp_path / "wd1"))
+    assert "warning: the data has one class ('cat')" in capfd.readouterr().err
