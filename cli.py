@@ -1,9 +1,12 @@
 """`cbd-cache`: the command line. Every command takes --pipeline, --workdir and any number of --set key=value."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from cbd_cache.cache import CacheError, cache_info
 from cbd_cache.config import DEFAULT_PIPELINE, Config, ConfigError, load_config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare as run_prepare
+from cbd_cache.data.shards import ShardDamaged
 from cbd_cache.dryrun import dry_run as plan_dry_run
 from cbd_cache.engine import NonFiniteLoss
 from cbd_cache.evaluation import evaluate_workdir, results_table
@@ -23,6 +27,7 @@ from cbd_cache.experiments.paper_table import paper_table as run_paper_table
 from cbd_cache.experiments.sweep import parse_grid, parse_seeds, run_sweep
 from cbd_cache.export import export_cache
 from cbd_cache.jobs import JobsFailed, run_parallel
+from cbd_cache.locks import Busy, cache_lock, hold
 from cbd_cache.logs import log
 from cbd_cache.ncm import ncm_report
 from cbd_cache.runtime import make_runtime
@@ -80,27 +85,65 @@ def pipeline_options(fn=None, *, workdir_default: str = "runs/{name}"):
     return wrapper
 
 
+BAD_INPUT = (ConfigError, CacheError, FileNotFoundError)           # exit 2
+FAILED_STAGE = (NonFiniteLoss, JobsFailed, Busy, ShardDamaged)     # exit 1
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)                             # exit 1: free space, run again
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)             # exit 2: another --workdir
+TRAINING = ("train-teacher", "train-student", "run", "sweep", "paper-table")
+
+
+def one_line(e: BaseException) -> str:
+    """The message; for an exception a DataLoader worker re-raised (its text holds the worker's
+    traceback), the original message, from the traceback's last line."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def os_error_line(e: OSError, command: str) -> tuple[str, int] | None:
+    """(one line, exit code) for the OS errors a user can fix (a full disk, a read-only workdir), else None."""
+    where = shlex.quote(str(e.filename)) if e.filename else "the workdir"
+    if e.errno in NO_SPACE:
+        again = " (with --resume to continue training)" if command in TRAINING else ""
+        return (f"no space left on the device writing {where}: free some space, then run the same command "
+                f"again{again}; what was finished is kept"), 1
+    if e.errno in NOT_WRITABLE:
+        return f"cannot write {where} ({e.strerror}): choose a writable --workdir, or make it writable", 2
+    return None
+
+
 class CLI(click.Group):
-    """Turns expected failures into one line on stderr: exit 2 for bad input, 1 for a failed stage."""
+    """Turns expected failures into one line on stderr: exit 2 for bad input, 1 for a failed stage, 130
+    when interrupted. Anything else is a bug and keeps its traceback; `--debug` keeps every traceback."""
 
     def invoke(self, ctx):
         try:
             result = super().invoke(ctx)
             distributed.barrier()    # under torchrun no rank leaves before the others are done
             return result
-        except (ConfigError, CacheError, FileNotFoundError) as e:
-            click.echo(f"cbd-cache: error: {e}", err=True)
-            sys.exit(2)
-        except (NonFiniteLoss, JobsFailed) as e:
-            click.echo(f"cbd-cache: error: {e}", err=True)
-            sys.exit(1)
+        except KeyboardInterrupt:
+            command = ctx.invoked_subcommand or "cbd-cache"
+            again = " (with --resume to continue training from its last checkpoint)" if command in TRAINING else ""
+            click.echo(f"cbd-cache: interrupted: {command} stopped before it finished; run the same command "
+                       f"again{again} to continue", err=True)
+            sys.exit(130)
+        except (*BAD_INPUT, *FAILED_STAGE, OSError) as e:
+            line = os_error_line(e, ctx.invoked_subcommand) if isinstance(e, OSError) and \
+                not isinstance(e, FileNotFoundError) else (one_line(e), 2 if isinstance(e, BAD_INPUT) else 1)
+            if line is None or ctx.params.get("debug"):
+                raise
+            click.echo(f"cbd-cache: error: {line[0]}", err=True)
+            sys.exit(line[1])
         finally:
             distributed.shutdown()
 
 
 @click.group(cls=CLI, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cbd-cache")
-def main():
+@click.option("--debug", is_flag=True, help="Show the traceback of an error instead of its one line.")
+def main(debug: bool):
     """Class-Balanced Distillation with a cache of teacher descriptors.
 
     Stages: prepare -> train-teacher -> export -> train-student -> evaluate (or `run` for all).
@@ -163,7 +206,14 @@ def train_teachers_in_parallel(ctx: Context, names: list[str], jobs: int) -> Non
 @pipeline_options
 def export(ctx: Context):
     """Run every teacher over A views of every training image into the Zarr cache (resumable)."""
-    export_cache(ctx.cfg, ctx.wd, ctx.runtime)
+    export_locked(ctx)
+
+
+def export_locked(ctx: Context) -> None:
+    """export_cache under the cache folder's lock (rank 0's, a local cache's): one exporting process per cache."""
+    local = ctx.main and not is_url(ctx.wd.cache)
+    with hold(cache_lock(Path(ctx.wd.cache)), str(ctx.wd.cache)) if local else contextlib.nullcontext():
+        export_cache(ctx.cfg, ctx.wd, ctx.runtime)
 
 
 @main.command("train-student")
@@ -197,7 +247,7 @@ def run(ctx: Context):
     for t in ctx.cfg.teachers:
         run_teacher(ctx.cfg, t, ctx.wd, ctx.runtime)
         distributed.barrier()   # rank 0 has written the teacher before anyone reads it
-    export_cache(ctx.cfg, ctx.wd, ctx.runtime)
+    export_locked(ctx)
     stage2.train(ctx.cfg, ctx.wd, ctx.runtime)
     distributed.barrier()
     evaluate_all(ctx)

@@ -8,7 +8,9 @@ from typing import Any
 import torch
 
 from .models import Network
-from .workdir import atomic_write_bytes
+from .workdir import atomic_write_bytes, file_sha256, read_json
+
+RUN_JSON = "run.json"   # a run folder's record, written last; see runs.save_run
 
 
 def network_spec(net: Network, arch: str, in_channels: int, num_classes: int, gamma: float) -> dict[str, Any]:
@@ -34,6 +36,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
     net = Network(spec["arch"], spec["in_channels"], spec["num_classes"], spec["gamma"], spec["projection_dim"])
     net.load_state_dict(ckpt["state_dict"])
     return net, {**ckpt["meta"], "network": spec}
+
+
+def run_finished(folder: Path) -> bool:
+    """The folder's run.json vouches for its checkpoint.pt (records its SHA-256): the run finished saving."""
+    ckpt, record = folder / "checkpoint.pt", folder / RUN_JSON
+    if not (ckpt.is_file() and record.is_file()):
+        return False
+    sha = read_json(record).get("checkpoint_sha256")
+    return sha is not None and sha == file_sha256(ckpt)
 
 
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:

@@ -305,8 +305,21 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _floats(obj: Any, prefix: str) -> typing.Iterator[tuple[str, Any]]:
+    """(key, value) of every float setting of a section (list items included)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if hints[f.name] in (float, list[float]):
+            yield f"{prefix}.{f.name}", getattr(obj, f.name)
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express. Each message names the key."""
+    sections = [(name, getattr(cfg, name)) for name in ("pipeline", "data", "views", "teacher", "export", "student", "eval")]
+    for prefix, obj in sections + [(f"teachers.{t.name}", t) for t in cfg.teachers]:
+        for key, value in _floats(obj, prefix):   # inf and nan pass most range checks below
+            _require(all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])),
+                     f"{key}={value}: must be a finite number")
     for key, options in CHOICES.items():
         section, name = key.split(".")
         objs = cfg.teachers + [cfg.teacher] if section == "teacher" else [getattr(cfg, section)]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_checkpoint
+from .checkpoint import RUN_JSON, load_checkpoint, run_finished
 from .config import Config
 from .data.longtail import SHOT_GROUPS, shot_group
 from .data.manifest import Manifest
@@ -110,19 +110,29 @@ def evaluate_checkpoint(folder: Path, name: str, kind: str, manifest: Manifest, 
     return report
 
 
+def finished(folder: Path, ref: str) -> bool:
+    """A run to report: its run.json vouches for its checkpoint. One that does not is left out, with a warning."""
+    if run_finished(folder):
+        return True
+    if (folder / "checkpoint.pt").is_file():
+        log(f"[evaluate] warning: {ref} left out: its checkpoint.pt is not the one its run.json records "
+            "(a run cut short while saving); train it again")
+    return False
+
+
 def evaluate_workdir(cfg: Config, wd: Workdir, runtime: Runtime) -> list[dict[str, Any]]:
     """Evaluate every teacher and student in the workdir; write results.md / results.json; return the rows."""
     manifest = Manifest.load(wd.manifest)
     rows = []
     for t in cfg.teachers:
-        if wd.teacher_checkpoint(t.name).is_file():
+        if finished(wd.teacher_dir(t.name), f"teachers/{t.name}"):
             r = evaluate_checkpoint(wd.teacher_dir(t.name), t.name, f"teacher ({t.type})", manifest, cfg, runtime)
             rows.append({"model": t.name, "kind": f"teacher ({t.type})", **r})
     for s in wd.students():
         folder = wd.student_dir(s)
-        meta = read_json(folder / "run.json") if (folder / "run.json").is_file() else {}
-        kind = meta.get("kind", "student")
-        rows.append({"model": s, "kind": kind, **evaluate_checkpoint(folder, s, kind, manifest, cfg, runtime)})
+        if finished(folder, f"students/{s}"):
+            kind = read_json(folder / RUN_JSON)["kind"]
+            rows.append({"model": s, "kind": kind, **evaluate_checkpoint(folder, s, kind, manifest, cfg, runtime)})
     if not rows:
         raise FileNotFoundError(f"{wd.root}: no teacher or student checkpoints to evaluate")
     splits = manifest.eval_splits

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from contextlib import nullcontext
+
 from . import crt, online, student
 from .config import Config
+from .locks import hold, run_lock
 from .runtime import Runtime
 from .workdir import Workdir
 
 
 def train(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
-    if cfg.student.classifier_only:
-        return crt.train_crt(cfg, wd, runtime)
-    if cfg.student.targets == "online":
-        return online.train_online(cfg, wd, runtime)
-    return student.train_student(cfg, wd, runtime)
+    """Planned first (a refused config writes nothing), then trained under the run folder's lock (rank 0's),
+    so two processes never train one run at once."""
+    folder = student.plan_student(cfg, wd).folder
+    lock = hold(run_lock(folder), f"students/{folder.name}") if runtime.dist.main else nullcontext()
+    with lock:
+        if cfg.student.classifier_only:
+            return crt.train_crt(cfg, wd, runtime)
+        if cfg.student.targets == "online":
+            return online.train_online(cfg, wd, runtime)
+        return student.train_student(cfg, wd, runtime)

@@ -10,6 +10,7 @@ teacher code: a cached student runs no teacher and loads none (tests/test_import
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .evaluation import evaluate_network
 from .logs import log
 from .losses import distillation_loss, normalize_per_teacher
 from .models import Network, descriptor_dim, projection_dim
-from .runs import run_is_done, save_run, student_run_name
+from .runs import flat_config, run_is_done, run_settings, save_run, student_run_name
 from .runtime import Runtime
 from .seeding import seed_everything
 from .views import ViewSpec
@@ -101,14 +102,12 @@ def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
                                         "online targets need the teachers")
         provenance = {t: file_sha256(wd.teacher_checkpoint(t)) for t in teachers}
         dims = [descriptor_dim(cfg.teacher_by_name(t).arch) for t in teachers]
+    if cache is not None:
+        check_cache_settings(cfg, reader.prov, wd.cache)
     if s.distill == "logit":
         dims = []
-    config = {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
-    augment = data_aug(cfg)
-    recipe = {"student": config, "views": dataclasses.asdict(cfg.views), "manifest": manifest.fingerprint,
-              "teachers": provenance, "export_views": cfg.export.views if cache else None,
-              "init": file_sha256(init_checkpoint(wd, s)) if s.init else None,
-              "augment": dataclasses.asdict(augment) if augment else None}
+    recipe = {"settings": run_settings(cfg), "manifest": manifest.fingerprint, "teachers": provenance,
+              "init": file_sha256(init_checkpoint(wd, s)) if s.init else None}
     return StudentPlan(name, wd.student_dir(name), recipe, student_kind(cfg), teachers, dims, cache, provenance)
 
 
@@ -118,6 +117,19 @@ def finished(plan: StudentPlan) -> bool:
     if done:
         log(f"[student {plan.name}] already trained with this config ({plan.folder}); skipping")
     return done
+
+
+def check_cache_settings(cfg: Config, prov: dict, path) -> None:
+    """The cache's views win: a student whose view or export settings differ from what the cache
+    recorded would train on crops, or under a name, that the teachers' targets do not belong to."""
+    recorded = {f"views.{k}": v for k, v in prov["view_spec"].items() if k != "eval_resize_px"}   # (evaluation only)
+    recorded.update({"pipeline.seed": prov["view_seed"], "export.views": prov["views_per_image"],
+                     "export.dtype": prov["dtype"], "export.logits": prov["logits"]})
+    mine = json.loads(json.dumps(flat_config(cfg)))   # as the cache's JSON attributes hold them (lists, not tuples)
+    for key, value in recorded.items():
+        if mine[key] != value:
+            raise ConfigError(f"{key}={mine[key]}: the cache {path} was exported with {key}={value}; drop that "
+                              "--set, or export a cache with it (under another pipeline.cache_url or workdir)")
 
 
 def distillation_step(runtime: Runtime, dims: list[int], s: StudentCfg) -> LossFn:

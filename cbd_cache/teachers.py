@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from pathlib import Path
 
 from .checkpoint import network_spec
@@ -10,6 +11,7 @@ from .data.manifest import Manifest
 from .data.stream import TrainStream
 from .engine import cross_entropy_step, fit
 from .evaluation import evaluate_network
+from .locks import hold, run_lock
 from .logs import log
 from .models import Network
 from .runs import run_is_done, save_run
@@ -29,8 +31,14 @@ def teacher_identity(cfg: Config, t: TeacherCfg, manifest: Manifest) -> str:
 
 
 def train_teacher(cfg: Config, t: TeacherCfg, wd: Workdir, runtime: Runtime) -> Path:
-    manifest = Manifest.load(wd.manifest)
+    """Under the teacher folder's lock (rank 0's): two processes never train one teacher at once."""
     folder = wd.teacher_dir(t.name)
+    with hold(run_lock(folder), f"teachers/{t.name}") if runtime.dist.main else nullcontext():
+        return _train_teacher(cfg, t, wd, runtime, folder)
+
+
+def _train_teacher(cfg: Config, t: TeacherCfg, wd: Workdir, runtime: Runtime, folder: Path) -> Path:
+    manifest = Manifest.load(wd.manifest)
     identity = teacher_identity(cfg, t, manifest)
     if run_is_done(folder, identity):
         log(f"[teacher {t.name}] already trained with this config ({folder}); skipping")

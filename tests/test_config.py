@@ -1,4 +1,6 @@
 
+import re
+
 import pytest
 from click.testing import CliRunner
 
@@ -84,8 +86,25 @@ def test_missing_data_root_exits_2_and_writes_nothing(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("item", ["student.beta=inf", "student.temperature=nan", "teacher.weight_decay=inf",
+                                  "views.ratio=[0.5,inf]", "data.imbalance_factor=inf"])
+def test_float_settings_must_be_finite(item):
+    with pytest.raises(ConfigError, match=f"^{re.escape(item.split('=')[0])}=.*must be a finite number$"):
+        smoke_config(item)
+
+
 def test_student_run_names_follow_the_overrides():
     assert student_run_name(smoke_config()) == "student"
-    assert student_run_name(smoke_config("student.alpha=0.2", "data.seed=1")) == "student_alpha=0.2"
+    assert student_run_name(smoke_config("student.alpha=0.2", "data.seed=1")) == "student_alpha=0.2_data.seed=1"
+    assert student_run_name(smoke_config("views.image_px=32")) == "student_views.image_px=32"
+    assert student_run_name(smoke_config("export.views=4", "student.seed=2")) == "student_export.views=4_seed=2"
+    # a teacher-section change that every teacher used took is named once; one teacher's by its own key
+    assert student_run_name(smoke_config("teacher.epochs=3")) == "student_teacher.epochs=3"
+    assert student_run_name(smoke_config("teachers.aug0.epochs=3")) == "student_teachers.aug0.epochs=3"
+    # what the run does not use is not in its name: the cache and teachers for cross-entropy, the location of data
+    assert student_run_name(smoke_config("student.targets=none", "export.views=4", "teacher.epochs=3",
+                                         "data.root=/x", "eval.batch_size=8")) == "student_targets=none"
+    assert student_run_name(smoke_config("student.teachers=[std0]", "teachers.aug0.epochs=3")) == \
+        "student_teachers=std0"
     assert student_run_name(smoke_config("student.teachers=[std0,aug0]")) == "student_teachers=std0+aug0"
     assert student_run_name(smoke_config("student.alpha=0.2", "student.name=mine")) == "mine"

@@ -83,10 +83,11 @@ def test_two_process_smoke_pipeline_with_uneven_shards(tmp_path):
     assert array_hashes(wd.cache) == array_hashes(single.cache)
 
     out = torchrun("train-student", *common).stderr
-    assert f"[student student] {2 * steps} steps on each of 2 ranks" in out
-    run = json.loads((wd.student_dir("student") / "run.json").read_text())
+    name = "student_data.shard_size=48_teacher.epochs=1"   # named by its data and teacher settings too
+    assert f"[student {name}] {2 * steps} steps on each of 2 ranks" in out
+    run = json.loads((wd.student_dir(name) / "run.json").read_text())
     assert [h["step"] for h in run["history"]] == [steps, 2 * steps]
-    assert (wd.student_dir("student") / "eval.json").is_file()
+    assert (wd.student_dir(name) / "eval.json").is_file()
     verify = subprocess.run([sys.executable, "-m", "cli", "cache", "verify", *common], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0 and verify.stdout.strip().endswith("OK"), verify.stdout + verify.stderr

@@ -19,7 +19,7 @@ from cbd_cache.data.prepare import JOURNAL, Journal, prepare
 from cbd_cache.data.shards import iter_shard
 from cbd_cache.data.sources import DataError
 from cbd_cache.data.sources.files import path_key
-from cbd_cache.workdir import Workdir
+from cbd_cache.workdir import Workdir, file_sha256, write_json
 from cli import main
 
 from .conftest import ROOT, SMOKE
@@ -243,6 +243,7 @@ def test_evaluation_reports_every_held_out_split(tmp_path):
     net = Network("resnet8", 3, manifest.num_classes, 20.0)
     save_checkpoint(wd.teacher_checkpoint("std0"), net, network_spec(net, "resnet8", 3, manifest.num_classes, 20.0),
                     {"name": "std0"})
+    write_json(wd.teacher_dir("std0") / "run.json", {"checkpoint_sha256": file_sha256(wd.teacher_checkpoint("std0"))})
     rows = evaluate_workdir(cfg, wd, make_runtime(cfg.pipeline))
     assert [r["model"] for r in rows] == ["std0"]
     assert rows[0]["splits"]["val"]["num_test"] == 10 and rows[0]["splits"]["test"]["num_test"] == 15
@@ -251,3 +252,15 @@ def test_evaluation_reports_every_held_out_split(tmp_path):
     assert "## val (10 images)" in md and "## test (15 images)" in md and md.count("| std0 | teacher (standard) |") == 2
     saved = json.loads(wd.results_json.read_text())[0]["splits"]
     assert set(saved) == {"val", "test"} and set(saved["val"]) == {"top1", "many", "medium", "few"}
+
+
+def test_a_class_left_without_training_images_and_one_class_data_are_warned(tmp_path, capfd):
+    train = [item for item in good_items("train", 20) if item[1] != 4] + [("train/eel/broken.png", 4, b"junk")]
+    root = write_dataset(tmp_path / "src", "imagefolder", {"train": train, "test": good_items("test", 5, seed=1)})
+    manifest = prepare(load_config(SMOKE, data_overrides("imagefolder", root)), Workdir(tmp_path / "wd"))
+    assert manifest.train.class_counts[manifest.class_names.index("eel")] == 0
+    assert "warning: 1 class(es) have no training image (eel): no model can learn them" in capfd.readouterr().err
+    one = write_dataset(tmp_path / "one", "imagefolder", {"train": [i for i in good_items("train", 10) if i[1] == 0],
+                                                          "test": [i for i in good_items("test", 5) if i[1] == 0]})
+    prepare(load_config(SMOKE, data_overrides("imagefolder", one)), Workdir(tmp_path / "wd1"))
+    assert "warning: the data has one class ('cat')" in capfd.readouterr().err

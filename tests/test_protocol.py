@@ -84,7 +84,7 @@ def test_crt_trains_a_classifier_from_cached_descriptors_only(smoke_copy, monkey
         return evaluate(*a, **k)
 
     monkeypatch.setattr(models.SmallResNet, "forward", no_backbone)
-    monkeypatch.setattr(stream, "decode_image", no_decode)
+    monkeypatch.setattr(stream, "decode_sample", no_decode)
     monkeypatch.setattr(crt, "evaluate_network", evaluate_afterwards)
     ckpt = train_student(cfg, smoke_copy, runtime)
     run = read_json(ckpt.parent / "run.json")

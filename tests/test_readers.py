@@ -80,12 +80,13 @@ def small(split, n=10, seed=0):
     return good_items(split, n, seed)
 
 
-def test_imagefolder_lists_nested_files_and_ignores_hidden_ones(tmp_path):
+def test_imagefolder_lists_nested_files_and_leaves_out_what_torchvision_does(tmp_path):
     root = write_dataset(tmp_path / "d", "imagefolder", {"train": small("train", 16), "test": small("test", 5, 1)})
     (root / "train" / "cat" / ".DS_Store").write_bytes(b"junk")
     (root / "train" / ".hidden").mkdir()
     src = source_for("imagefolder", root)
-    assert src.splits == ("train", "test") and src.class_names == sorted(CLASSES)
+    assert src.splits == ("train", "test") and src.class_names == sorted([*CLASSES, ".hidden"])   # as torchvision
+    assert [(p["item"], p["kind"]) for p in src.skipped] == [("train/cat/.DS_Store", "ignored")]
     recs = src.records("train")
     assert len(recs) == 16 and all(r.ref.startswith("train/") and ".DS_Store" not in r.ref for r in recs)
     assert any(r.ref.count("/") == 4 for r in recs)                      # nested below the class folder

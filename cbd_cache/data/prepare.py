@@ -1,9 +1,14 @@
 """`cbd-cache prepare`: a source's records -> long-tail cut -> shuffled WebDataset shards + manifest + report.
 
 Streaming, bounded and resumable. Worker processes read the records, in order and a bounded window
-at a time, and decode each image once to check it (`Source.read`). Each shard takes the next
-`data.shard_size` readable images. A finished shard is appended to a journal, so a killed prepare
-continues at the next shard, and writes the same bytes: the same manifest fingerprint.
+at a time, and check each image (`Source.read`), then decode what a shard will store with the
+decoder training uses (`shards.decode_image`): what prepare accepts, training can decode. That
+decoder (libpng) can kill its process on input PIL accepts, so it runs in workers only; a chunk
+whose worker died is read again one item per process, and the item that kills one is unreadable.
+Each shard takes the next `data.shard_size` readable images. A finished shard is appended to a
+journal, so a killed prepare continues at the next shard, and writes the same bytes: the same
+manifest fingerprint. Run again on prepared data, prepare hashes every shard and rebuilds, bit for
+bit, any that is missing, truncated or changed.
 
 Nothing is lost in silence. Every source item ends up in a shard, or in the report
 (W/data/report.md, and `rejected` in the manifest), or is left out by the long-tail profile on
@@ -20,6 +25,7 @@ import re
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,7 +38,7 @@ from ..runtime import cpu_count
 from ..workdir import Workdir, atomic_write_bytes
 from .longtail import longtail_subset
 from .manifest import EVAL_SPLITS, Manifest, ShardInfo, SplitInfo
-from .shards import Sample, ShardWriter, shard_name
+from .shards import Sample, ShardWriter, content_hash, decode_image, shard_intact, shard_name
 from .sources import DataError, Record, Source, Unreadable, open_source
 
 JOURNAL = "prepare.journal"
@@ -94,30 +100,54 @@ def _init_worker(source: Source) -> None:
 
 
 def read_checked(source: Source, record: Record) -> tuple[bytes | None, str]:
-    """(bytes, ext) of a readable record, or (None, reason)."""
+    """(bytes, ext) of a readable record that training's decoder decodes, or (None, reason). In a worker only."""
     try:
-        return source.read(record)
+        data, ext = source.read(record)
     except Unreadable as e:
         return None, str(e)
+    try:
+        decode_image(data, source.channels)
+    except Exception as e:   # PIL raises many types on corrupt input
+        return None, f"the training decoder cannot decode it: {e}"
+    return data, ext
 
 
 def _read_chunk(records: list[Record]) -> list[tuple[bytes | None, str]]:
     return [read_checked(_worker_source, r) for r in records]
 
 
+def _pool(source: Source, workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(source,))
+
+
+def read_alone(source: Source, record: Record) -> tuple[bytes | None, str]:
+    """`read_checked` in a process of its own: the record that kills it is unreadable, and nothing else is."""
+    with _pool(source, 1) as pool:
+        try:
+            return pool.submit(_read_chunk, [record]).result()[0]
+        except BrokenProcessPool:
+            return None, "the training decoder crashed on it (corrupt data, such as a PNG with a bad checksum)"
+
+
 def read_in_order(source: Source, records: list[Record], workers: int) -> Iterator[tuple[Record, bytes | None, str]]:
-    """(record, bytes or None, ext or reason) in record order; at most 4 chunks per worker in flight (bounded memory)."""
-    if workers == 0:
-        for r in records:
-            yield (r, *read_checked(source, r))
-        return
+    """(record, bytes or None, ext or reason) in record order; at most 4 chunks per worker in flight (bounded memory).
+
+    Always in worker processes (at least one), since a decoder may crash the process it runs in.
+    """
+    workers = max(1, workers)
     chunks = (records[i:i + READ_CHUNK] for i in range(0, len(records), READ_CHUNK))
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(source,))
+    pool = _pool(source, workers)
     try:
         pending = deque((c, pool.submit(_read_chunk, c)) for c in itertools.islice(chunks, 4 * workers))
         while pending:
             chunk, future = pending.popleft()
-            results = future.result()
+            try:
+                results = future.result()
+            except BrokenProcessPool:   # a worker died: find the item, then go on with a new pool
+                pool.shutdown(wait=True, cancel_futures=True)
+                results = [read_alone(source, r) for r in chunk]
+                pool = _pool(source, workers)
+                pending = deque((c, pool.submit(_read_chunk, c)) for c, _ in pending)
             following = next(chunks, None)
             if following is not None:
                 pending.append((following, pool.submit(_read_chunk, following)))
@@ -224,15 +254,28 @@ def write_split(source: Source, split: str, plan: SplitPlan, wd: Workdir, shard_
 def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
     """Shards + manifest + report from `data.format`'s reader, or from `source` when given (benchmarks bring their own)."""
     data_config = dataclasses.asdict(cfg.data)
+    plans = None
     if wd.manifest.is_file():
         existing = Manifest.load(wd.manifest)
         if existing.data_config == data_config:
-            log(f"[prepare] {wd.manifest} is up to date ({existing.train.num_samples} training images); skipping")
             (wd.data / JOURNAL).unlink(missing_ok=True)   # left by a prepare killed after its manifest
-            return existing
-        log(f"[prepare] {wd.manifest} was made from other data settings; preparing again")
+            damaged = damaged_shards(existing)
+            if not damaged:
+                log(f"[prepare] {wd.manifest} is up to date ({existing.train.num_samples} training images, "
+                    "every shard intact); skipping")
+                return existing
+            log(f"[prepare] {len(damaged)} shard(s) missing, truncated or changed: "
+                f"{', '.join(info.name for _, info in damaged)}; rebuilding them")
+            source = source or open_source(cfg.data)
+            plans = plan_splits(source, cfg)
+            if all(rebuild_shard(source, plans[split], existing, split, info, wd, cfg) for split, info in damaged):
+                log(f"[prepare] rebuilt {len(damaged)} shard(s), bit for bit; fingerprint {existing.fingerprint[:12]}")
+                return existing
+            log(f"[prepare] the source at data.root={cfg.data.root} changed since it was prepared; preparing again")
+        else:
+            log(f"[prepare] {wd.manifest} was made from other data settings; preparing again")
     source = source or open_source(cfg.data)
-    plans = plan_splits(source, cfg)
+    plans = plans or plan_splits(source, cfg)
     for p in source.skipped[:LOG_REJECTS]:
         log(f"[prepare] label problem, left out: {p['where']}: {p['reason']}")
     wd.data.mkdir(parents=True, exist_ok=True)
@@ -269,8 +312,55 @@ def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
     if rejected:
         kinds = Counter(r["kind"] for r in rejected)
         log(f"[prepare] warning: {len(rejected)} source items left out ({kinds['unreadable']} unreadable images, "
-            f"{kinds['label']} label problems); listed in {wd.data / REPORT}")
+            f"{kinds['label']} label problems{f', {n} not image files' if (n := kinds['ignored']) else ''}); "
+            f"listed in {wd.data / REPORT}")
+    for warning in class_warnings(manifest):
+        log(f"[prepare] warning: {warning}")
     return manifest
+
+
+def class_warnings(manifest: Manifest) -> list[str]:
+    """What makes the training classes unfit to learn from: a single class, or classes with no image."""
+    warnings = []
+    if manifest.num_classes == 1:
+        warnings.append(f"the data has one class ({manifest.class_names[0]!r}): every model scores 100% by "
+                        "predicting it; check data.root")
+    empty = [n for n, count in zip(manifest.class_names, manifest.train.class_counts) if count == 0]
+    if empty:
+        listed = ", ".join(empty[:LOG_REJECTS]) + (f" and {len(empty) - LOG_REJECTS} more" if len(empty) > LOG_REJECTS else "")
+        warnings.append(f"{len(empty)} class(es) have no training image ({listed}): no model can learn them; "
+                        f"see {manifest.folder / REPORT} for what was left out")
+    return warnings
+
+
+def damaged_shards(manifest: Manifest) -> list[tuple[str, ShardInfo]]:
+    """(split, shard) of every shard that is missing, truncated or no longer matches its hash (reads them all)."""
+    return [(split, info) for split, s in manifest.splits.items() for info in s.shards
+            if not shard_intact(manifest.shard_path(info), info.start, info.stop, info.sha256)]
+
+
+def rebuild_shard(source: Source, plan: SplitPlan, manifest: Manifest, split: str, info: ShardInfo, wd: Workdir,
+                  cfg: Config) -> bool:
+    """Write one shard again from the source; False (and nothing written) if the source no longer gives its bytes.
+
+    Rows are numbered over the split's readable records in plan order, so the shard's records are
+    the plan's, less the unreadable ones the manifest lists, at [start, stop).
+    """
+    unreadable = {r["key"] for r in manifest.rejected if r["split"] == split and r["kind"] == "unreadable"}
+    records = [r for r in plan.records if r.key not in unreadable][info.start:info.stop]
+    workers = cpu_count() if cfg.pipeline.workers < 0 else cfg.pipeline.workers
+    samples = []
+    for row, (record, data, ext) in enumerate(read_in_order(source, records, workers), start=info.start):
+        if data is None:
+            return False
+        samples.append(Sample(record.key, record.label, row, data, ext))
+    if len(samples) != info.rows or content_hash(samples) != info.sha256:
+        return False
+    writer = ShardWriter(wd.data / info.name)
+    for sample in samples:
+        writer.write(sample)
+    writer.close()
+    return True
 
 
 def remove_stale_files(folder: Path, manifest: Manifest) -> None:
@@ -282,15 +372,16 @@ def remove_stale_files(folder: Path, manifest: Manifest) -> None:
 
 
 def report_markdown(manifest: Manifest) -> str:
-    """Per split: listed = in shards + unreadable + label problems + left out by the profile; then every left-out item."""
+    """Per split: listed = in shards + unreadable + label problems + not image files + left out by the profile;
+    then every left-out item."""
     lines = [f"# prepare report: {manifest.name}", "",
              f"source: {json.dumps(manifest.source)}", "",
-             "| split | listed | in shards | unreadable | label problems | left out by profile |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| split | listed | in shards | unreadable | label problems | not image files | left out by profile |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for split, info in manifest.splits.items():
         kinds = Counter(r["kind"] for r in manifest.rejected if r["split"] == split)
         lines.append(f"| {split} | {info.listed} | {info.num_samples} | {kinds['unreadable']} | {kinds['label']} "
-                     f"| {info.profile_dropped} |")
+                     f"| {kinds['ignored']} | {info.profile_dropped} |")
     lines += ["", f"## Left out ({len(manifest.rejected)})", ""]
     if manifest.rejected:
         lines += ["| split | item | kind | reason |", "|---|---|---|---|"]

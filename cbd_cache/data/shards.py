@@ -2,13 +2,15 @@
 
 `row` is the sample's index in the manifest (and so its row in the cache); readers check it, so a
 shard that drifted out of alignment with the cache fails loudly instead of training on wrong targets.
+A reader also checks each shard against the manifest's content hash the first time its process opens
+it: a truncated, deleted or changed shard stops a run with `ShardDamaged`, which names the repair.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +30,11 @@ except ImportError:  # pragma: no cover
     decode_tv = None
 
 IMAGE_EXTS = ("jpg", "png")
+REPAIR = "run `cbd-cache prepare` (same --pipeline and --workdir) to rebuild it"
+
+
+class ShardDamaged(RuntimeError):
+    """A shard that no longer holds what prepare wrote, or an image in it that does not decode. The CLI exits 1."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class Sample:
     row: int
     data: bytes   # encoded image
     ext: str
+    shard: str = field(default="", compare=False)   # where it was read from, for error messages
 
 
 def shard_name(split: str, index: int) -> str:
@@ -158,23 +166,55 @@ def _sample(path, key: str, fields: dict[str, bytes]) -> Sample:
     ext = next((e for e in IMAGE_EXTS if e in fields), None)
     if ext is None or "cls" not in fields or "row" not in fields:
         raise ValueError(f"{path}: sample {key} lacks an image, cls or row ({sorted(fields)})")
-    return Sample(key, int(fields["cls"]), int(fields["row"]), fields[ext], ext)
+    return Sample(key, int(fields["cls"]), int(fields["row"]), fields[ext], ext, str(path))
 
 
-def read_shard(path: str | Path, start: int, stop: int) -> list[Sample]:
-    """All samples of a shard, checked against the manifest's row range for it."""
-    samples = list(iter_shard(path))
+_verified: set[tuple[str, str]] = set()   # (shard, content hash) pairs this process has checked: once each
+
+
+def read_shard(path: str | Path, start: int, stop: int, sha256: str = "") -> list[Sample]:
+    """All samples of a shard, checked against the manifest's row range for it and, when given, its
+    content hash (the first time this process reads it). Any damage raises ShardDamaged."""
+    try:
+        samples = list(iter_shard(path))
+    except FileNotFoundError:
+        raise ShardDamaged(f"{path}: the shard is missing; {REPAIR}") from None
+    except (OSError, ValueError, KeyError) as e:   # a truncated or corrupt tar
+        raise ShardDamaged(f"{path}: the shard is damaged ({str(e).removeprefix(f'{path}: ')}); {REPAIR}") from None
     rows = [s.row for s in samples]
     if rows != list(range(start, stop)):
-        raise ValueError(f"{path}: rows {rows[:3]}..{rows[-3:]} do not match the manifest's range [{start}, {stop})")
+        raise ShardDamaged(f"{path}: rows {rows[:3]}..{rows[-3:]} do not match the manifest's range [{start}, {stop}) "
+                           f"(truncated or replaced); {REPAIR}")
+    if sha256 and (str(path), sha256) not in _verified:
+        if content_hash(samples) != sha256:
+            raise ShardDamaged(f"{path}: the shard's content no longer matches the manifest's hash; {REPAIR}")
+        _verified.add((str(path), sha256))
     return samples
+
+
+def shard_intact(path: Path, start: int, stop: int, sha256: str) -> bool:
+    """The shard at `path` holds exactly what the manifest says: rows [start, stop) with this content hash."""
+    try:
+        return content_hash(read_shard(path, start, stop)) == sha256   # (not read_shard's once-per-process check)
+    except ShardDamaged:
+        return False
 
 
 def read_labels(manifest, split: str = "train") -> np.ndarray:
     """Every sample's label, by manifest row, read from the shards without decoding an image."""
     info = manifest.splits[split]
-    return np.array([s.label for sh in info.shards for s in read_shard(manifest.shard_path(sh), sh.start, sh.stop)],
-                    dtype=np.int64)
+    return np.array([s.label for sh in info.shards for s in read_shard(manifest.shard_path(sh), sh.start, sh.stop,
+                                                                       sh.sha256)], dtype=np.int64)
+
+
+def decode_sample(sample: Sample, channels: int) -> torch.Tensor:
+    """`decode_image` of a shard's sample; a failure names the shard and the key (prepare decodes every
+    image with the same decoder, so only a shard written before that check can hold one)."""
+    try:
+        return decode_image(sample.data, channels)
+    except Exception as e:   # PIL raises many types on corrupt input
+        raise ShardDamaged(f"{sample.shard}: sample {sample.key} (row {sample.row}) cannot be decoded ({e}); "
+                           "prepare the data again: remove the data folder, then run `cbd-cache prepare`") from None
 
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ..config import TeacherCfg
 from ..views import ViewSpec, derive_views, eval_view, photometric, replay, replay_views, sample_view
 from .manifest import Manifest
 from .sampling import copies, repeat_factors
-from .shards import Sample, decode_image, read_shard
+from .shards import Sample, decode_sample, read_shard
 
 EMPTY = torch.empty(0)
 REPLAY_WINDOW_BYTES = 16 << 20   # export replays up to this many bytes of views at once
@@ -119,7 +119,7 @@ class TrainStream(IterableDataset):
     def load(self, index: int, reader) -> tuple:
         """Shard `index`'s samples, and its rows of the cache (views, targets, logits) when there is one."""
         info = self.manifest.train.shards[index]
-        samples = read_shard(self.manifest.shard_path(info), info.start, info.stop)
+        samples = read_shard(self.manifest.shard_path(info), info.start, info.stop, info.sha256)
         return samples, *(reader.read(info.start, info.stop) if reader is not None else (None, None, None))
 
     def expand(self, slot: int, slots: int, epoch: int, rng: np.random.Generator, reader,
@@ -176,7 +176,7 @@ class TrainStream(IterableDataset):
         costs about as much as replaying a 28 px view, and a cached view needs none.
         """
         sample, view, a, target, logits = item
-        image = decode_image(sample.data, self.manifest.channels)
+        image = decode_sample(sample, self.manifest.channels)
         rng = np.random.default_rng(list(rng_seed)) if view is None or self.augmenting else None
         if view is None:
             view = sample_view(rng, image.shape[1], image.shape[2], self.spec)
@@ -197,8 +197,8 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         slot, slots = worker_slot(0, 1)
         for info in self.manifest.splits[self.split].shards[slot::slots]:
-            for sample in read_shard(self.manifest.shard_path(info), info.start, info.stop):
-                image = decode_image(sample.data, self.manifest.channels)
+            for sample in read_shard(self.manifest.shard_path(info), info.start, info.stop, info.sha256):
+                image = decode_sample(sample, self.manifest.channels)
                 yield eval_view(image, self.spec), sample.label, sample.row
 
 
@@ -217,7 +217,7 @@ class ExportStream(IterableDataset):
 
     def replay(self, samples: list[Sample]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
         """Rows, views (n, A, 5) and their replayed pixels (n * A, C, px, px), image-major."""
-        images = [decode_image(sample.data, self.manifest.channels) for sample in samples]
+        images = [decode_sample(sample, self.manifest.channels) for sample in samples]
         views = np.stack([derive_views(self.view_seed, sample.key, self.views, image.shape[1], image.shape[2], self.spec)
                           for sample, image in zip(samples, images)])
         px = self.spec.image_px
@@ -236,7 +236,7 @@ class ExportStream(IterableDataset):
         window = n * max(1, REPLAY_WINDOW_BYTES // (n * row_bytes))
         for s in self.shard_indices[slot::slots]:
             info = self.manifest.train.shards[s]
-            samples = read_shard(self.manifest.shard_path(info), info.start, info.stop)
+            samples = read_shard(self.manifest.shard_path(info), info.start, info.stop, info.sha256)
             for w in range(0, len(samples), window):
                 rows, views, pixels = self.replay(samples[w:w + window])
                 for b in range(0, len(rows), n):

@@ -10,6 +10,7 @@ skips finished runs, and `--time-limit-min` stops between runs so the work can b
 from __future__ import annotations
 
 import contextlib
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,14 +216,15 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
     plot_alpha(summary, plots["alpha"])
     plot_views(summary["views"], plots["views"])
     plot_per_class(summary["table2"], manifest.class_names, plots["per_class"])
-    sets = " ".join(f"--set {o}" for o in base)
-    sweep = f"cbd-cache sweep --pipeline {cfg.source} --workdir {wd.root} {sets}"
+    sets = " ".join(f"--set {shlex.quote(o)}" for o in base)
+    sweep = f"cbd-cache sweep --pipeline {shlex.quote(cfg.source)} --workdir {shlex.quote(str(wd.root))} {sets}"
     total = timing.total()
     lines = [
         f"# The paper's protocol on {name}, {len(SEEDS)} seeds",
         "",
-        f"Made by `make paper-table`, i.e. `cbd-cache paper-table --pipeline {cfg.source} --workdir {wd.root} "
-        f"--out {out}`{'' if complete else ' (**partial: not every run is finished yet**)'}. Each row below is "
+        f"Made by `make paper-table`, i.e. `cbd-cache paper-table --pipeline {shlex.quote(cfg.source)} "
+        f"--workdir {shlex.quote(str(wd.root))} --out {shlex.quote(str(out))}`"
+        f"{'' if complete else ' (**partial: not every run is finished yet**)'}. Each row below is "
         f"also `{sweep} <row's --set> --seeds {','.join(map(str, SEEDS))}`, which finds the same runs "
         "finished. Numbers are mean ± sample std over the seeds of top-1 and of the mean per-class accuracy of "
         "the many / medium / few-shot groups, on the balanced test set.",

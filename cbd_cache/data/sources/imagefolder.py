@@ -1,31 +1,46 @@
 """ImageFolder: `root/train/<class>/<image>`, plus `root/val/...` and `root/test/...` where they exist.
 
-Classes are the folders under `train/`, in sorted order. Images may sit in nested folders below
-their class folder. Every non-hidden file is a source item: one that is not an image is reported as
-unreadable, not skipped in silence. Hidden files and folders (`.DS_Store`, `.git`) are not items.
+As torchvision's `ImageFolder` does, so class indices agree with it: the classes are the folders
+under `train/` in sorted order (hidden ones included), and the images are the files below a class
+folder, nested folders included, whose extension is one of torchvision's (`IMG_EXTENSIONS`, any
+case). Every other file is left out and listed in the prepare report. Unlike torchvision, a
+symlinked folder is read once: a link back to a folder already read (a loop) is left out and listed.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from ...config import ConfigError, DataCfg
 from .base import SPLITS, Record
 from .files import FileSource
 
-
-def visible(name: str) -> bool:
-    return not name.startswith(".")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")   # torchvision 0.29
 
 
-def walk_files(root: Path, top: str) -> list[str]:
-    """Every visible file below root/top, as sorted POSIX paths relative to root."""
-    found = []
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def walk_files(root: Path, top: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(every file below root/top, sorted POSIX paths relative to root; (folder, reason) of each folder
+    not entered because its real path was read already: a symlink loop, or a second link to one folder)."""
+    found, skipped = [], []
+    seen = {os.path.realpath(root / top)}
     for folder, dirs, files in os.walk(root / top, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if visible(d))
         rel = Path(folder).relative_to(root).as_posix()
-        found.extend(f"{rel}/{f}" for f in files if visible(f))
-    return sorted(found)
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(folder, d))
+            if real in seen:
+                skipped.append((f"{rel}/{d}", f"a link to a folder already read ({real}): symlink loop or duplicate"))
+            else:
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
+        found.extend(f"{rel}/{f}" for f in files)
+    return sorted(found), skipped
 
 
 class ImageFolder(FileSource):
@@ -35,7 +50,7 @@ class ImageFolder(FileSource):
             raise ConfigError(f"data.root={cfg.root}: no train/ folder; expected root/train/<class>/<image> "
                               "(and, optionally, root/val/<class>/... and root/test/<class>/...)")
         with os.scandir(self.root / "train") as it:
-            self.class_names = sorted(e.name for e in it if e.is_dir() and visible(e.name))
+            self.class_names = sorted(e.name for e in it if e.is_dir())
         if not self.class_names:
             raise ConfigError(f"data.root={cfg.root}: no class folders under train/")
         index = {name: c for c, name in enumerate(self.class_names)}
@@ -43,9 +58,14 @@ class ImageFolder(FileSource):
         self._records: dict[str, list[Record]] = {}
         for split in self.splits:
             records: list[Record] = []
-            for rel in walk_files(self.root, split):
+            files, loops = walk_files(self.root, split)
+            for rel, reason in loops:
+                self.ignore(split, rel, reason)
+            for rel in files:
                 parts = rel.split("/")
-                if len(parts) < 3:
+                if not is_image_file(parts[-1]):
+                    self.ignore(split, rel, f"not an image file: the extension is not one of {' '.join(IMG_EXTENSIONS)}")
+                elif len(parts) < 3:
                     self.check.problem(split, rel, rel, "not inside a class folder")
                 elif parts[1] not in index:
                     self.check.problem(split, rel, rel, f"class folder {parts[1]!r} is not under train/, "
@@ -53,6 +73,11 @@ class ImageFolder(FileSource):
                 else:
                     self.add(records, split, rel, rel, index[parts[1]])
             self._records[split] = records
+
+    def ignore(self, split: str, item: str, reason: str) -> None:
+        """Left out as torchvision would leave it out; listed in the report, not an error."""
+        entry: dict[str, Any] = {"split": split, "item": item, "where": item, "reason": reason, "kind": "ignored"}
+        self.skipped.append(entry)
 
     def records(self, split: str) -> list[Record]:
         return self._records[split]
