@@ -179,7 +179,7 @@ def train_images_per_s(model: torch.nn.Module, batches, steps: int, optimizer, s
     model.train()
     with Timer(runtime.device) as t:
         for _ in range(steps):
-            loss, _ = train_step(model, next(batches), step_fn, optimizer, scheduler, runtime)
+            loss, _ = train_step(model, [next(batches)], step_fn, optimizer, scheduler, runtime)
         loss.item()   # the last step has finished
     return steps * batch_size / t.seconds
 

@@ -37,6 +37,7 @@ class PipelineCfg:
     amp: str = "auto"              # auto (bf16 on CUDA) | bf16 | off
     channels_last: str = "auto"    # auto (on for CUDA) | on | off
     compile: bool = False          # torch.compile the models being trained
+    accumulate: int = 1            # micro-batches per optimiser step: each process's batch_size / N in this many parts
     checkpoint_steps: int = 0      # training: also write a resume checkpoint every N steps (0: by time only)
     checkpoint_minutes: float = 10.0   # training: write a resume checkpoint at least this often (0: never by time)
     data_url: str = ""             # manifest + shards: a path or fsspec URL ("" = W/data)
@@ -317,6 +318,7 @@ def validate(cfg: Config) -> None:
     _require(re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.pipeline.device) is not None,
              f"pipeline.device={cfg.pipeline.device!r}: must be auto, cpu, cuda or cuda:N")
     _require(cfg.pipeline.workers >= -1, f"pipeline.workers={cfg.pipeline.workers}: must be >= 0, or -1 for auto")
+    _require(cfg.pipeline.accumulate >= 1, f"pipeline.accumulate={cfg.pipeline.accumulate}: must be >= 1")
     _require(cfg.pipeline.checkpoint_steps >= 0, f"pipeline.checkpoint_steps={cfg.pipeline.checkpoint_steps}: must be >= 0")
     _require(cfg.pipeline.checkpoint_minutes >= 0,
              f"pipeline.checkpoint_minutes={cfg.pipeline.checkpoint_minutes}: must be >= 0")
