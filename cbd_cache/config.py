@@ -205,10 +205,17 @@ def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
     if section not in SECTIONS:
         raise ConfigError(f"unknown config key {key!r}: no section {section!r}{_suggest(section, SECTIONS)}")
     if section == "teachers":
-        if len(parts) != 3:
-            raise ConfigError(f"unknown config key {key!r}: use teachers.<name>.<field> or teacher.<field>")
-        entries = raw.get("teachers", [])
+        entries = raw.setdefault("teachers", [])
         names = [e.get("name") for e in entries]
+        if len(parts) == 2 and isinstance(value, dict):     # teachers.<name>={type = "data_aug", seed = 5}
+            if parts[1] in names:
+                entries[names.index(parts[1])].update(value)
+            else:
+                entries.append({**value, "name": parts[1]})
+            return
+        if len(parts) != 3:
+            raise ConfigError(f"unknown config key {key!r}: use teachers.<name>.<field>, teacher.<field>, or "
+                              "teachers.<name>={field = value, ...} to add a teacher")
         if parts[1] not in names:
             raise ConfigError(f"unknown config key {key!r}: no teacher named {parts[1]!r}{_suggest(parts[1], names)}")
         _check_field(TeacherCfg, key, parts[2])
