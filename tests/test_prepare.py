@@ -251,3 +251,20 @@ def test_evaluation_reports_every_held_out_split(tmp_path):
     assert "## val (10 images)" in md and "## test (15 images)" in md and md.count("| std0 | teacher (standard) |") == 2
     saved = json.loads(wd.results_json.read_text())[0]["splits"]
     assert set(saved) == {"val", "test"} and set(saved["val"]) == {"top1", "many", "medium", "few"}
+
+
+@pytest.mark.parametrize("name,fmt", [("imagenet_lt_official", "imagenet_lt"), ("inat18_official", "inat")])
+def test_official_recipes_pass_the_dry_run(tmp_path, name, fmt):
+    """The official code's recipes as shipped (batch 128, lr 0.05, SimCLR-style data-aug teachers) plan cleanly
+    on a small dataset of their format; only the data location and a small timing batch are set."""
+    root = write_dataset(tmp_path / "src", fmt, {"train": good_items("train", 40), "val": good_items("val", 10, seed=1)})
+    pipeline = ROOT / "pipelines" / f"{name}.toml"
+    cfg = load_config(pipeline)
+    assert [(t.batch_size, t.lr, t.aug_style) for t in cfg.teachers if t.type == "data_aug"] == [(128, 0.05, "official")] * 2
+    assert (cfg.student.batch_size, cfg.student.lr) == (128, 0.05)
+    wd = tmp_path / "wd"
+    result = cli("prepare", "--dry-run", "--pipeline", str(pipeline), "--workdir", str(wd),
+                 "--set", f"data.root={root}", "--set", "export.batch_size=2")
+    assert result.exit_code == 0, result.output
+    assert "images listed: train 40, val 10" in result.stdout and "K=4 teachers, d=2048" in result.stdout
+    assert not wd.exists()
