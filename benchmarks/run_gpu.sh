@@ -1,15 +1,67 @@
 #!/usr/bin/env bash
-# Issue 4's GPU half, as one prepared script for a session that has a CUDA device: both benchmarks on
-# the 224 px ResNet-50 case (bf16 autocast, channels_last, pinned loader workers: the CUDA defaults),
-# results in results/bench_{student,cache}_cuda.{md,json}. Not yet run: no GPU was lent to the session
-# that wrote it. Expect ~5-8 minutes on one H100 (mostly generating the JPEG shards and the export).
+# The GPU check: the first person with a CUDA device runs this (about 5 minutes on one H100 / H200).
+#   1. the smoke pipeline end to end (prepare, teachers, export, student, evaluate) on CUDA, bf16, channels_last;
+#   2. torchrun --nproc_per_node 1: NCCL collectives through cbd_cache.distributed, then a student under torchrun;
+#   3. the student benchmark (none / cache / online) on the 224 px ResNet-50 case.
+# Writes results/gpu_check_cuda.md (each check's status, seconds and key lines) and
+# results/bench_student_cuda.{md,json}. Not yet run on a GPU: no session so far had one.
+#   DEVICE=cpu benchmarks/run_gpu.sh   the same plumbing on CPU with gloo and tiny settings (tests run it)
+#   PY=python CBD=cbd-cache OUT=dir ROOT=dir   interpreter, CLI, results folder, scratch workdirs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-ROOT=${ROOT:-runs/bench_cuda}
-DATA=(--set data.n_max=64 --set export.views=4)          # 8 classes x 64 = 512 images, 2,048 views
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-$PY benchmarks/bench_student.py --case rn50 --root "$ROOT" --rounds 2 --warmup 5 --steps 20 \
-    "${DATA[@]}" --set student.batch_size=128 --name bench_student_cuda
-$PY benchmarks/bench_cache.py --cases rn50 --root "$ROOT" "${DATA[@]}" --set export.batch_size=512 \
-    --name bench_cache_cuda
+CBD=${CBD:-.venv/bin/cbd-cache}
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-results}
+ROOT=${ROOT:-runs/gpu_check}
+if [ "$DEVICE" = cuda ]; then
+    SETS=(--set pipeline.device=cuda --set pipeline.amp=bf16 --set pipeline.channels_last=on)
+    BACKEND=nccl
+    BENCH=(--case rn50 --rounds 2 --warmup 5 --steps 20 --set data.n_max=64 --set export.views=4
+           --set student.batch_size=128)
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+else
+    SETS=(--set pipeline.device=cpu --set pipeline.amp=off --set pipeline.channels_last=off
+          --set teacher.epochs=1 --set student.epochs=1)
+    BACKEND=gloo
+    BENCH=(--case small --rounds 1 --warmup 1 --steps 2 --set data.n_max=64 --set export.views=2
+           --set student.batch_size=16)
+fi
+rm -rf "$ROOT"
+mkdir -p "$ROOT" "$OUT"
+REPORT="$OUT/gpu_check_$DEVICE.md"
+{
+    echo "# GPU check on $DEVICE"
+    echo
+    echo "Command: \`DEVICE=$DEVICE benchmarks/run_gpu.sh\` at commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')," \
+         "$(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo "| check | status | seconds |"
+    echo "|---|---|---:|"
+} > "$REPORT.head"
+: > "$REPORT.body"
+
+check() {   # check NAME COMMAND...: run it, log to $ROOT/NAME.log, add its row; stop the script on failure
+    local name=$1 t0=$SECONDS status=ok
+    shift
+    "$@" > "$ROOT/$name.log" 2>&1 || status=FAILED
+    echo "| $name | $status | $((SECONDS - t0)) |" >> "$REPORT.head"
+    { echo; echo "## $name"; echo; echo '```'; tail -n 15 "$ROOT/$name.log"; echo '```'; } >> "$REPORT.body"
+    if [ "$status" != ok ]; then
+        cat "$REPORT.head" "$REPORT.body" > "$REPORT"
+        echo "$name failed; see $ROOT/$name.log and $REPORT" >&2
+        exit 1
+    fi
+}
+
+W="$ROOT/smoke"
+check smoke_pipeline "$CBD" run --pipeline pipelines/smoke.toml --workdir "$W" "${SETS[@]}"
+check torchrun_collectives "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/collectives.py "$BACKEND"
+check torchrun_student "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 --no-python "$CBD" \
+    train-student --pipeline pipelines/smoke.toml --workdir "$W" "${SETS[@]}" --set student.name=torchrun
+check bench_student env CBD_RESULTS="$OUT" "$PY" benchmarks/bench_student.py --root "$ROOT/bench" \
+    --name "bench_student_$DEVICE" "${BENCH[@]}"
+{ echo; echo "## smoke results"; echo; cat "$W/results.md"; } >> "$REPORT.body"
+cat "$REPORT.head" "$REPORT.body" > "$REPORT"
+rm -f "$REPORT.head" "$REPORT.body"
+echo "wrote $REPORT"

@@ -37,6 +37,7 @@ class PipelineCfg:
     amp: str = "auto"              # auto (bf16 on CUDA) | bf16 | off
     channels_last: str = "auto"    # auto (on for CUDA) | on | off
     compile: bool = False          # torch.compile the models being trained
+    accumulate: int = 1            # micro-batches per optimiser step: each process's batch_size / N in this many parts
     checkpoint_steps: int = 0      # training: also write a resume checkpoint every N steps (0: by time only)
     checkpoint_minutes: float = 10.0   # training: write a resume checkpoint at least this often (0: never by time)
     data_url: str = ""             # manifest + shards: a path or fsspec URL ("" = W/data)
@@ -204,10 +205,17 @@ def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
     if section not in SECTIONS:
         raise ConfigError(f"unknown config key {key!r}: no section {section!r}{_suggest(section, SECTIONS)}")
     if section == "teachers":
-        if len(parts) != 3:
-            raise ConfigError(f"unknown config key {key!r}: use teachers.<name>.<field> or teacher.<field>")
-        entries = raw.get("teachers", [])
+        entries = raw.setdefault("teachers", [])
         names = [e.get("name") for e in entries]
+        if len(parts) == 2 and isinstance(value, dict):     # teachers.<name>={type = "data_aug", seed = 5}
+            if parts[1] in names:
+                entries[names.index(parts[1])].update(value)
+            else:
+                entries.append({**value, "name": parts[1]})
+            return
+        if len(parts) != 3:
+            raise ConfigError(f"unknown config key {key!r}: use teachers.<name>.<field>, teacher.<field>, or "
+                              "teachers.<name>={field = value, ...} to add a teacher")
         if parts[1] not in names:
             raise ConfigError(f"unknown config key {key!r}: no teacher named {parts[1]!r}{_suggest(parts[1], names)}")
         _check_field(TeacherCfg, key, parts[2])
@@ -330,6 +338,7 @@ def validate(cfg: Config) -> None:
     _require(re.match(r"^(auto|cpu|cuda(:\d+)?)$", cfg.pipeline.device) is not None,
              f"pipeline.device={cfg.pipeline.device!r}: must be auto, cpu, cuda or cuda:N")
     _require(cfg.pipeline.workers >= -1, f"pipeline.workers={cfg.pipeline.workers}: must be >= 0, or -1 for auto")
+    _require(cfg.pipeline.accumulate >= 1, f"pipeline.accumulate={cfg.pipeline.accumulate}: must be >= 1")
     _require(cfg.pipeline.checkpoint_steps >= 0, f"pipeline.checkpoint_steps={cfg.pipeline.checkpoint_steps}: must be >= 0")
     _require(cfg.pipeline.checkpoint_minutes >= 0,
              f"pipeline.checkpoint_minutes={cfg.pipeline.checkpoint_minutes}: must be >= 0")

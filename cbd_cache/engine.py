@@ -1,7 +1,9 @@
 """The training engine shared by teachers, students and baselines: `fit` (the one training loop) and `predict`.
 
 `fit` runs the same way alone or under torchrun: each rank wraps the model in DistributedDataParallel,
-reads its own slots of the stream, and takes the same number of steps. Rank 0 logs and writes the
+reads its own slots of the stream, and takes the same number of steps. `batch_size` is the global
+batch, as in the paper: each of N processes takes batch_size / N per step, in `pipeline.accumulate`
+micro-batches, so the steps per epoch and the lr schedule do not depend on N or on accumulation. Rank 0 logs and writes the
 resume checkpoint (`resume.pt` in the run folder: model, optimiser, schedule, step, RNG states,
 stats, config; written then renamed) every `checkpoint_steps` steps or `checkpoint_minutes` minutes.
 With `--resume` a killed run continues from it to the same final step, on the same batches, and a
@@ -10,6 +12,7 @@ stops every rank, naming the step and the last good checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -54,9 +57,17 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
 
 
-def steps_per_epoch(samples_per_epoch: int, batch_size: int, world: int = 1) -> int:
+def steps_per_epoch(samples_per_epoch: int, batch_size: int) -> int:
     """An epoch is N samples whatever the sampling (official code), in whole global batches."""
-    return max(1, samples_per_epoch // (batch_size * world))
+    return max(1, samples_per_epoch // batch_size)
+
+
+def micro_batch(batch_size: int, world: int, accumulate: int, tag: str) -> int:
+    """The loader's batch: the global `batch_size` split over `world` processes and `accumulate` micro-batches."""
+    if batch_size % (world * accumulate):
+        raise ConfigError(f"[{tag}] batch_size={batch_size} is the global batch and does not split over {world} "
+                          f"process(es) x pipeline.accumulate={accumulate}; use a multiple of {world * accumulate}")
+    return batch_size // (world * accumulate)
 
 
 @dataclass
@@ -165,16 +176,29 @@ def fold(local: dict[str, torch.Tensor], state: TrainState) -> None:
     local.clear()
 
 
-def train_step(model: torch.nn.Module, batch: tuple, step_fn: LossFn, optimizer: torch.optim.Optimizer,
+def train_step(model: torch.nn.Module, batches: list[tuple], step_fn: LossFn, optimizer: torch.optim.Optimizer,
                scheduler, runtime: Runtime) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimiser step on one batch: what `fit` does per step, and what the benchmarks time."""
-    with runtime.autocast():
-        loss, stats = step_fn(model, batch)
+    """One optimiser step on this process's micro-batches: what `fit` does per step, and what the benchmarks time.
+
+    Each micro-batch's loss is scaled by 1/len(batches), so the summed gradient is the mean over the
+    process's share of the global batch (DDP then averages the ranks, all-reducing on the last one
+    only). Returns the mean loss and stats over the micro-batches.
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    n = len(batches)
+    total: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        quiet = i < n - 1 and hasattr(model, "no_sync")    # DDP (or compiled DDP): all-reduce on the last only
+        with model.no_sync() if quiet else contextlib.nullcontext():
+            with runtime.autocast():
+                loss, stats = step_fn(model, batch)
+            (loss / n).backward()
+        for k, v in {"loss": loss.detach(), **stats}.items():
+            total[k] = total[k] + v / n if k in total else v / n
     optimizer.step()
     scheduler.step()
-    return loss.detach(), stats
+    loss = total.pop("loss")
+    return loss, total
 
 
 def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Runtime, tag: str,
@@ -184,12 +208,14 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
     `config` is what a resumed run must agree with (default: `t`). Rank 0 writes one line per epoch
     to `folder/log.jsonl`; returns (history, training wall seconds over all resumes).
     """
-    d = runtime.dist
-    steps = steps_per_epoch(stream.samples_per_epoch, t.batch_size, d.world)
+    d, accumulate = runtime.dist, runtime.accumulate
+    micro = micro_batch(t.batch_size, d.world, accumulate, tag)
+    steps = steps_per_epoch(stream.samples_per_epoch, t.batch_size)
     total = steps * t.epochs
     optimizer = make_optimizer(net, t)
     scheduler = cosine_schedule(optimizer, total)
-    config = {**(config or {"train": dataclasses.asdict(t)}), "world_size": d.world}
+    # the world size and accumulation set what each process reads at each step, so a resume must keep them
+    config = {**(config or {"train": dataclasses.asdict(t)}), "world_size": d.world, "accumulate": accumulate}
     ckpts = Checkpoints(folder / RESUME_FILE, runtime)
     state, workers = TrainState(), runtime.workers
     if runtime.resume:
@@ -203,11 +229,13 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.cuda else None)
     if runtime.compile:
         model = torch.compile(model)
-    placed = stream.place(d.rank, d.world, state.step, t.batch_size)
+    placed = stream.place(d.rank, d.world, state.step * accumulate, micro)    # the loader's batches are micro-batches
     loader_kwargs = dataclasses.replace(runtime, workers=workers).loader_kwargs()
-    batches = iter(DataLoader(placed, batch_size=t.batch_size, **loader_kwargs))
-    log(f"[{tag}] {t.arch}, {t.epochs} epochs x {steps} steps of {t.batch_size}"
-        f"{f' x {d.world} ranks' if d.world > 1 else ''}, seed {t.seed}, on {runtime.device}")
+    batches = iter(DataLoader(placed, batch_size=micro, **loader_kwargs))
+    log(f"[{tag}] {t.arch}, {t.epochs} epochs x {steps} steps of a global batch of {t.batch_size}: "
+        f"{t.batch_size // d.world} per process x {d.world} process(es)"
+        f"{f' in {accumulate} micro-batches of {micro}' if accumulate > 1 else ''}; "
+        f"lr {t.lr:g}, seed {t.seed}, on {runtime.device}")
     folder.mkdir(parents=True, exist_ok=True)
     if d.main:
         (folder / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history))
@@ -215,18 +243,18 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
     first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)
     local: dict[str, torch.Tensor] = {}
     progress = None
-    global_batch = t.batch_size * d.world
     model.train()
     while state.step < total:
         epoch = state.step // steps
         if progress is None:   # (a resumed epoch counts only its remaining steps)
-            progress = Progress(f"{tag} epoch {epoch + 1}/{t.epochs}", ((epoch + 1) * steps - state.step) * global_batch)
-        loss, stats = train_step(model, next(batches), step_fn, optimizer, scheduler, runtime)
+            progress = Progress(f"{tag} epoch {epoch + 1}/{t.epochs}", ((epoch + 1) * steps - state.step) * t.batch_size)
+        loss, stats = train_step(model, [next(batches) for _ in range(accumulate)], step_fn, optimizer, scheduler,
+                                 runtime)
         state.step += 1
         first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), state.step, first_bad)
         for k, v in {"loss": loss, **stats}.items():
             local[k] = local[k] + v.float() if k in local else v.float()
-        progress.advance(global_batch)
+        progress.advance(t.batch_size)
         end_of_epoch = state.step % steps == 0
         by_step = ckpts.due_by_step(state.step) or state.step == total
         if not (end_of_epoch or by_step or state.step % CONTROL_EVERY == 0):

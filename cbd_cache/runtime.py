@@ -24,6 +24,7 @@ class Runtime:
     resume: bool = False             # training continues from the run folder's resume checkpoint
     checkpoint_steps: int = 0
     checkpoint_minutes: float = 10.0
+    accumulate: int = 1              # micro-batches per optimiser step (pipeline.accumulate)
 
     @property
     def cuda(self) -> bool:
@@ -108,4 +109,4 @@ def make_runtime(cfg: PipelineCfg) -> Runtime:
     elif "OMP_NUM_THREADS" not in os.environ:   # the step's threads get the cores the loader workers leave
         torch.set_num_threads(max(1, cores - workers))
     return Runtime(device, amp, channels_last, workers, cfg.compile, rank, False, cfg.checkpoint_steps,
-                   cfg.checkpoint_minutes)
+                   cfg.checkpoint_minutes, cfg.accumulate)

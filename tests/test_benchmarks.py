@@ -1,6 +1,8 @@
 """The benchmark scripts run against the current library: they import, parse their command lines, and
 their pure parts (the schema's byte count, cosines) give known values on tiny inputs."""
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,3 +65,21 @@ def test_benchmark_command_line_parses(bench, monkeypatch, capsys, script, optio
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: {script}.py") and option in out
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_plumbing_on_cpu(tmp_path):
+    """benchmarks/run_gpu.sh with DEVICE=cpu: the same three checks (smoke pipeline, 1-process torchrun with a
+    process group and a student, the student benchmark) on gloo and tiny settings, and the report it writes."""
+    root = BENCHMARKS.parent
+    env = {**os.environ, "DEVICE": "cpu", "PY": sys.executable, "CBD": str(Path(sys.executable).parent / "cbd-cache"),
+           "OUT": str(tmp_path / "out"), "ROOT": str(tmp_path / "root"), "PYTHONPATH": str(root)}
+    result = subprocess.run(["bash", str(BENCHMARKS / "run_gpu.sh")], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = (tmp_path / "out" / "gpu_check_cpu.md").read_text()
+    for check in ("smoke_pipeline", "torchrun_collectives", "torchrun_student", "bench_student"):
+        assert f"| {check} | ok |" in report
+    assert "gloo on cpu: world 1, sum 1.0, max 0, ranks [0], all_reduce [1.0, 1.0, 1.0]: ok" in report
+    assert (tmp_path / "out" / "bench_student_cpu.md").is_file()
+    assert not list((tmp_path / "out").glob("*.head"))

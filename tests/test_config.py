@@ -11,7 +11,8 @@ from cli import main
 from .conftest import ROOT, SMOKE, smoke_config
 
 
-@pytest.mark.parametrize("name", ["fashion_mnist_lt", "smoke", "imagenet_lt", "inat18"])
+@pytest.mark.parametrize("name", ["fashion_mnist_lt", "smoke", "imagenet_lt", "inat18", "imagenet_lt_official",
+                                  "inat18_official"])
 def test_shipped_pipelines_load_and_validate(name):
     cfg = load_config(ROOT / "pipelines" / f"{name}.toml")
     assert cfg.pipeline.name == name and cfg.teachers

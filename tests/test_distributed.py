@@ -66,14 +66,14 @@ def test_two_process_smoke_pipeline_with_uneven_shards(tmp_path):
     torchrun("prepare", *common)
     manifest = Manifest.load(wd.manifest)
     assert len(manifest.train.shards) == 5
-    steps = steps_per_epoch(manifest.train.num_samples, 32, world=2)    # 227 // 64 = 3
+    steps = steps_per_epoch(manifest.train.num_samples, 32)    # a global batch of 32: 227 // 32 = 7
 
     out = torchrun("train-teacher", *common).stderr
     for t in ("std0", "aug0"):
         assert f"[teacher {t}] {steps} steps on each of 2 ranks" in out
         log = [json.loads(line) for line in (wd.teacher_dir(t) / "log.jsonl").read_text().splitlines()]
         assert [h["step"] for h in log] == [steps]
-    assert "[teacher std0] resnet8, 1 epochs x 3 steps of 32 x 2 ranks" in out
+    assert "[teacher std0] resnet8, 1 epochs x 7 steps of a global batch of 32: 16 per process x 2 process(es)" in out
 
     out = torchrun("export", *common).stderr
     assert "dealt over 2 ranks" in out and "5/5 shards done" in out

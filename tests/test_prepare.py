@@ -264,3 +264,20 @@ def test_a_class_left_without_training_images_and_one_class_data_are_warned(tmp_
                                                           "test": [i for i in good_items("test", 5) if i[1] == 0]})
     prepare(load_config(SMOKE, data_overrides("imagefolder", one)), Workdir(tmp_path / "wd1"))
     assert "warning: the data has one class ('cat')" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("name,fmt", [("imagenet_lt_official", "imagenet_lt"), ("inat18_official", "inat")])
+def test_official_recipes_pass_the_dry_run(tmp_path, name, fmt):
+    """The official code's recipes as shipped (batch 128, lr 0.05, SimCLR-style data-aug teachers) plan cleanly
+    on a small dataset of their format; only the data location and a small timing batch are set."""
+    root = write_dataset(tmp_path / "src", fmt, {"train": good_items("train", 40), "val": good_items("val", 10, seed=1)})
+    pipeline = ROOT / "pipelines" / f"{name}.toml"
+    cfg = load_config(pipeline)
+    assert [(t.batch_size, t.lr, t.aug_style) for t in cfg.teachers if t.type == "data_aug"] == [(128, 0.05, "official")] * 2
+    assert (cfg.student.batch_size, cfg.student.lr) == (128, 0.05)
+    wd = tmp_path / "wd"
+    result = cli("prepare", "--dry-run", "--pipeline", str(pipeline), "--workdir", str(wd),
+                 "--set", f"data.root={root}", "--set", "export.batch_size=2")
+    assert result.exit_code == 0, result.output
+    assert "images listed: train 40, val 10" in result.stdout and "K=4 teachers, d=2048" in result.stdout
+    assert not wd.exists()

@@ -2,7 +2,8 @@
 import shutil
 
 from cbd_cache.config import load_config
-from cbd_cache.experiments.paper_table import SEEDS, Timing, all_runs, teacher_mixes, training_order, write_paper_table
+from cbd_cache.experiments.paper_table import (SEEDS, Timing, all_runs, fifth_teacher, sections, teacher_mixes,
+                                               training_order, write_paper_table)
 from cbd_cache.workdir import Workdir, write_json
 
 from .conftest import ROOT, SMOKE
@@ -11,13 +12,47 @@ FMNIST = ROOT / "pipelines" / "fashion_mnist_lt.toml"
 
 
 def test_teacher_mixes_follow_the_paper_table_1():
-    assert teacher_mixes(load_config(FMNIST)) == [["std0"], ["aug0"], ["std0", "std1"], ["aug0", "aug1"],
-                                                  ["std0", "aug0"], ["std0", "std1", "aug0"], None]
-    assert teacher_mixes(load_config(SMOKE)) == [["std0"], ["aug0"], None]
+    """K = 1 (std / aug), K = 2 (2 std / 2 aug / 1 + 1), K = 3 (1 std + 2 aug), K = 4 (2 + 2), K = 5 (2 + 3)."""
+    cfg = load_config(FMNIST)
+    fifth = fifth_teacher(cfg)
+    assert fifth == ('teachers.aug2={type = "data_aug", seed = 5}',)
+    full = load_config(FMNIST, fifth)
+    assert [(t.name, t.type, t.seed) for t in full.teachers][-1] == ("aug2", "data_aug", 5)
+    assert [m.teachers for m in teacher_mixes(full)] == [
+        ("std0",), ("aug0",), ("std0", "std1"), ("aug0", "aug1"), ("std0", "aug0"), ("std0", "aug0", "aug1"),
+        ("std0", "std1", "aug0", "aug1"), ("std0", "std1", "aug0", "aug1", "aug2")]
+    assert [m.composition for m in teacher_mixes(full)][-3:] == [
+        "1 standard + 2 data-aug", "2 standard + 2 data-aug", "2 standard + 3 data-aug"]
+    assert teacher_mixes(cfg)[-1].teachers is None            # without the fifth teacher K = 5 cannot run
+    # smoke: 1 std + 1 aug, and a student distilling every teacher: no teacher is added, 3 rows run
+    smoke = load_config(SMOKE)
+    assert fifth_teacher(smoke) == ()
+    assert [m.teachers for m in teacher_mixes(smoke) if m.teachers] == [("std0",), ("aug0",), ("std0", "aug0")]
+
+
+def test_paper_table_sections_run_table_1_and_the_data_aug_baselines():
+    cfg = load_config(FMNIST)
+    base = ("export.views=16", "export.logits=true", "student.views=8", *fifth_teacher(cfg))
+    full = load_config(FMNIST, base)
+    points = {s.key: dict(s.points) for s in sections(full)}
+    assert points["mix"]["std0+aug0+aug1"] == ("student.teachers=[std0,aug0,aug1]",)
+    assert points["mix"]["std0+std1+aug0+aug1"] == ()           # the default student: the CBD_ENS run
+    assert points["mix"]["std0+std1+aug0+aug1+aug2"] == ("student.teachers=[std0,std1,aug0,aug1,aug2]",)
+    assert points["table2"]["CBD_ENS"] == () and len(points["mix"]) == 8
+    assert points["table2"]["Fine-tuning (data-aug)"] == (
+        "student.targets=none", "student.lr=0.01", "student.epochs=10", "student.init=teachers/aug0")
+    assert points["table2"]["cRT (data-aug)"] == (
+        "student.targets=none", "student.classifier_only=true", "student.epochs=10", "student.init=teachers/aug0")
+    assert "student.epochs=10" in points["table2"]["cRT"]
+    runs = all_runs(full, base)
+    for k in ("table2", "mix"):                                  # every row and seed loads, validates and is named
+        assert {r.seed for r in runs[k]} == set(SEEDS)
+    names = {(r.label, r.seed): r.name for r in runs["mix"]}
+    assert names[("std0+std1+aug0+aug1+aug2", 0)] == "student_teachers=std0+std1+aug0+aug1+aug2_views=8"
 
 
 def test_one_run_serves_every_table_that_asks_for_the_same_config():
-    base = ("export.views=16", "export.logits=true", "student.views=8")
+    base = ("export.views=16", "export.logits=true", "student.views=8", *fifth_teacher(load_config(FMNIST)))
     runs = all_runs(load_config(FMNIST, base), base)
     name = {(k, r.label, r.seed): r.name for k, rs in runs.items() for r in rs}
     for seed in SEEDS:
@@ -26,7 +61,9 @@ def test_one_run_serves_every_table_that_asks_for_the_same_config():
         assert name[("table2", "CBD_ENS", seed)] == name[("views", "A=8", seed)] == \
             name[("mix", "std0+std1+aug0+aug1", seed)]
     order = training_order(runs)
-    assert len({r.name for r in order}) == 78 and order[0].label == "Standard-Instance"
+    # 78 before Table 1 had the paper's K = 3 and K = 5 rows (one K = 3 mix replaced, K = 5 added) and
+    # the two data-augmentation baselines: + 3 x 3 seeds
+    assert len({r.name for r in order}) == 78 + 3 * 3 and order[0].label == "Standard-Instance"
 
 
 def test_write_paper_table_from_finished_runs(smoke_workdir, tmp_path):
@@ -58,7 +95,13 @@ def test_write_paper_table_from_finished_runs(smoke_workdir, tmp_path):
     assert "feature >= logit distillation at alpha = 0.4: holds (feature 61.00, logit 56.00)" in text
     assert "NCM on CBD features > NCM on Standard-Instance features: holds" in text
     assert "within 1 point of online CBD_ENS: holds (cached A=8 71.00, online 71.50)" in text
-    assert "| cRT | `targets=none` `init=teachers/std0` `classifier_only=true` | 51.0 ± 1.0 |" in text
+    assert "| cRT | `targets=none` `classifier_only=true` `epochs=10` `init=teachers/std0` | 51.0 ± 1.0 |" in text
+    assert "| cRT (data-aug) | `targets=none` `classifier_only=true` `epochs=10` `init=teachers/aug0` | 46.0 ± 1.0 |" in text
+    # Table 1: every paper row, run or said why not (smoke has 1 standard + 1 data-aug teacher)
+    assert "| 2 | 1 standard + 1 data-aug | std0+aug0 | (defaults) | 71.0 ± 1.0 |" in text
+    assert "| 1 | 1 standard | std0 | `teachers=[std0]` | 61.0 ± 1.0 |" in text
+    for row in ("| 2 | 2 standard |", "| 3 | 1 standard + 2 data-aug |", "| 5 | 2 standard + 3 data-aug |"):
+        assert f"{row} – | not run: the pipeline has 1 standard and 1 data-aug teachers |" in text
     assert "**1m30s** of work" in text
     for png in ("smoke_alpha.png", "smoke_views.png", "smoke_per_class.png"):
         assert (tmp_path / "out" / png).stat().st_size > 5000

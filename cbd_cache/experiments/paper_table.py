@@ -52,29 +52,72 @@ def stage1(cfg: Config) -> str:
     return next((t.name for t in cfg.teachers if t.type == "standard"), cfg.teachers[0].name)
 
 
+def first_aug(cfg: Config) -> str | None:
+    """The stage-1 model of the data-augmentation two-stage baselines: the first data-augmentation teacher."""
+    return next((t.name for t in cfg.teachers if t.type == "data_aug"), None)
+
+
 def table2(cfg: Config) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    s1 = stage1(cfg)
-    return (
+    """Table 2's rows as `--set` lists. cRT trains 10 epochs: Kang et al.'s cRT schedule (the CBD paper
+    takes cRT from them and gives no schedule of its own), not the student's 90 / 200."""
+    s1, a1 = stage1(cfg), first_aug(cfg)
+    finetune = ("student.targets=none", "student.lr=0.01", "student.epochs=10")
+    crt = ("student.targets=none", "student.classifier_only=true", "student.epochs=10")
+    rows = [
         ("Standard-Instance", ("student.targets=none", "student.sampling=instance")),
         ("Standard-Class-Bal", ("student.targets=none",)),
         ("Data-aug-Instance", ("student.targets=none", "student.type=data_aug", "student.sampling=instance")),
         ("Data-aug-Class-Bal", ("student.targets=none", "student.type=data_aug")),
-        ("Fine-tuning", ("student.targets=none", f"student.init=teachers/{s1}", "student.lr=0.01", "student.epochs=10")),
-        ("cRT", ("student.targets=none", f"student.init=teachers/{s1}", "student.classifier_only=true")),
-        ("CBD", (f"student.teachers=[{s1}]",)),
-        ("CBD_ENS", ()),
-    )
+        ("Fine-tuning", (*finetune, f"student.init=teachers/{s1}")),
+        ("cRT", (*crt, f"student.init=teachers/{s1}")),
+    ]
+    if a1 is not None:   # the data-augmentation two-stage baselines: the same, from a data-augmentation teacher
+        rows += [("Fine-tuning (data-aug)", (*finetune, f"student.init=teachers/{a1}")),
+                 ("cRT (data-aug)", (*crt, f"student.init=teachers/{a1}"))]
+    return (*rows, ("CBD", (f"student.teachers=[{s1}]",)), ("CBD_ENS", ()))
 
 
-def teacher_mixes(cfg: Config) -> list[list[str] | None]:
-    """Table 1's mixes from the pipeline's teachers: 1 std, 1 aug, 2 std, 2 aug, 1+1, 2+1, then all (None)."""
+# Table 1's rows as the paper ran them: (standard, data-augmentation) teachers of each mix.
+MIX_ROWS = ((1, 0), (0, 1), (2, 0), (0, 2), (1, 1), (1, 2), (2, 2), (2, 3))
+
+
+@dataclass(frozen=True)
+class Mix:
+    standard: int
+    data_aug: int
+    teachers: tuple[str, ...] | None      # None: the pipeline has too few teachers of a type for this row
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.teachers) if self.teachers else f"{self.standard} std + {self.data_aug} aug"
+
+    @property
+    def composition(self) -> str:
+        return " + ".join(x for x in (f"{self.standard} standard" if self.standard else "",
+                                      f"{self.data_aug} data-aug" if self.data_aug else "") if x)
+
+
+def teacher_mixes(cfg: Config) -> list[Mix]:
+    """Table 1's mixes from the pipeline's teachers, in the paper's order (K = 1, 2, 3, 4, 5)."""
     std = [t.name for t in cfg.teachers if t.type == "standard"]
     aug = [t.name for t in cfg.teachers if t.type == "data_aug"]
-    mixes: list[list[str] | None] = []
-    for mix in (std[:1], aug[:1], std[:2], aug[:2], std[:1] + aug[:1], std[:2] + aug[:1]):
-        if mix and mix not in mixes and len(mix) < len(cfg.teachers):
-            mixes.append(mix)
-    return mixes + [None]
+    return [Mix(s, a, tuple(std[:s] + aug[:a]) if len(std) >= s and len(aug) >= a else None) for s, a in MIX_ROWS]
+
+
+def fifth_teacher(cfg: Config) -> tuple[str, ...]:
+    """The override that adds Table 1's K = 5 teacher (a third data-augmentation one) to the paper table's runs.
+
+    Only to a pipeline with 2 standard + 2 data-augmentation teachers whose student names its teachers
+    (`student.teachers`): every other run then keeps the pipeline's default K, and the demo, which trains
+    every [[teachers]] entry, stays as it is.
+    """
+    std = [t for t in cfg.teachers if t.type == "standard"]
+    aug = [t for t in cfg.teachers if t.type == "data_aug"]
+    if len(std) != 2 or len(aug) != 2 or not cfg.student.teachers:
+        return ()
+    names = {t.name for t in cfg.teachers}
+    name = next(f"aug{i}" for i in range(2, 100) if f"aug{i}" not in names)
+    return (f'teachers.{name}={{type = "data_aug", seed = {max(t.seed for t in cfg.teachers) + 1}}}',)
 
 
 @dataclass(frozen=True)
@@ -87,8 +130,9 @@ def sections(cfg: Config) -> list[Section]:
     s1 = stage1(cfg)
     fig3 = tuple((f"{d}, alpha={a}", (f"student.teachers=[{s1}]", f"student.distill={d}", f"student.alpha={a}"))
                  for d in DISTILL for a in ALPHAS)
-    mixes = tuple(("+".join(m) if m else "+".join(t.name for t in cfg.teachers),
-                   (f"student.teachers=[{','.join(m)}]",) if m else ()) for m in teacher_mixes(cfg))
+    default = tuple(cfg.student_teachers())
+    mixes = tuple((m.label, () if m.teachers == default else (f"student.teachers=[{','.join(m.teachers)}]",))
+                  for m in teacher_mixes(cfg) if m.teachers)
     views = tuple((f"A={v}", (f"student.views={v}",)) for v in VIEWS) + (("online", ("student.targets=online",)),)
     return [Section("table2", table2(cfg)), Section("views", views), Section("alpha", fig3), Section("mix", mixes)]
 
@@ -127,7 +171,7 @@ class Timing:
 def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limit_min: float = 0) -> bool:
     """Prepare, teachers, export, every run, NCM; then the Markdown, JSON and PNGs in `out`. True when complete."""
     deadline = time.time() + 60 * time_limit_min if time_limit_min > 0 else None
-    pipeline, base = cfg.source, (*BASE, *cfg.overrides)
+    pipeline, base = cfg.source, (*BASE, *fifth_teacher(cfg), *cfg.overrides)
     base_cfg = load_config(pipeline, base)
     timing = Timing(wd.root / "paper_table_timing.json")
     with timing("prepare"):
@@ -217,6 +261,7 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
     plot_views(summary["views"], plots["views"])
     plot_per_class(summary["table2"], manifest.class_names, plots["per_class"])
     sets = " ".join(f"--set {shlex.quote(o)}" for o in base)
+    base_overrides_added = [o for o in base if o.startswith("teachers.")]
     sweep = f"cbd-cache sweep --pipeline {shlex.quote(cfg.source)} --workdir {shlex.quote(str(wd.root))} {sets}"
     total = timing.total()
     lines = [
@@ -255,9 +300,12 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
     for r in summary["table2"]:
         paper = PAPER_TABLE2.get(r["label"])
         ptxt = f"{paper[3]} ({paper[0]} / {paper[1]} / {paper[2]})" if paper else "–"
-        settings = " ".join(f"`{s.split('.', 1)[1]}`" for s in sets_of[r["label"]]) or "(defaults: every teacher)"
+        settings = " ".join(f"`{s.split('.', 1)[1]}`" for s in sets_of[r["label"]]) or "(defaults)"
         lines.append(f"| {r['label']} | {settings} | {pm(r['top1'])} | {pm(r['many'])} | {pm(r['medium'])} | "
                      f"{pm(r['few'])} | {seeds_text(r)} | {ptxt} |")
+    if first_aug(base_cfg) is None:
+        lines.append("| Fine-tuning (data-aug), cRT (data-aug) | not run: the pipeline has no data-aug teacher "
+                     "| – | – | – | – | – | – |")
     lines += ["", "## Table 3: NCM on each model's features", "",
               "Features centred on the training mean, L2-normalised; nearest class mean. `cbd-cache ncm "
               f"--workdir {wd.root} MODEL [--features cache]` computes one.", "",
@@ -278,11 +326,25 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
               "hybrid adds both terms under one alpha (see `cbd_cache/losses.py`). alpha = 0 is cross-entropy "
               "only: the Standard-Class-Bal row of Table 2.",
               "", f"## Table 1: which teachers (CBD, cached, A = {base_cfg.student.views})", "",
-              "| teachers | K | top-1 | many | medium | few | seeds |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in summary["mix"]:
-        lines.append(f"| {r['label']} | {r['label'].count('+') + 1} | {pm(r['top1'])} | {pm(r['many'])} | "
+              "The paper's rows: K = 1 (one standard / one data-aug), K = 2 (two standard / two data-aug / one of "
+              "each), K = 3 (one standard + two data-aug), K = 4 (two + two), K = 5 (two standard + three data-aug)."
+              + (f" The fifth teacher is trained for this table only (`--set {base_overrides_added[0]}`)."
+                 if base_overrides_added else ""), "",
+              "| K | mix | teachers | student settings | top-1 | many | medium | few | seeds |",
+              "|---:|---|---|---|---:|---:|---:|---:|---:|"]
+    mix_sets = dict(sections(base_cfg)[-1].points)
+    std_n = sum(t.type == "standard" for t in base_cfg.teachers)
+    for m in teacher_mixes(base_cfg):
+        k = m.standard + m.data_aug
+        r = _row(summary["mix"], m.label) if m.teachers else None
+        if r is None:
+            lines.append(f"| {k} | {m.composition} | – | not run: the pipeline has {std_n} standard and "
+                         f"{len(base_cfg.teachers) - std_n} data-aug teachers | – | – | – | – | – |")
+            continue
+        settings = " ".join(f"`{x.split('.', 1)[1]}`" for x in mix_sets[m.label]) or "(defaults)"
+        lines.append(f"| {k} | {m.composition} | {m.label} | {settings} | {pm(r['top1'])} | {pm(r['many'])} | "
                      f"{pm(r['medium'])} | {pm(r['few'])} | {seeds_text(r)} |")
-    lines += ["", f"## Views per image (CBD_ENS, K = {len(base_cfg.teachers)})", "",
+    lines += ["", f"## Views per image (CBD_ENS, K = {len(base_cfg.student_teachers())})", "",
               f"![views]({plots['views'].name})", "",
               "| views | top-1 | many | medium | few | seeds |", "|---|---:|---:|---:|---:|---:|"]
     for r in summary["views"]:
