@@ -116,8 +116,8 @@ def evaluate_workdir(cfg: Config, wd: Workdir, runtime: Runtime) -> list[dict[st
     rows = []
     for t in cfg.teachers:
         if wd.teacher_checkpoint(t.name).is_file():
-            r = evaluate_checkpoint(wd.teacher_dir(t.name), t.name, f"teacher ({t.type})", manifest, cfg, runtime)
-            rows.append({"model": t.name, "kind": f"teacher ({t.type})", **r})
+            r = evaluate_checkpoint(wd.teacher_dir(t.name), t.name, t.kind(), manifest, cfg, runtime)
+            rows.append({"model": t.name, "kind": t.kind(), **r})
     for s in wd.students():
         folder = wd.student_dir(s)
         meta = read_json(folder / "run.json") if (folder / "run.json").is_file() else {}
