@@ -17,14 +17,17 @@ the online student normalise a teacher's view the same way without knowing about
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
 SMALL_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet56": 56}
-TORCHVISION = tuple(sorted(m for m in torchvision.models.list_models(module=torchvision.models)
-                           if m.startswith(("resnet", "resnext", "wide_resnet"))))
+TORCHVISION = tuple(sorted((m for m in torchvision.models.list_models(module=torchvision.models)
+                            if m.startswith(("resnet", "resnext", "wide_resnet"))),   # resnet18 .. wide_resnet101_2
+                           key=lambda m: (re.sub(r"\d.*", "", m), int(re.search(r"\d+", m)[0]), m)))
 ARCHS = tuple(SMALL_DEPTHS) + TORCHVISION   # plus "timm:<name>" for any timm model
 TIMM = "timm:"
 HEADS = ("cosine", "linear")   # cosine: this tool's classifier; linear: an imported model's own fc (with bias)
