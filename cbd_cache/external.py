@@ -41,10 +41,13 @@ def load_file(path: Path, trust: bool) -> Any:
     """The checkpoint file's object: tensors and plain containers only, unless the user trusts the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: torch.load(weights_only=True) refused it ({first[:120]}); "
-                          "if it is a checkpoint you trust, add --trust to unpickle it") from None
+    except pickle.UnpicklingError as e:   # weights_only met something else than tensors and containers
+        lines = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line] or ["not tensors"]
+        raise ConfigError(f"{path}: holds Python objects besides tensors ({lines[0][:160]}); if it is a "
+                          "checkpoint you trust, add --trust to unpickle it") from None
+    except Exception as e:   # torch.load raises whatever its reader met: KeyError, RuntimeError, EOFError, ...
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ConfigError(f"{path}: not a PyTorch checkpoint torch.load can read ({type(e).__name__}: {first})") from None
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -5,6 +5,7 @@ import json
 import shutil
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 from cbd_cache.checkpoint import load_checkpoint, network_spec, save_checkpoint
 from cbd_cache.config import ConfigError, load_config
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.external import (chance_warning, checkpoint_class_names, class_order, load_backbone,
+from cbd_cache.external import (chance_warning, checkpoint_class_names, class_order, load_backbone, load_file,
                                 read_state_dict, split_classifier)
 from cbd_cache.models import Network, arch_error, descriptor_dim
 from cbd_cache.runtime import make_runtime
@@ -137,6 +138,20 @@ def test_a_file_without_a_state_dict_names_its_keys_and_the_way_out(tmp_path):
         read_state_dict({"epoch": 1, "ema": {"net": {"w": torch.zeros(1)}, "step": 3}}, [], tmp_path / "f.pth")
     with pytest.raises(ConfigError, match=r"--key ema.nett: no 'nett' \(have: net\)"):
         read_state_dict({"ema": {"net": {"w": torch.zeros(1)}}}, ["ema.nett"], tmp_path / "f.pth")
+
+
+def test_unreadable_and_untrusted_files_are_one_line(tmp_path):
+    pickled = tmp_path / "np.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "best_acc": np.float64(0.5)}, pickled)
+    with pytest.raises(ConfigError, match="holds Python objects besides tensors .*add --trust") as e:
+        load_file(pickled, trust=False)
+    assert "\n" not in str(e.value)
+    assert load_file(pickled, trust=True)["best_acc"] == 0.5
+    for name, data in (("text.pth", b"hello\n"), ("empty.pth", b""), ("cut.pth", pickled.read_bytes()[:200])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConfigError, match="not a PyTorch checkpoint torch.load can read") as e:
+            load_file(tmp_path / name, trust=False)
+        assert "\n" not in str(e.value)
 
 
 def test_a_classifier_balancing_resnet_loads_into_the_torchvision_arch(tmp_path):
