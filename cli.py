@@ -26,6 +26,7 @@ from cbd_cache.evaluation import evaluate_workdir, results_table
 from cbd_cache.experiments.paper_table import paper_table as run_paper_table
 from cbd_cache.experiments.sweep import parse_grid, parse_seeds, run_sweep
 from cbd_cache.export import export_cache
+from cbd_cache.external import import_teacher as run_import
 from cbd_cache.jobs import JobsFailed, run_parallel
 from cbd_cache.locks import Busy, cache_lock, hold
 from cbd_cache.logs import log
@@ -146,7 +147,7 @@ class CLI(click.Group):
 def main(debug: bool):
     """Class-Balanced Distillation with a cache of teacher descriptors.
 
-    Stages: prepare -> train-teacher -> export -> train-student -> evaluate (or `run` for all).
+    Stages: prepare -> train-teacher (or import-teacher) -> export -> train-student -> evaluate (or `run` for all).
     """
 
 
@@ -200,6 +201,23 @@ def train_teachers_in_parallel(ctx: Context, names: list[str], jobs: int) -> Non
               *[x for o in ctx.cfg.overrides for x in ("--set", o)], *(["--resume"] if ctx.resume else [])]
     gpus = torch.cuda.device_count() if ctx.cfg.pipeline.device != "cpu" else 0
     run_parallel([[sys.executable, "-m", "cli", *common, "--name", n] for n in names], jobs, gpus)
+
+
+@main.command("import-teacher")
+@click.argument("name")
+@click.option("--checkpoint", "path", required=True, type=click.Path(dir_okay=False),
+              help="The checkpoint file (a local file: nothing is downloaded).")
+@click.option("--arch", default="", help="Its architecture, as the teacher's [[teachers]] entry names it "
+              "(torchvision resnet*/resnext*/wide_resnet*, or timm:<name>) [the entry's].")
+@click.option("--key", "keys", multiple=True, metavar="A.B",
+              help="Where the state dict sits in the file, e.g. state_dict_best.feat_model (repeatable: merged) "
+                   "[bare, state_dict_best, state_dict or model].")
+@click.option("--trust", is_flag=True, help="Unpickle a file holding more than tensors (runs its code: trusted files only).")
+@pipeline_options
+def import_teacher(ctx: Context, name: str, path: str, arch: str, keys: tuple[str, ...], trust: bool):
+    """Make teacher NAME (source = "imported" in the pipeline) from a checkpoint trained elsewhere; evaluate it."""
+    if ctx.main:
+        run_import(ctx.cfg, ctx.wd, ctx.runtime, name, Path(path), arch, keys, trust)
 
 
 @main.command()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .models import ARCHS
+from .models import arch_error
 
 DEFAULT_PIPELINE = "pipelines/fashion_mnist_lt.toml"
 
@@ -92,6 +92,13 @@ class TeacherCfg(TrainCfg):
     aug_style: str = "paper"       # paper: jitter + Gaussian noise; official: SimCLR jitter p=.8, grayscale p=.2
     noise_std: float = 0.01        # paper's Gaussian noise sigma, pixels in [0, 1]
     jitter: float = 0.4            # paper style: brightness, contrast and saturation factors in [1-j, 1+j]
+    source: str = "trained"        # trained: by train-teacher; imported: from a checkpoint by import-teacher
+    mean: list[float] = field(default_factory=list)   # input normalisation on [0, 1] pixels; [] = the arch's
+    std: list[float] = field(default_factory=list)    # (timm: the model's config; others: none)
+
+    def kind(self) -> str:
+        """How reports name the teacher: `teacher (standard)`, `teacher (imported, standard)`."""
+        return f"teacher ({self.type})" if self.source == "trained" else f"teacher ({self.source}, {self.type})"
 
 
 @dataclass
@@ -160,6 +167,7 @@ CHOICES = {
     "data.on_error": ("stop", "skip"),
     "teacher.type": ("standard", "data_aug"),
     "teacher.aug_style": ("paper", "official"),
+    "teacher.source": ("trained", "imported"),
     "export.dtype": ("float16", "float32", "int8"),
     "student.targets": ("cache", "online", "none"),
     "student.sampling": ("class_balanced", "instance"),
@@ -366,6 +374,8 @@ def validate(cfg: Config) -> None:
         _check_train(f"teachers.{t.name}", t)
         _require(t.noise_std >= 0, f"teachers.{t.name}.noise_std={t.noise_std}: must be >= 0")
         _require(0 <= t.jitter <= 1, f"teachers.{t.name}.jitter={t.jitter}: must be in [0, 1]")
+        _require(len(t.mean) == len(t.std) and all(x > 0 for x in t.std),
+                 f"teachers.{t.name}.mean / std: {t.mean} / {t.std}: give both, one value per channel, std > 0 (or neither)")
     e = cfg.export
     _require(1 <= e.views <= 1024, f"export.views={e.views}: must be in [1, 1024]")
     _require(e.batch_size >= 1, f"export.batch_size={e.batch_size}: must be >= 1")
@@ -405,7 +415,8 @@ def _check_train(prefix: str, t: TrainCfg) -> None:
     _require(t.weight_decay >= 0, f"{prefix}.weight_decay={t.weight_decay}: must be >= 0")
     _require(t.gamma > 0, f"{prefix}.gamma={t.gamma}: must be > 0")
     _require(t.shuffle_buffer >= 1, f"{prefix}.shuffle_buffer={t.shuffle_buffer}: must be >= 1")
-    _require(t.arch in ARCHS, f"{prefix}.arch={t.arch!r}: must be one of {', '.join(ARCHS)}")
+    problem = arch_error(t.arch)
+    _require(problem is None, f"{prefix}.arch={t.arch!r}: {problem}")
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -126,8 +126,8 @@ def evaluate_workdir(cfg: Config, wd: Workdir, runtime: Runtime) -> list[dict[st
     rows = []
     for t in cfg.teachers:
         if finished(wd.teacher_dir(t.name), f"teachers/{t.name}"):
-            r = evaluate_checkpoint(wd.teacher_dir(t.name), t.name, f"teacher ({t.type})", manifest, cfg, runtime)
-            rows.append({"model": t.name, "kind": f"teacher ({t.type})", **r})
+            r = evaluate_checkpoint(wd.teacher_dir(t.name), t.name, t.kind(), manifest, cfg, runtime)
+            rows.append({"model": t.name, "kind": t.kind(), **r})
     for s in wd.students():
         folder = wd.student_dir(s)
         if finished(folder, f"students/{s}"):

@@ -19,7 +19,7 @@ def cbd(*args, check=True):
     return result
 
 
-COMMANDS = {"prepare", "train-teacher", "export", "train-student", "evaluate", "run", "sweep", "ncm",
+COMMANDS = {"prepare", "train-teacher", "import-teacher", "export", "train-student", "evaluate", "run", "sweep", "ncm",
             "paper-table", "cache"}
 
 

@@ -12,7 +12,7 @@ from .conftest import ROOT, SMOKE
 
 PACKAGE = ROOT / "cbd_cache"
 # what a cached student must never import: teacher training, teacher loading, teacher runs
-TEACHER_CODE = ("cbd_cache.teachers", "cbd_cache.export", "cbd_cache.online", "cbd_cache.verify", "cbd_cache.crt",
+TEACHER_CODE = ("cbd_cache.teachers", "cbd_cache.external", "cbd_cache.export", "cbd_cache.online", "cbd_cache.verify", "cbd_cache.crt",
                 "cbd_cache.stage2", "cbd_cache.experiments")
 
 
