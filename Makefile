@@ -25,7 +25,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,tensorboard]'
 	touch $@
 
 # Debian's dataset-fashion-mnist puts the IDX files under $(FMNIST_DIR).

@@ -26,6 +26,7 @@ from cbd_cache.jobs import JobsFailed, run_parallel
 from cbd_cache.logs import log
 from cbd_cache.ncm import ncm_report
 from cbd_cache.runtime import make_runtime
+from cbd_cache.summaries import logs_csv, run_logs
 from cbd_cache.teachers import train_teacher as run_teacher
 from cbd_cache.verify import verify_cache
 from cbd_cache.workdir import Workdir, is_url, upload
@@ -226,6 +227,23 @@ def ncm(ctx: Context, models: tuple[str, ...], features: str):
     rows = [{"model": m, "kind": f"NCM ({features} features)", **ncm_report(ctx.cfg, ctx.wd, ctx.runtime, m, features)}
             for m in models]
     click.echo(results_table(rows))
+
+
+@main.command()
+@click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--csv", "as_csv", is_flag=True, help="Every epoch of every run as CSV: run, epoch, then each log.jsonl key.")
+def logs(workdir: Path, as_csv: bool):
+    """The training logs (log.jsonl) of every teacher and student under WORKDIR: last epoch per run, or all as CSV."""
+    if as_csv:
+        click.echo(logs_csv(workdir), nl=False)
+        return
+    runs = run_logs(workdir)
+    if not runs:
+        raise FileNotFoundError(f"{workdir}: no teachers/*/log.jsonl or students/*/log.jsonl; train a model first")
+    for run, lines in runs:
+        last = lines[-1] if lines else {}
+        terms = "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("epoch", "step"))
+        click.echo(f"{run}: epoch {last.get('epoch', 0)}, step {last.get('step', 0)}  {terms}")
 
 
 @main.command("paper-table")
