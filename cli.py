@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import click
-import torch
 
 from cbd_cache import __version__, distributed, stage2
 from cbd_cache.allocator import keep_freed_memory
@@ -22,7 +21,7 @@ from cbd_cache.evaluation import evaluate_workdir, results_table
 from cbd_cache.experiments.paper_table import paper_table as run_paper_table
 from cbd_cache.experiments.sweep import parse_grid, parse_seeds, run_sweep
 from cbd_cache.export import export_cache
-from cbd_cache.jobs import JobsFailed, run_parallel
+from cbd_cache.jobs import JobsFailed, gpus_for, run_parallel
 from cbd_cache.logs import log
 from cbd_cache.ncm import ncm_report
 from cbd_cache.runtime import make_runtime
@@ -61,6 +60,13 @@ def resume_option(fn):
         ctx.resume = resume
         return fn(ctx, **kwargs)
     return wrapper
+
+
+def jobs_option(fn):
+    """--jobs J: J student runs at once, one process each (one GPU each on a GPU machine), logs in W/sweeps/logs."""
+    return click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+                        help="Train this many runs at once, one process each (on GPUs: one GPU each, round robin); "
+                             "each run's output goes to W/sweeps/logs/<run>.log.")(fn)
 
 
 def pipeline_options(fn=None, *, workdir_default: str = "runs/{name}"):
@@ -156,8 +162,7 @@ def train_teachers_in_parallel(ctx: Context, names: list[str], jobs: int) -> Non
         raise ConfigError("--jobs trains one teacher per process; under torchrun train them one after another")
     common = ["train-teacher", "--pipeline", ctx.cfg.source, "--workdir", str(ctx.wd.root),
               *[x for o in ctx.cfg.overrides for x in ("--set", o)], *(["--resume"] if ctx.resume else [])]
-    gpus = torch.cuda.device_count() if ctx.cfg.pipeline.device != "cpu" else 0
-    run_parallel([[sys.executable, "-m", "cli", *common, "--name", n] for n in names], jobs, gpus)
+    run_parallel([[sys.executable, "-m", "cli", *common, "--name", n] for n in names], jobs, gpus_for(ctx.cfg.pipeline.device))
 
 
 @main.command()
@@ -209,11 +214,12 @@ def run(ctx: Context):
               help="A student setting and its values, e.g. student.alpha=0,0.2,0.4 (repeatable: the grid is the product).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of every grid point (student.seed).")
 @click.option("--name", default="", help="Table name under W/sweeps/ [sweep_<keys>].")
+@jobs_option
 @pipeline_options
-def sweep(ctx: Context, grids: tuple[str, ...], seeds: str, name: str):
+def sweep(ctx: Context, grids: tuple[str, ...], seeds: str, name: str, jobs: int):
     """Train a grid of student settings x seeds from one cache (finished runs are skipped); mean ± std table."""
     grid, seed_list = parse_grid(grids), parse_seeds(seeds)
-    _, md = run_sweep(ctx.cfg, ctx.wd, ctx.runtime, grid, seed_list, name)
+    _, md = run_sweep(ctx.cfg, ctx.wd, ctx.runtime, grid, seed_list, name, jobs)
     click.echo(md.read_text())
 
 
@@ -250,10 +256,11 @@ def logs(workdir: Path, as_csv: bool):
 @click.option("--out", default="results", show_default=True, help="Folder for <pipeline name>.md/.json and the PNGs.")
 @click.option("--time-limit-min", type=float, default=0, show_default=True,
               help="Start no new run after this many minutes (0: no limit); run again to continue.")
+@jobs_option
 @pipeline_options(workdir_default="runs/{name}_paper")
-def paper_table(ctx: Context, out: str, time_limit_min: float):
+def paper_table(ctx: Context, out: str, time_limit_min: float, jobs: int):
     """The paper's Tables 1-3, Figure 3, views per image and per-class plots, 3 seeds, from one cache."""
-    if not run_paper_table(ctx.cfg, ctx.wd, ctx.runtime, Path(out), time_limit_min):
+    if not run_paper_table(ctx.cfg, ctx.wd, ctx.runtime, Path(out), time_limit_min, jobs):
         click.echo("paper-table: stopped at the time limit; the same command continues where it stopped", err=True)
         sys.exit(3)
     click.echo((Path(out) / f"{ctx.cfg.pipeline.name}.md").read_text())
