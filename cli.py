@@ -24,10 +24,12 @@ from cbd_cache.export import export_cache
 from cbd_cache.jobs import JobsFailed, gpus_for, run_parallel
 from cbd_cache.logs import log
 from cbd_cache.ncm import ncm_report
+from cbd_cache.predict import list_inputs, model_checkpoint, predict_files, predictions_csv
 from cbd_cache.runtime import make_runtime
 from cbd_cache.summaries import logs_csv, run_logs
 from cbd_cache.teachers import train_teacher as run_teacher
 from cbd_cache.verify import verify_cache
+from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir, is_url, upload
 
 
@@ -233,6 +235,31 @@ def ncm(ctx: Context, models: tuple[str, ...], features: str):
     rows = [{"model": m, "kind": f"NCM ({features} features)", **ncm_report(ctx.cfg, ctx.wd, ctx.runtime, m, features)}
             for m in models]
     click.echo(results_table(rows))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--run", "ref", required=True, metavar="students/<run>", help="The model: students/<run> or teachers/<name>.")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes per image.")
+@click.option("--out", default="-", show_default=True, help="The CSV file (-: stdout).")
+@pipeline_options
+def predict(ctx: Context, paths: tuple[str, ...], ref: str, top_k: int, out: str):
+    """Top-k classes and scores of image files, folders (their images) or .txt lists of paths, as CSV.
+
+    Images are read as prepare reads them, under the workdir's evaluation view; a bad file is a row with its error.
+    """
+    manifest = Manifest.load(ctx.wd.manifest)
+    files = list_inputs(paths)
+    k = min(top_k, manifest.num_classes)
+    rows = predict_files(model_checkpoint(ctx.wd.root, ref), files, manifest, ViewSpec.from_cfg(ctx.cfg.views),
+                         ctx.runtime, k, ctx.cfg.eval.batch_size)
+    text = predictions_csv(rows, k)
+    if out == "-":
+        click.echo(text, nl=False)
+    else:
+        Path(out).write_text(text)
+    bad = sum(1 for r in rows if r["error"])
+    log(f"[predict] {len(rows)} files, {bad} unreadable" + ("" if out == "-" else f"; wrote {out}"))
 
 
 @main.command()
