@@ -59,8 +59,10 @@ def main() -> None:
         for jobs in (1, args.jobs):
             wd = Path(tmp) / f"jobs{jobs}"
             shutil.copytree(base.root, wd)
+            before = os.getloadavg()[0]
             seconds, top1 = sweep(wd, jobs, alphas, args.epochs)
-            results[jobs] = {"wall_s": round(seconds, 1), "top1": top1}
+            results[jobs] = {"wall_s": round(seconds, 1), "top1": top1,
+                             "load_1min_before_after": [round(before, 1), round(os.getloadavg()[0], 1)]}
     one, many = results[1], results[args.jobs]
     cores = cpu_count()
     payload = {"runs": args.runs, "epochs": args.epochs, "cores": cores, "jobs": args.jobs,
@@ -70,9 +72,10 @@ def main() -> None:
           f"{args.runs} student runs (`student.alpha` = {', '.join(alphas)}, seed 0, {args.epochs} epochs each) "
           "on a copy of one smoke workdir (prepared, untrained teachers, exported), timed as the whole "
           "`cbd-cache sweep` process, Python start-up included.\n\n"
-          f"| sweep | processes | threads each | wall s |\n|---|---:|---:|---:|\n"
-          f"| `--jobs 1` | 1 | {cores} | {one['wall_s']} |\n"
-          f"| `--jobs {args.jobs}` | {args.jobs} at a time (+ the sweep) | {max(1, cores // args.jobs)} | {many['wall_s']} |\n\n"
+          "| sweep | processes | threads each | wall s | machine load (1 min) before, after |\n|---|---:|---:|---:|---|\n"
+          f"| `--jobs 1` | 1 | {cores} | {one['wall_s']} | {one['load_1min_before_after']} |\n"
+          f"| `--jobs {args.jobs}` | {args.jobs} at a time (+ the sweep) | {max(1, cores // args.jobs)} | {many['wall_s']} "
+          f"| {many['load_1min_before_after']} |\n\n"
           f"`--jobs {args.jobs}` / `--jobs 1`: {payload['speedup']}x. Per-run top-1 "
           f"{'identical' if same else 'differs in some runs (different thread counts round differently)'}.\n")
     write_results("bench_sweep_jobs", payload, md)
