@@ -24,6 +24,7 @@ from cbd_cache.export import export_cache
 from cbd_cache.jobs import JobsFailed, gpus_for, run_parallel
 from cbd_cache.logs import log
 from cbd_cache.ncm import ncm_report
+from cbd_cache.portable import export_model
 from cbd_cache.predict import list_inputs, model_checkpoint, predict_files, predictions_csv
 from cbd_cache.runtime import make_runtime
 from cbd_cache.summaries import logs_csv, run_logs
@@ -262,11 +263,28 @@ def predict(ctx: Context, paths: tuple[str, ...], ref: str, top_k: int, out: str
     log(f"[predict] {len(rows)} files, {bad} unreadable" + ("" if out == "-" else f"; wrote {out}"))
 
 
+@main.command("export-model")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--run", "ref", required=True, metavar="students/<run>", help="The model: students/<run> or teachers/<name>.")
+@pipeline_options
+def export_model_command(ctx: Context, out: Path, ref: str):
+    """Write OUT/model.safetensors and OUT/model.json: the model, loadable without cbd-cache (README: Use the student)."""
+    path = export_model(model_checkpoint(ctx.wd.root, ref), out, Manifest.load(ctx.wd.manifest),
+                        ViewSpec.from_cfg(ctx.cfg.views), ref)
+    click.echo(f"wrote {out / 'model.safetensors'} and {path}")
+
+
 @main.command()
-@click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("folder", metavar="[WORKDIR]", required=False,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--csv", "as_csv", is_flag=True, help="Every epoch of every run as CSV: run, epoch, then each log.jsonl key.")
-def logs(workdir: Path, as_csv: bool):
-    """The training logs (log.jsonl) of every teacher and student under WORKDIR: last epoch per run, or all as CSV."""
+@pipeline_options
+def logs(ctx: Context, folder: Path | None, as_csv: bool):
+    """The training logs (log.jsonl) of every teacher and student: last epoch per run, or all as CSV.
+
+    WORKDIR, when given, is the workdir (as --workdir).
+    """
+    workdir = folder or ctx.wd.root
     if as_csv:
         click.echo(logs_csv(workdir), nl=False)
         return
