@@ -31,7 +31,7 @@ from cbd_cache.summaries import logs_csv, run_logs
 from cbd_cache.teachers import train_teacher as run_teacher
 from cbd_cache.verify import verify_cache
 from cbd_cache.views import ViewSpec
-from cbd_cache.workdir import Workdir, is_url, upload
+from cbd_cache.workdir import Workdir, atomic_write_bytes, is_url, upload
 
 
 class Context:
@@ -258,7 +258,7 @@ def predict(ctx: Context, paths: tuple[str, ...], ref: str, top_k: int, out: str
     if out == "-":
         click.echo(text, nl=False)
     else:
-        Path(out).write_text(text)
+        atomic_write_bytes(Path(out), text.encode())
     bad = sum(1 for r in rows if r["error"])
     log(f"[predict] {len(rows)} files, {bad} unreadable" + ("" if out == "-" else f"; wrote {out}"))
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .checkpoint import load_checkpoint
 from .data.manifest import Manifest
 from .models import SMALL_DEPTHS
 from .views import ViewSpec
-from .workdir import file_sha256, write_json
+from .workdir import atomic_write_bytes, file_sha256, write_json
 
 FORMAT = "cbd-cache portable model 1"
 
@@ -49,7 +49,8 @@ def export_model(ckpt: Path, out: Path, manifest: Manifest, spec: ViewSpec, ref:
     net, meta = load_checkpoint(ckpt)
     n = meta["network"]
     out.mkdir(parents=True, exist_ok=True)
-    save_file({portable_name(k): v.contiguous() for k, v in net.state_dict().items()}, str(out / "model.safetensors"))
+    weights = save({portable_name(k): v.contiguous() for k, v in net.state_dict().items()})
+    atomic_write_bytes(out / "model.safetensors", weights)   # (write then rename, as every writer here)
     small = n["arch"] in SMALL_DEPTHS
     info = {"format": FORMAT, "arch": n["arch"], "family": "small_resnet" if small else "torchvision",
             "depth": SMALL_DEPTHS.get(n["arch"]), "in_channels": n["in_channels"], "num_classes": n["num_classes"],
