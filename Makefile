@@ -25,7 +25,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e '.[test,timm]'   # timm: about 8 MB with its dependencies, so CI runs the timm tests
+	$(BIN)/pip install -q -e '.[test,timm,tensorboard]'   # the optional extras too, so CI runs their tests
 	touch $@
 
 # Debian's dataset-fashion-mnist puts the IDX files under $(FMNIST_DIR).

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import click
-import torch
 
 from cbd_cache import __version__, distributed, stage2
 from cbd_cache.allocator import keep_freed_memory
@@ -27,14 +26,18 @@ from cbd_cache.experiments.paper_table import paper_table as run_paper_table
 from cbd_cache.experiments.sweep import parse_grid, parse_seeds, run_sweep
 from cbd_cache.export import export_cache
 from cbd_cache.external import import_teacher as run_import
-from cbd_cache.jobs import JobsFailed, run_parallel
+from cbd_cache.jobs import JobsFailed, gpus_for, run_parallel
 from cbd_cache.locks import Busy, cache_lock, hold
 from cbd_cache.logs import log
 from cbd_cache.ncm import ncm_report
+from cbd_cache.portable import export_model
+from cbd_cache.predict import list_inputs, model_checkpoint, predict_files, predictions_csv
 from cbd_cache.runtime import make_runtime
+from cbd_cache.summaries import logs_csv, run_logs
 from cbd_cache.teachers import train_teacher as run_teacher
 from cbd_cache.verify import verify_cache
-from cbd_cache.workdir import Workdir, is_url, upload
+from cbd_cache.views import ViewSpec
+from cbd_cache.workdir import Workdir, atomic_write_bytes, is_url, upload
 
 
 class Context:
@@ -66,6 +69,13 @@ def resume_option(fn):
         ctx.resume = resume
         return fn(ctx, **kwargs)
     return wrapper
+
+
+def jobs_option(fn):
+    """--jobs J: J student runs at once, one process each (one GPU each on a GPU machine), logs in W/sweeps/logs."""
+    return click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+                        help="Train this many runs at once, one process each (on GPUs: one GPU each, round robin); "
+                             "each run's output goes to W/sweeps/logs/<run>.log.")(fn)
 
 
 def pipeline_options(fn=None, *, workdir_default: str = "runs/{name}"):
@@ -199,8 +209,7 @@ def train_teachers_in_parallel(ctx: Context, names: list[str], jobs: int) -> Non
         raise ConfigError("--jobs trains one teacher per process; under torchrun train them one after another")
     common = ["train-teacher", "--pipeline", ctx.cfg.source, "--workdir", str(ctx.wd.root),
               *[x for o in ctx.cfg.overrides for x in ("--set", o)], *(["--resume"] if ctx.resume else [])]
-    gpus = torch.cuda.device_count() if ctx.cfg.pipeline.device != "cpu" else 0
-    run_parallel([[sys.executable, "-m", "cli", *common, "--name", n] for n in names], jobs, gpus)
+    run_parallel([[sys.executable, "-m", "cli", *common, "--name", n] for n in names], jobs, gpus_for(ctx.cfg.pipeline.device))
 
 
 @main.command("import-teacher")
@@ -276,11 +285,12 @@ def run(ctx: Context):
               help="A student setting and its values, e.g. student.alpha=0,0.2,0.4 (repeatable: the grid is the product).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of every grid point (student.seed).")
 @click.option("--name", default="", help="Table name under W/sweeps/ [sweep_<keys>].")
+@jobs_option
 @pipeline_options
-def sweep(ctx: Context, grids: tuple[str, ...], seeds: str, name: str):
+def sweep(ctx: Context, grids: tuple[str, ...], seeds: str, name: str, jobs: int):
     """Train a grid of student settings x seeds from one cache (finished runs are skipped); mean ± std table."""
     grid, seed_list = parse_grid(grids), parse_seeds(seeds)
-    _, md = run_sweep(ctx.cfg, ctx.wd, ctx.runtime, grid, seed_list, name)
+    _, md = run_sweep(ctx.cfg, ctx.wd, ctx.runtime, grid, seed_list, name, jobs)
     click.echo(md.read_text())
 
 
@@ -296,14 +306,74 @@ def ncm(ctx: Context, models: tuple[str, ...], features: str):
     click.echo(results_table(rows))
 
 
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--run", "ref", required=True, metavar="students/<run>", help="The model: students/<run> or teachers/<name>.")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes per image.")
+@click.option("--out", default="-", show_default=True, help="The CSV file (-: stdout).")
+@pipeline_options
+def predict(ctx: Context, paths: tuple[str, ...], ref: str, top_k: int, out: str):
+    """Top-k classes and scores of image files, folders (their images) or .txt lists of paths, as CSV.
+
+    Images are read as prepare reads them, under the workdir's evaluation view; a bad file is a row with its error.
+    """
+    manifest = Manifest.load(ctx.wd.manifest)
+    files = list_inputs(paths)
+    k = min(top_k, manifest.num_classes)
+    rows = predict_files(model_checkpoint(ctx.wd.root, ref), files, manifest, ViewSpec.from_cfg(ctx.cfg.views),
+                         ctx.runtime, k, ctx.cfg.eval.batch_size)
+    text = predictions_csv(rows, k)
+    if out == "-":
+        click.echo(text, nl=False)
+    else:
+        atomic_write_bytes(Path(out), text.encode())
+    bad = sum(1 for r in rows if r["error"])
+    log(f"[predict] {len(rows)} files, {bad} unreadable" + ("" if out == "-" else f"; wrote {out}"))
+
+
+@main.command("export-model")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--run", "ref", required=True, metavar="students/<run>", help="The model: students/<run> or teachers/<name>.")
+@pipeline_options
+def export_model_command(ctx: Context, out: Path, ref: str):
+    """Write OUT/model.safetensors and OUT/model.json: the model, loadable without cbd-cache (README: Use the student)."""
+    path = export_model(model_checkpoint(ctx.wd.root, ref), out, Manifest.load(ctx.wd.manifest),
+                        ViewSpec.from_cfg(ctx.cfg.views), ref)
+    click.echo(f"wrote {out / 'model.safetensors'} and {path}")
+
+
+@main.command()
+@click.argument("folder", metavar="[WORKDIR]", required=False,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--csv", "as_csv", is_flag=True, help="Every epoch of every run as CSV: run, epoch, then each log.jsonl key.")
+@pipeline_options
+def logs(ctx: Context, folder: Path | None, as_csv: bool):
+    """The training logs (log.jsonl) of every teacher and student: last epoch per run, or all as CSV.
+
+    WORKDIR, when given, is the workdir (as --workdir).
+    """
+    workdir = folder or ctx.wd.root
+    if as_csv:
+        click.echo(logs_csv(workdir), nl=False)
+        return
+    runs = run_logs(workdir)
+    if not runs:
+        raise FileNotFoundError(f"{workdir}: no teachers/*/log.jsonl or students/*/log.jsonl; train a model first")
+    for run, lines in runs:
+        last = lines[-1] if lines else {}
+        terms = "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("epoch", "step"))
+        click.echo(f"{run}: epoch {last.get('epoch', 0)}, step {last.get('step', 0)}  {terms}")
+
+
 @main.command("paper-table")
 @click.option("--out", default="results", show_default=True, help="Folder for <pipeline name>.md/.json and the PNGs.")
 @click.option("--time-limit-min", type=float, default=0, show_default=True,
               help="Start no new run after this many minutes (0: no limit); run again to continue.")
+@jobs_option
 @pipeline_options(workdir_default="runs/{name}_paper")
-def paper_table(ctx: Context, out: str, time_limit_min: float):
+def paper_table(ctx: Context, out: str, time_limit_min: float, jobs: int):
     """The paper's Tables 1-3, Figure 3, views per image and per-class plots, 3 seeds, from one cache."""
-    if not run_paper_table(ctx.cfg, ctx.wd, ctx.runtime, Path(out), time_limit_min):
+    if not run_paper_table(ctx.cfg, ctx.wd, ctx.runtime, Path(out), time_limit_min, jobs):
         click.echo("paper-table: stopped at the time limit; the same command continues where it stopped", err=True)
         sys.exit(3)
     click.echo((Path(out) / f"{ctx.cfg.pipeline.name}.md").read_text())

@@ -42,6 +42,7 @@ class PipelineCfg:
     checkpoint_minutes: float = 10.0   # training: write a resume checkpoint at least this often (0: never by time)
     data_url: str = ""             # manifest + shards: a path or fsspec URL ("" = W/data)
     cache_url: str = ""            # the cache: a path or fsspec URL ("" = W/cache.zarr)
+    tensorboard: bool = True       # TensorBoard event files in each run folder (needs the tensorboard package)
 
 
 @dataclass

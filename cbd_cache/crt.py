@@ -31,6 +31,7 @@ from .models import CosineClassifier
 from .runtime import Runtime
 from .seeding import seed_everything
 from .student import finish_run, finished, plan_student
+from .summaries import Summaries
 from .workdir import Workdir
 
 
@@ -74,7 +75,8 @@ class DescriptorStream(IterableDataset):
 def classifier_step(runtime: Runtime):
     def step(model: torch.nn.Module, batch: tuple):
         v, y = batch[0].to(runtime.device, non_blocking=True).float(), batch[1].to(runtime.device, non_blocking=True)
-        return F.cross_entropy(model(v).float(), y), {}
+        ce = F.cross_entropy(model(v).float(), y)
+        return ce, {"ce": ce.detach()}
     return step
 
 
@@ -96,8 +98,10 @@ def train_crt(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     log(f"[student {plan.name}] {plan.kind}: new cosine classifier on {descriptors.shape[0]} x "
         f"{descriptors.shape[1]} cached descriptors of {teacher}, {s.sampling} sampling")
     in_process = dataclasses.replace(runtime, workers=0)    # in-memory data: loader processes only cost
+    summaries = Summaries(plan.folder, cfg.pipeline.tensorboard)
     history, wall_s = fit(classifier, stream, s, classifier_step(runtime), in_process, f"student {plan.name}",
-                          plan.folder, plan.recipe)
+                          plan.folder, plan.recipe, summaries.epoch)
+    summaries.close()
     if not runtime.dist.main:   # under torchrun rank 0 evaluates and writes the run folder
         return plan.folder / "checkpoint.pt"
     net, meta = load_checkpoint(wd.teacher_checkpoint(teacher))

@@ -202,11 +202,13 @@ def train_step(model: torch.nn.Module, batches: list[tuple], step_fn: LossFn, op
 
 
 def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Runtime, tag: str,
-        folder: Path, config: dict[str, Any] | None = None) -> tuple[list[dict[str, float]], float]:
+        folder: Path, config: dict[str, Any] | None = None,
+        on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[list[dict[str, float]], float]:
     """Train `net` for `t.epochs` epochs of `stream.samples_per_epoch` samples: SGD, cosine schedule per step.
 
     `config` is what a resumed run must agree with (default: `t`). Rank 0 writes one line per epoch
-    to `folder/log.jsonl`; returns (history, training wall seconds over all resumes).
+    to `folder/log.jsonl` (mean loss and stats, lr, images/s) and hands the same line to `on_epoch`
+    (TensorBoard, say); returns (history, training wall seconds over all resumes).
     """
     d, accumulate = runtime.dist, runtime.accumulate
     micro = micro_batch(t.batch_size, d.world, accumulate, tag)
@@ -275,11 +277,14 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
         if end_of_epoch:
             means = {k: v / (steps * d.world) for k, v in state.sums.items()}
             means["images_per_s"] = progress.rate
+            means["lr"] = scheduler.get_last_lr()[0]
             state.history.append({"epoch": epoch + 1, "step": state.step, **means})
             state.sums, progress = {}, None
             if d.main:
                 with open(folder / "log.jsonl", "a") as log_file:
                     log_file.write(json.dumps(state.history[-1]) + "\n")
+                if on_epoch is not None:
+                    on_epoch(state.history[-1])
         if by_step or by_time:
             ckpts.save(net, optimizer, scheduler,
                        dataclasses.replace(state, wall_s=state.wall_s + time.perf_counter() - started),
@@ -330,5 +335,6 @@ def cross_entropy_step(runtime: Runtime) -> LossFn:
     def step(model: torch.nn.Module, batch: tuple):
         x, y = runtime.to_device(batch[0]), batch[1].to(runtime.device, non_blocking=True)
         logits, _ = model(x)
-        return F.cross_entropy(logits.float(), y), {}
+        ce = F.cross_entropy(logits.float(), y)
+        return ce, {"ce": ce.detach()}
     return step

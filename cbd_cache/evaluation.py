@@ -18,6 +18,7 @@ from .logs import log
 from .models import Network
 from .runtime import Runtime
 from .tables import fmt, markdown_table
+from .summaries import write_evaluation
 from .views import ViewSpec
 from .workdir import Workdir, file_sha256, read_json, write_json
 
@@ -104,6 +105,8 @@ def evaluate_checkpoint(folder: Path, name: str, kind: str, manifest: Manifest, 
     report = evaluate_splits(net, manifest, cfg, runtime)
     report.update(checkpoint_sha256=sha, manifest_fingerprint=manifest.fingerprint)
     write_report(folder, name, kind, report, manifest.class_names)
+    history = read_json(folder / "run.json").get("history") if (folder / "run.json").is_file() else None
+    write_evaluation(folder, cfg.pipeline.tensorboard, report["splits"], history[-1]["step"] if history else 0)
     for split, r in report["splits"].items():
         log(f"[evaluate] {kind} {name} {split}: top-1 {r['top1']:.2f}  many {fmt(r['many'])}  "
             f"medium {fmt(r['medium'])}  few {fmt(r['few'])}")

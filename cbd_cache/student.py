@@ -29,6 +29,7 @@ from .models import Network, descriptor_dim, projection_dim
 from .runs import flat_config, run_is_done, run_settings, save_run, student_run_name
 from .runtime import Runtime
 from .seeding import seed_everything
+from .summaries import Summaries, write_evaluation
 from .views import ViewSpec
 from .workdir import Workdir, file_sha256
 
@@ -183,7 +184,9 @@ def train_network(cfg: Config, wd: Workdir, runtime: Runtime, plan: StudentPlan,
                          cache=plan.cache, augment=data_aug(cfg))
     log(f"[student {name}] {plan.kind}, {s.sampling} sampling, alpha {s.alpha}, beta {s.beta}, "
         f"teachers {plan.teachers or '-'}{', init ' + s.init if s.init else ''}")
-    history, wall_s = fit(net, stream, s, step_fn, runtime, f"student {name}", folder, plan.recipe)
+    summaries = Summaries(folder, cfg.pipeline.tensorboard)
+    history, wall_s = fit(net, stream, s, step_fn, runtime, f"student {name}", folder, plan.recipe, summaries.epoch)
+    summaries.close()
     if not runtime.dist.main:   # under torchrun rank 0 evaluates and writes the run folder
         return folder / "checkpoint.pt"
     test = evaluate_network(net, manifest, cfg, runtime, manifest.eval_split)
@@ -199,5 +202,6 @@ def finish_run(cfg: Config, plan: StudentPlan, net: Network, spec: dict, history
             "teachers": plan.provenance, "overrides": cfg.overrides, "manifest_fingerprint": manifest.fingerprint,
             "test_top1": test["top1"], "train_wall_s": wall_s}
     ckpt = save_run(plan.folder, net, spec, meta, plan.identity, history, test, manifest.class_names)
+    write_evaluation(plan.folder, cfg.pipeline.tensorboard, {test["split"]: test}, history[-1]["step"])
     log(f"[student {plan.name}] done in {wall_s:.0f}s: test top-1 {test['top1']:.2f}")
     return ckpt

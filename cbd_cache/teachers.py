@@ -22,6 +22,7 @@ from .models import Network
 from .runs import run_is_done, save_run
 from .runtime import Runtime
 from .seeding import seed_everything
+from .summaries import Summaries, write_evaluation
 from .views import ViewSpec
 from .workdir import Workdir, read_json
 
@@ -90,12 +91,15 @@ def _train_teacher(cfg: Config, t: TeacherCfg, wd: Workdir, runtime: Runtime, fo
     stream = TrainStream(manifest, ViewSpec.from_cfg(cfg.views), sampling="instance", seed=t.seed,
                          samples_per_epoch=manifest.train.num_samples, shuffle_buffer=t.shuffle_buffer, augment=t)
     log(f"[teacher {t.name}] {t.type} views, instance sampling")
+    summaries = Summaries(folder, cfg.pipeline.tensorboard)
     history, wall_s = fit(net, stream, t, cross_entropy_step(runtime), runtime, f"teacher {t.name}", folder,
-                          teacher_recipe(cfg, t, manifest))
+                          teacher_recipe(cfg, t, manifest), summaries.epoch)
+    summaries.close()
     if not runtime.dist.main:   # under torchrun rank 0 evaluates and writes the run folder
         return folder / "checkpoint.pt"
     test = evaluate_network(net, manifest, cfg, runtime, manifest.eval_split)
     train = evaluate_network(net, manifest, cfg, runtime, "train")
+    write_evaluation(folder, cfg.pipeline.tensorboard, {test["split"]: test, "train": train}, history[-1]["step"])
     kind = t.kind()
     meta = {"kind": kind, "name": t.name, "type": t.type, "seed": t.seed, "config": dataclasses.asdict(t),
             "views": dataclasses.asdict(cfg.views), "manifest_fingerprint": manifest.fingerprint,

@@ -20,7 +20,7 @@ def cbd(*args, check=True):
 
 
 COMMANDS = {"prepare", "train-teacher", "import-teacher", "export", "train-student", "evaluate", "run", "sweep", "ncm",
-            "paper-table", "cache"}
+            "paper-table", "cache", "logs", "predict", "export-model"}
 
 
 def test_version():

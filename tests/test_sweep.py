@@ -1,5 +1,8 @@
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -8,7 +11,7 @@ from cbd_cache.config import ConfigError
 from cbd_cache.experiments.sweep import grid_points, make_runs, parse_grid, parse_seeds, split_values
 from cli import main
 
-from .conftest import SMOKE
+from .conftest import ROOT, SMOKE
 
 
 def test_grid_values_keep_lists_whole():
@@ -73,3 +76,48 @@ def test_sweep_trains_the_grid_once_without_teachers_and_tabulates_mean_and_std(
     assert again.exit_code == 0
     assert {p: p.stat().st_mtime for p in stamps} == stamps            # finished runs are skipped
     assert (smoke_copy.cache / "zarr.json").stat().st_mtime == export_mtime
+
+
+def sweep_process(wd, *args: str) -> subprocess.CompletedProcess:
+    """`cbd-cache sweep` in its own process, one thread per process whatever --jobs (so the bits agree)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "cli", "sweep", "--pipeline", str(SMOKE), "--workdir", str(wd),
+                           "--set", "student.epochs=1", "--seeds", "0", "--name", "t", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def run_result(wd, name: str) -> dict:
+    report = json.loads((wd / "students" / name / "eval.json").read_text())
+    log = [{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+           for line in (wd / "students" / name / "log.jsonl").read_text().splitlines()]
+    return {"log": log, **{k: report[k] for k in ("top1", "many", "medium", "few", "per_class")}}
+
+
+@pytest.mark.slow
+def test_sweep_jobs_2_gives_the_runs_of_jobs_1_and_a_failed_run_stops_no_other(smoke_copy, tmp_path):
+    serial = tmp_path / "serial"
+    shutil.copytree(smoke_copy.root, serial)
+    done = sweep_process(serial, "--grid", "student.alpha=0,0.4")
+    assert done.returncode == 0, done.stderr
+    names = ["student_alpha=0.0_epochs=1", "student_epochs=1"]
+    blocked = smoke_copy.root / "students" / "student_alpha=0.8_epochs=1"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("a file where the run folder goes: this run fails")
+    parallel = sweep_process(smoke_copy.root, "--jobs", "2", "--grid", "student.alpha=0,0.4,0.8")
+    assert parallel.returncode == 1
+    log = smoke_copy.root / "sweeps" / "logs" / "student_alpha=0.8_epochs=1.log"
+    assert "1 of 3 parallel jobs failed" in parallel.stderr and f"log {log}" in parallel.stderr
+    assert "FileExistsError" in log.read_text()
+    for name in names:                                       # the same runs, to the bit
+        assert run_result(smoke_copy.root, name) == run_result(serial, name)
+        assert (smoke_copy.root / "sweeps" / "logs" / f"{name}.log").is_file()
+    rows = {r["label"]: r for r in json.loads((smoke_copy.root / "sweeps" / "t.json").read_text())["rows"]}
+    assert rows["alpha=0.4"]["complete"] and not rows["alpha=0.8"]["complete"]   # the table from what finished
+
+    blocked.unlink()
+    stamps = {n: (smoke_copy.root / "students" / n / "checkpoint.pt").stat().st_mtime for n in names}
+    again = sweep_process(smoke_copy.root, "--jobs", "2", "--grid", "student.alpha=0,0.4,0.8")
+    assert again.returncode == 0, again.stderr
+    assert "3 runs: 2 finished, 1 to train" in again.stderr                     # only the failed run retrains
+    assert {n: (smoke_copy.root / "students" / n / "checkpoint.pt").stat().st_mtime for n in names} == stamps
+    assert json.loads((smoke_copy.root / "sweeps" / "t.json").read_text())["rows"][2]["complete"]

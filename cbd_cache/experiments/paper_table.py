@@ -23,6 +23,7 @@ from ..data.longtail import SHOT_GROUPS, shot_group
 from ..data.manifest import Manifest
 from ..data.prepare import prepare
 from ..export import export_cache
+from ..jobs import JobsFailed
 from ..logs import format_seconds, log
 from ..ncm import ncm_report
 from ..runtime import Runtime
@@ -168,8 +169,12 @@ class Timing:
         return sum(v for k, v in self.steps.items() if k.startswith(prefix))
 
 
-def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limit_min: float = 0) -> bool:
-    """Prepare, teachers, export, every run, NCM; then the Markdown, JSON and PNGs in `out`. True when complete."""
+def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limit_min: float = 0,
+                jobs: int = 1) -> bool:
+    """Prepare, teachers, export, every run (`jobs` at a time), NCM; then the Markdown, JSON and PNGs in `out`.
+
+    True when complete. If parallel runs failed, the table is written from the others before JobsFailed is raised.
+    """
     deadline = time.time() + 60 * time_limit_min if time_limit_min > 0 else None
     pipeline, base = cfg.source, (*BASE, *fifth_teacher(cfg), *cfg.overrides)
     base_cfg = load_config(pipeline, base)
@@ -185,10 +190,16 @@ def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limi
     with timing("export"):
         export_cache(base_cfg, wd, runtime)
     runs = all_runs(base_cfg, base)
-    complete = execute(training_order(runs), pipeline, wd, runtime, deadline,
-                       on_trained=lambda r, s: timing.record(f"student {r.name}", s))
+    failed = None
+    try:
+        complete = execute(training_order(runs), pipeline, wd, runtime, deadline,
+                           on_trained=lambda r, s: timing.record(f"student {r.name}", s), jobs=jobs)
+    except JobsFailed as e:
+        complete, failed = False, e
     ncm = ncm_rows(base_cfg, wd, runtime, runs, timing)       # on the models finished so far
     write_paper_table(cfg, base, wd, runs, ncm, timing, out, complete)
+    if failed is not None:
+        raise failed
     return complete
 
 

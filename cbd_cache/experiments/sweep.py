@@ -5,10 +5,14 @@ student settings that differ from the pipeline file's (`runs.student_run_name`);
 whichever sweep (or table) asks for it, and a finished run is skipped when a sweep is re-run. Only
 `student.*` keys may vary: the teachers and the export are never touched, they must already exist.
 The table gives mean ± std (sample std over seeds) per grid point, as Markdown and JSON.
+With `jobs` > 1 the runs train side by side, one `cbd-cache train-student` process each
+(`jobs.run_parallel`), with their output in `W/sweeps/logs/<run>.log`; a failed run does not stop
+the others, the table is written from those that finished, and the next sweep retries only it.
 """
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +20,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import stage2
+from .. import distributed, stage2
 from ..config import Config, ConfigError, load_config
 from ..data.longtail import SHOT_GROUPS
+from ..jobs import JobsFailed, gpus_for, run_parallel
 from ..logs import format_seconds, log
 from ..runs import run_is_done, student_run_name
 from ..runtime import Runtime
@@ -111,8 +116,9 @@ def unique(runs: Sequence[Run]) -> list[Run]:
 
 
 def execute(runs: Sequence[Run], pipeline: str | Path, wd: Workdir, runtime: Runtime,
-            deadline: float | None = None, on_trained=None) -> bool:
-    """Train every run not yet finished, in order (each name once). Returns False if `deadline` stopped it.
+            deadline: float | None = None, on_trained=None, jobs: int = 1) -> bool:
+    """Train every run not yet finished, in order (each name once), `jobs` at a time. Returns False if
+    `deadline` stopped it; raises JobsFailed (after the others finish) if a parallel run failed.
 
     Every run is planned first (cache, teachers and init checked), so a bad run fails before any trains.
     """
@@ -123,6 +129,9 @@ def execute(runs: Sequence[Run], pipeline: str | Path, wd: Workdir, runtime: Run
             todo.append((r, cfg))
     total = len(unique(runs))
     log(f"[sweep] {total} runs: {total - len(todo)} finished, {len(todo)} to train")
+    if jobs > 1 and len(todo) > 1:
+        return execute_parallel([r for r, _ in todo], pipeline, wd, jobs, gpus_for(todo[0][1].pipeline.device),
+                                deadline, on_trained)
     started = time.perf_counter()
     for i, (r, cfg) in enumerate(todo):
         if deadline is not None and time.time() >= deadline:
@@ -134,6 +143,32 @@ def execute(runs: Sequence[Run], pipeline: str | Path, wd: Workdir, runtime: Run
             on_trained(r, time.perf_counter() - t0)
         log(f"[sweep] {i + 1}/{len(todo)} trained ({r.name}); elapsed {format_seconds(time.perf_counter() - started)}")
     return True
+
+
+def log_path(wd: Workdir, run: Run) -> Path:
+    return wd.root / "sweeps" / "logs" / f"{run.name}.log"
+
+
+def execute_parallel(todo: Sequence[Run], pipeline: str | Path, wd: Workdir, jobs: int, gpus: int,
+                     deadline: float | None, on_trained) -> bool:
+    """One `cbd-cache train-student` process per run, `jobs` at a time, each logging to `log_path`."""
+    if distributed.from_env().world > 1:
+        raise ConfigError("--jobs trains one run per process; under torchrun train them one after another")
+    commands = [[sys.executable, "-m", "cli", "train-student", "--pipeline", str(pipeline), "--workdir", str(wd.root),
+                 *[x for o in r.overrides for x in ("--set", o)]] for r in todo]
+    log(f"[sweep] training {len(todo)} runs {jobs} at a time, one process each; logs in {wd.root / 'sweeps' / 'logs'}")
+    started, finished = time.perf_counter(), [0]
+
+    def done(i: int, seconds: float) -> None:
+        finished[0] += 1
+        if on_trained is not None:
+            on_trained(todo[i], seconds)
+        log(f"[sweep] {finished[0]}/{len(todo)} trained ({todo[i].name}); "
+            f"elapsed {format_seconds(time.perf_counter() - started)}")
+    complete = run_parallel(commands, jobs, gpus, [log_path(wd, r) for r in todo], deadline, done)
+    if not complete:
+        log("[sweep] time limit reached: runs left; run the same command again to continue")
+    return complete
 
 
 def load_report(wd: Workdir, run: Run) -> dict[str, Any] | None:
@@ -185,10 +220,17 @@ def markdown(rows: Sequence[dict[str, Any]], header: str = "setting") -> str:
 
 
 def run_sweep(cfg: Config, wd: Workdir, runtime: Runtime, grid: list[tuple[str, list[str]]], seeds: Sequence[int],
-              name: str = "") -> tuple[list[dict[str, Any]], Path]:
-    """Train the grid x seeds (skipping finished runs), then write W/sweeps/<name>.{md,json}."""
+              name: str = "", jobs: int = 1) -> tuple[list[dict[str, Any]], Path]:
+    """Train the grid x seeds (skipping finished runs), then write W/sweeps/<name>.{md,json}.
+
+    If parallel runs failed, the table is written from those that finished before JobsFailed is raised.
+    """
     runs = make_runs(cfg.source, cfg.overrides, grid_points(grid), seeds)
-    execute(runs, cfg.source, wd, runtime)
+    failed = None
+    try:
+        execute(runs, cfg.source, wd, runtime, jobs=jobs)
+    except JobsFailed as e:
+        failed = e
     rows = summarise(runs, wd)
     if not name:
         name = "_".join(["sweep", *[k.split(".", 1)[1] for k, _ in grid]])
@@ -200,4 +242,7 @@ def run_sweep(cfg: Config, wd: Workdir, runtime: Runtime, grid: list[tuple[str, 
     md = f"# Sweep {name}\n\n`{command}`\n\n" + markdown(rows)
     (folder / f"{name}.md").write_text(md)
     write_json(folder / f"{name}.json", {"command": command, "grid": grid, "seeds": list(seeds), "rows": rows})
+    if failed is not None:
+        raise JobsFailed(f"{failed}. The table {folder / f'{name}.md'} has the runs that finished; "
+                         "the same command retries only the failed ones")
     return rows, folder / f"{name}.md"
