@@ -311,8 +311,10 @@ def info(ctx: Context, as_json: bool):
         return
     click.echo(f"{d['path']}: schema {d['schema_version']}, {'complete' if d['complete'] else 'INCOMPLETE'} "
                f"({d['shards_done']}/{d['shards_total']} shards), {d['bytes_on_disk'] / 2**20:.1f} MiB on disk")
-    click.echo(f"manifest fingerprint {d['manifest_fingerprint']}, {d['views_per_image']} views per image, "
-               f"view seed {d['view_seed']}")
+    lo, hi = d["views_min_max"]
+    click.echo(f"manifest fingerprint {d['manifest_fingerprint']}, view seed {d['view_seed']}; {d['allocation']} "
+               f"allocation of A = {d['views_per_image']}: {lo}..{hi} views per image, {d['views_stored']} stored "
+               f"({d['views_total']} with chunk padding, chunks of {d['chunk_views']} views)")
     for name, a in d["arrays"].items():
         click.echo(f"  {name:<28} {str(a['shape']):<20} {a['dtype']:<8} chunks {a['chunks']}  "
                    f"{a['bytes_stored'] / 2**20:.2f} MiB")

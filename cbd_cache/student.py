@@ -1,6 +1,8 @@
 """Stage 2: the student, and the paper's second-stage baselines, trained into `W/students/<run>`.
 
 targets = "cache"  reads each view's targets from the cache and replays that view: no teacher runs.
+targets = "replay" replays the cache's views the same way but runs the teachers on them for the targets:
+                   a fidelity check of the cache (it must train like "cache", up to float16 rounding).
 targets = "online" runs the teachers (eval mode) on freshly drawn views every step: the reference.
 targets = "none"   cross-entropy only: the single-stage baselines, and fine-tuning with `init`.
 distill            what is distilled: descriptors (feature, Eq. 2/4), logits (Eq. 3) or both (hybrid).
@@ -80,19 +82,26 @@ def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
     manifest = Manifest.load(wd.manifest)
     teachers = cfg.student_teachers() if s.targets != "none" else []
     logits = s.distill != "feature"
-    cache, provenance, dims = None, {}, []
+    cache, provenance, dims, export = None, {}, [], None
     if s.classifier_only:
         teacher = s.init.split("/", 1)[1]
         hashes = {teacher: file_sha256(ckpt)} if (ckpt := wd.teacher_checkpoint(teacher)).is_file() else {}
         reader = CacheReader(wd.cache, manifest, [teacher], s.views, checkpoint_hashes=hashes)
         provenance = {teacher: reader.prov["teachers"][teacher]["checkpoint_sha256"]}
         cache = CacheSpec(wd.cache, (teacher,), reader.views)
-    elif s.targets == "cache":
+        export = {"views": reader.views, "allocation": reader.prov["allocation"], "min_views": reader.prov["min_views"],
+                  "schema_version": reader.prov["schema_version"]}
+    elif s.targets in ("cache", "replay"):
         hashes = {t: file_sha256(wd.teacher_checkpoint(t)) for t in teachers if wd.teacher_checkpoint(t).is_file()}
-        reader = CacheReader(wd.cache, manifest, teachers, s.views, checkpoint_hashes=hashes, with_logits=logits)
+        if s.targets == "replay" and len(hashes) < len(teachers):
+            raise FileNotFoundError(f"student.targets=replay runs the teachers {teachers}; train them first")
+        reader = CacheReader(wd.cache, manifest, teachers, s.views, checkpoint_hashes=hashes,
+                             with_logits=logits and s.targets == "cache")
         dims = reader.dims
-        cache = CacheSpec(wd.cache, tuple(teachers), reader.views, with_logits=logits)
+        cache = CacheSpec(wd.cache, tuple(teachers), reader.views, with_logits=logits and s.targets == "cache")
         provenance = {t: reader.prov["teachers"][t]["checkpoint_sha256"] for t in teachers}
+        export = {"views": reader.views, "allocation": reader.prov["allocation"], "min_views": reader.prov["min_views"],
+                  "schema_version": reader.prov["schema_version"]}
     elif s.targets == "online":
         for t in teachers:
             if not wd.teacher_checkpoint(t).is_file():
@@ -105,14 +114,14 @@ def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
     config = {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
     augment = data_aug(cfg)
     recipe = {"student": config, "views": dataclasses.asdict(cfg.views), "manifest": manifest.fingerprint,
-              "teachers": provenance, "export_views": cfg.export.views if cache else None,
+              "teachers": provenance, "export": export,
               "init": file_sha256(init_checkpoint(wd, s)) if s.init else None,
               "augment": dataclasses.asdict(augment) if augment else None}
     return StudentPlan(name, wd.student_dir(name), recipe, student_kind(cfg), teachers, dims, cache, provenance)
 
 
 def distillation_step(runtime: Runtime, dims: list[int], s: StudentCfg, teachers=None):
-    """The distillation step: targets from the batch (cache) or from the teachers on the same images (online)."""
+    """The distillation step: targets from the batch (cache) or from the teachers on the same images (online, replay)."""
     features, logits_too = s.distill != "logit", s.distill != "feature"
 
     def step(model: torch.nn.Module, batch: tuple):
@@ -166,7 +175,7 @@ def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
         load_init(net, init_checkpoint(wd, s), s.init)
     net = runtime.prepare_model(net)
     teacher_nets = None
-    if s.targets == "online":
+    if s.targets in ("online", "replay"):
         teacher_nets = [runtime.prepare_teacher(n) for n in load_teachers(cfg, wd, plan.teachers)[0]]
     stream = TrainStream(manifest, ViewSpec.from_cfg(cfg.views), sampling=s.sampling, seed=s.seed,
                          samples_per_epoch=manifest.train.num_samples, shuffle_buffer=s.shuffle_buffer,
