@@ -253,12 +253,17 @@ def ncm(ctx: Context, models: tuple[str, ...], features: str):
 @click.option("--out", default="results", show_default=True, help="Folder for <pipeline name>.md/.json and the PNGs.")
 @click.option("--time-limit-min", type=float, default=0, show_default=True,
               help="Start no new run after this many minutes (0: no limit); run again to continue.")
+@click.option("--sections", default="", metavar="S1,S2",
+              help="Train only these sections (table2, views, alpha, mix) [all]; the report shows what is finished.")
 @pipeline_options(workdir_default="runs/{name}_paper")
-def paper_table(ctx: Context, out: str, time_limit_min: float):
-    """The paper's Tables 1-3, Figure 3, views per image and per-class plots, 3 seeds, from one cache."""
-    from cbd_cache.report import paper_table as run
+def paper_table(ctx: Context, out: str, time_limit_min: float, sections: str):
+    """The paper's Tables 1-3, Figure 3, the view budget study and per-class plots, 3 seeds."""
+    from cbd_cache.report import SECTION_KEYS, paper_table as run
 
-    if not run(ctx.cfg, ctx.wd, ctx.runtime, Path(out), time_limit_min):
+    only = [k.strip() for k in sections.split(",") if k.strip()]
+    if unknown := [k for k in only if k not in SECTION_KEYS]:
+        raise ConfigError(f"--sections {sections}: no section {unknown[0]!r}; choose from {', '.join(SECTION_KEYS)}")
+    if not run(ctx.cfg, ctx.wd, ctx.runtime, Path(out), time_limit_min, only):
         click.echo("paper-table: stopped at the time limit; the same command continues where it stopped", err=True)
         sys.exit(3)
     click.echo((Path(out) / f"{ctx.cfg.pipeline.name}.md").read_text())

@@ -3,7 +3,8 @@
 Every run is an ordinary student run (`student.train_student`) under `W/students/<run>`, named by the
 student settings that differ from the pipeline file's, plus its seed; so a run is trained once
 whichever sweep (or table) asks for it, and a finished run is skipped when a sweep is re-run. Only
-`student.*` keys may vary: the teachers and the export are never touched, they must already exist.
+`student.*` keys may vary: the teachers and the export are never touched, they must already exist
+(a table may point some runs at a second cache with `pipeline.cache_url`, see `report.py`).
 The table gives mean ± std (sample std over seeds) per grid point, as Markdown and JSON.
 """
 from __future__ import annotations
@@ -96,9 +97,12 @@ def _text(value: Any) -> str:
 
 
 def run_name(cfg: Config, reference: Config) -> str:
-    """`student_<field=value ...>_seed=N`: the student fields that differ from the pipeline file's, sorted."""
+    """`student_<field=value ...>_seed=N`: the student fields that differ from the pipeline file's, sorted
+    (and `allocation=X` first when the run reads a cache of the other `export.allocation`)."""
     mine, ref = dataclasses.asdict(cfg.student), dataclasses.asdict(reference.student)
     parts = [f"{k}={_text(v)}" for k, v in sorted(mine.items()) if k not in ("name", "seed") and v != ref[k]]
+    if cfg.export.allocation != reference.export.allocation:   # a run on the other allocation's cache
+        parts.insert(0, f"allocation={cfg.export.allocation}")
     name = "_".join(["student", *parts, f"seed={cfg.student.seed}"])
     return re.sub(r"[^A-Za-z0-9_.+=-]", "-", name)       # config.NAME_RE: a valid student.name
 
@@ -136,7 +140,7 @@ def execute(runs: Sequence[Run], pipeline: str | Path, wd: Workdir, runtime: Run
     todo = []
     for r in unique(runs):
         cfg = load_config(pipeline, r.overrides)
-        if not run_is_done(wd.student_dir(r.name), plan_student(cfg, wd).identity):
+        if not run_is_done(wd.student_dir(r.name), plan_student(cfg, run_workdir(wd, cfg)).identity):
             todo.append((r, cfg))
     total = len(unique(runs))
     log(f"[sweep] {total} runs: {total - len(todo)} finished, {len(todo)} to train")
@@ -146,11 +150,17 @@ def execute(runs: Sequence[Run], pipeline: str | Path, wd: Workdir, runtime: Run
             log(f"[sweep] time limit reached: {len(todo) - i} runs left; run the same command again to continue")
             return False
         t0 = time.perf_counter()
-        train_student(cfg, wd, runtime)
+        train_student(cfg, run_workdir(wd, cfg), runtime)
         if on_trained is not None:
             on_trained(r, time.perf_counter() - t0)
         log(f"[sweep] {i + 1}/{len(todo)} trained ({r.name}); elapsed {format_seconds(time.perf_counter() - started)}")
     return True
+
+
+def run_workdir(wd: Workdir, cfg: Config) -> Workdir:
+    """The workdir as the run sees it: a run may name its own cache (`pipeline.cache_url`), e.g. another allocation's."""
+    return dataclasses.replace(wd, data_url=cfg.pipeline.data_url or wd.data_url,
+                               cache_url=cfg.pipeline.cache_url or wd.cache_url)
 
 
 def load_report(wd: Workdir, run: Run) -> dict[str, Any] | None:

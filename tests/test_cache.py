@@ -1,4 +1,6 @@
 
+from itertools import islice
+
 import numpy as np
 import pytest
 import torch
@@ -107,6 +109,21 @@ def test_a_draws_cache_puts_views_where_the_student_draws_and_serves_smaller_bud
     np.testing.assert_array_equal(half.targets[half.every_view()],
                                   whole.targets[np.concatenate([np.arange(o, o + c) for o, c in
                                                                 zip(whole.offset, half.count)])])
+
+    # the student walks each image's views without replacement: over 3 epochs an image repeats a view
+    # only where an epoch's draws strayed from the expected count (with replacement, a tail image drawn
+    # 17 times from 23 views would see about 12 distinct ones)
+    from cbd_cache.data.stream import CacheSpec, TrainStream
+
+    stream = TrainStream(manifest, ViewSpec.from_cfg(cfg.views), sampling="class_balanced", seed=1,
+                         samples_per_epoch=len(labels), shuffle_buffer=64,
+                         cache=CacheSpec(smoke_copy.cache, ("std0",), 4))
+    drawn: dict[int, list[int]] = {}
+    for item in islice(iter(stream), 3 * len(labels)):
+        drawn.setdefault(item[2], []).append(item[3])
+    tail = [r for r, vs in drawn.items() if counts[r] >= 3 * len(vs) / 2 and len(vs) >= 6]
+    assert len(tail) >= 5
+    assert all(len(set(drawn[r])) >= len(drawn[r]) - 3 for r in tail)
 
 
 def test_an_old_schema_cache_is_refused_with_how_to_re_export(smoke_copy, tmp_path):
