@@ -132,6 +132,6 @@ def dry_run(cfg: Config, runtime: Runtime) -> str:
         out.append(f"export {k} x {arch}: {rate:,.0f} img/s measured on {runtime.device} "
                    f"({cfg.views.image_px} px, batch {batch}) -> {format_seconds(seconds)}")
     out.append(f"export estimate: {format_seconds(total_s)} of teacher forward passes "
-               f"({len(cfg.teachers)} teachers x {cfg.export.views} views x {len(train.records):,} images); "
+               f"({len(cfg.teachers)} teachers x {int(views.sum()):,} views of {len(train.records):,} images); "
                "decoding runs in the loader workers alongside")
     return "\n".join(out)
