@@ -93,6 +93,11 @@ def test_a_draws_cache_puts_views_where_the_student_draws_and_serves_smaller_bud
     assert counts.max() > 4 * counts.min() and abs(counts.sum() - 4 * len(labels)) < len(labels) * 0.1
     projected = projected_cache_bytes(cfg, labels, manifest.train.class_counts)
     assert projected == {name: group[name].nbytes for name in projected}
+    from cbd_cache.cache import verify_cache
+
+    report = verify_cache(smoke_copy.cache, manifest, {t.name: smoke_copy.teacher_checkpoint(t.name)
+                                                       for t in cfg.teachers}, make_runtime(cfg.pipeline), rows=24)
+    assert report["problems"] == [] and report["rows_checked"] == 24
     # row i's views are the first v_i derived from its key, and its descriptors those of a budget-2 export's prefix
     sample = read_shard(manifest.shard_path(manifest.train.shards[-1]), manifest.train.shards[-1].start,
                         manifest.train.shards[-1].stop)[0]
