@@ -17,6 +17,8 @@ ARGS = --pipeline $(PIPELINE) $(if $(WORKDIR),--workdir $(WORKDIR)) \
        $(if $(filter-out $(DEFAULT_FMNIST_DIR),$(FMNIST_DIR)),--set data.root=$(FMNIST_DIR))
 
 PAPER_LIMIT_MIN ?= 0
+# e.g. PAPER_SECTIONS=views: only the view-budget study (empty: every section)
+PAPER_SECTIONS ?=
 .PHONY: install data demo test teachers paper-table clean
 
 install: $(BIN)/.installed
@@ -56,7 +58,7 @@ teachers: install data
 # The paper's tables on the pipeline (default: Fashion-MNIST-LT), 3 seeds, into results/ (about 1 h on 2 cores).
 # Resumable: finished runs are skipped; PAPER_LIMIT_MIN=20 starts no new run after 20 minutes (exit 3).
 paper-table: install data
-	$(CBD) paper-table $(ARGS) --out results --time-limit-min $(PAPER_LIMIT_MIN)
+	$(CBD) paper-table $(ARGS) --out results --time-limit-min $(PAPER_LIMIT_MIN) $(if $(PAPER_SECTIONS),--sections $(PAPER_SECTIONS))
 
 clean:
 	rm -rf runs .pytest_cache

@@ -22,7 +22,7 @@ from cbd_cache.data.shards import ShardDamaged
 from cbd_cache.dryrun import dry_run as plan_dry_run
 from cbd_cache.engine import NonFiniteLoss
 from cbd_cache.evaluation import evaluate_workdir, results_table
-from cbd_cache.experiments.paper_table import paper_table as run_paper_table
+from cbd_cache.experiments.paper_table import SECTION_KEYS, paper_table as run_paper_table
 from cbd_cache.experiments.sweep import parse_grid, parse_seeds, run_sweep
 from cbd_cache.export import export_cache
 from cbd_cache.external import import_teacher as run_import
@@ -369,11 +369,16 @@ def logs(ctx: Context, folder: Path | None, as_csv: bool):
 @click.option("--out", default="results", show_default=True, help="Folder for <pipeline name>.md/.json and the PNGs.")
 @click.option("--time-limit-min", type=float, default=0, show_default=True,
               help="Start no new run after this many minutes (0: no limit); run again to continue.")
+@click.option("--sections", default="", metavar="S1,S2",
+              help="Train only these sections (table2, views, alpha, mix) [all]; the report shows what is finished.")
 @jobs_option
 @pipeline_options(workdir_default="runs/{name}_paper")
-def paper_table(ctx: Context, out: str, time_limit_min: float, jobs: int):
-    """The paper's Tables 1-3, Figure 3, views per image and per-class plots, 3 seeds, from one cache."""
-    if not run_paper_table(ctx.cfg, ctx.wd, ctx.runtime, Path(out), time_limit_min, jobs):
+def paper_table(ctx: Context, out: str, time_limit_min: float, sections: str, jobs: int):
+    """The paper's Tables 1-3, Figure 3, the view budget study and per-class plots, 3 seeds."""
+    only = [k.strip() for k in sections.split(",") if k.strip()]
+    if unknown := [k for k in only if k not in SECTION_KEYS]:
+        raise ConfigError(f"--sections {sections}: no section {unknown[0]!r}; choose from {', '.join(SECTION_KEYS)}")
+    if not run_paper_table(ctx.cfg, ctx.wd, ctx.runtime, Path(out), time_limit_min, jobs, only):
         click.echo("paper-table: stopped at the time limit; the same command continues where it stopped", err=True)
         sys.exit(3)
     click.echo((Path(out) / f"{ctx.cfg.pipeline.name}.md").read_text())
@@ -421,8 +426,10 @@ def info(ctx: Context, as_json: bool):
         return
     click.echo(f"{d['path']}: schema {d['schema_version']}, {'complete' if d['complete'] else 'INCOMPLETE'} "
                f"({d['shards_done']}/{d['shards_total']} shards), {d['bytes_on_disk'] / 2**20:.1f} MiB on disk")
-    click.echo(f"manifest fingerprint {d['manifest_fingerprint']}, {d['views_per_image']} views per image, "
-               f"view seed {d['view_seed']}")
+    lo, hi = d["views_min_max"]
+    click.echo(f"manifest fingerprint {d['manifest_fingerprint']}, view seed {d['view_seed']}; {d['allocation']} "
+               f"allocation of A = {d['views_per_image']}: {lo}..{hi} views per image, {d['views_stored']} stored "
+               f"({d['views_total']} with chunk padding, chunks of {d['chunk_views']} views)")
     for name, a in d["arrays"].items():
         click.echo(f"  {name:<28} {str(a['shape']):<20} {a['dtype']:<8} chunks {a['chunks']}  "
                    f"{a['bytes_stored'] / 2**20:.2f} MiB")

@@ -123,11 +123,11 @@ def read_pass(reader: CacheReader, manifest: Manifest, epoch: int) -> tuple[int,
     with Timer() as t:
         for s in order:
             info = manifest.train.shards[s]
-            views, targets, _ = reader.read(info.start, info.stop)
+            block = reader.read(info.start, info.stop)
             for i in range(info.rows):
                 for _ in range(copies(factors[labels[info.start + i]], rng.random())):
-                    a = int(rng.integers(views.shape[1]))
-                    torch.from_numpy(np.asarray(views[i, a])), torch.from_numpy(np.asarray(targets[i, a]))
+                    v = int(block.offset[i]) + int(rng.integers(block.count[i]))
+                    torch.from_numpy(np.asarray(block.views[v])), torch.from_numpy(np.asarray(block.targets[v]))
                     n_copies += 1
             rows += info.rows
     return rows, n_copies, t.seconds
@@ -214,7 +214,7 @@ def bench_export(case: str, root: Path, runtime: Runtime, rounds: int, extra: tu
     stream = ExportStream(manifest, list(range(len(manifest.train.shards))), ViewSpec.from_cfg(cfg.views),
                           cfg.pipeline.seed, e.views, e.batch_size)
     with Timer() as t_load:
-        batches = [images for _, _, _, images in stream]
+        batches = [images for *_, images in stream]
 
     def plain() -> None:
         with torch.no_grad():

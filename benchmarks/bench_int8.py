@@ -88,7 +88,7 @@ def compare(wds: dict[str, Workdir]) -> dict:
                       "vectors": int(stored.size)}
     for dtype in DTYPES:
         info = cache_info(wds[dtype].cache)
-        per = info["arrays"]["views"]["shape"][0] * info["views_per_image"] * len(info["teachers"])
+        per = info["views_stored"] * len(info["teachers"])
         desc = sum(v["bytes_stored"] for n, v in info["arrays"].items() if n.startswith(("descriptors/", "scales/")))
         out.setdefault(dtype, {}).update(descriptor_bytes=desc, total_bytes=info["bytes_on_disk"],
                                          descriptor_bytes_per_ivt=desc / per, total_bytes_per_ivt=info["bytes_on_disk"] / per)

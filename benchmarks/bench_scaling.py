@@ -20,14 +20,17 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 from torch.utils.data import DataLoader
 
 from common import RESULTS, ROOT, Timer, bench_config, runtime_info, train_images_per_s, untrained_teachers, write_results
 
-from cbd_cache.cache import CacheReader, cache_info
+from cbd_cache.cache import CacheReader, cache_info, default_chunk_views, make_layout
 from cbd_cache.config import load_config
+from cbd_cache.data.dryrun import projected_cache_bytes
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare
+from cbd_cache.data.shards import read_labels
 from cbd_cache.data.stream import CacheSpec, TrainStream
 from cbd_cache.engine import cosine_schedule, make_optimizer
 from cbd_cache.export import export_cache
@@ -45,16 +48,14 @@ POINTS = [("N", 320, 8, 4), ("N", 640, 8, 4), ("N", 1280, 8, 4),
           ("K", 1280, 8, 1), ("K", 1280, 8, 2), ("K", 1280, 8, 4)]
 # ImageNet-LT (Liu et al. 2019) and iNaturalist 2018 training-set sizes; pipelines/{imagenet_lt,inat18}.toml
 DATASETS = {"ImageNet-LT": ("imagenet_lt.toml", 115_846), "iNaturalist18": ("inat18.toml", 437_513)}
-VIEW_BYTES = 5 * 4
-BYTES = {"float32": 4, "float16": 2, "int8": 1}
 
 
-def schema_bytes(n: int, a: int, k: int, d: int, dtype: str, chunk_rows: int = 1) -> int:
-    """Bytes of the cache's chunks by the schema: views + descriptors (+ int8 scales) + one shard_done byte
-    per chunk; the last chunk is stored whole (Zarr pads edge chunks); metadata not counted."""
-    scales = 2 if dtype == "int8" else 0
-    chunks = -(-n // chunk_rows)
-    return chunks * chunk_rows * a * (VIEW_BYTES + k * (d * BYTES[dtype] + scales)) + (chunks if chunk_rows > 1 else 0)
+def schema_bytes(cfg, n: int, dtype: str) -> int:
+    """Bytes of a uniform cache's chunks by the schema (`cache.Layout`), before the CRC32C per chunk; metadata not counted."""
+    size, a = cfg.data.shard_size, cfg.export.views
+    layout = make_layout([[lo, min(lo + size, n)] for lo in range(0, n, size)], np.full(n, a),
+                         cfg.export.chunk_views or default_chunk_views(size, a))
+    return sum(layout.array_bytes({t.name: descriptor_dim(t.arch) for t in cfg.teachers}, dtype, 0, False).values())
 
 
 def student_rate(cfg, wd: Workdir, runtime, teachers: list[str], warmup: int, steps: int) -> float:
@@ -95,13 +96,14 @@ def run_point(root: Path, n_max: int, a: int, k: int, warmup: int, steps: int) -
         (wd.root / "export_s.json").write_text(json.dumps(export_s))
     export_s = json.loads((wd.root / "export_s.json").read_text())
     info = cache_info(wd.cache)
-    n = Manifest.load(wd.manifest).train.num_samples
-    d = 64
+    manifest = Manifest.load(wd.manifest)
+    n = manifest.train.num_samples
     rate = student_rate(cfg, wd, runtime, [t.name for t in cfg.teachers], warmup, steps)
     chunk_bytes = sum(f.stat().st_size for f in wd.cache.rglob("*") if f.is_file() and "/c/" in str(f))
     r = {"N": n, "A": a, "K": k, "export_s": export_s, "export_us_per_ivt": 1e6 * export_s / (n * a * k),
          "cache_bytes": info["bytes_on_disk"], "chunk_bytes": chunk_bytes,
-         "schema_bytes": schema_bytes(n, a, k, d, "float16", cfg.export.chunk_rows or cfg.data.shard_size),
+         "schema_bytes": sum(projected_cache_bytes(cfg, read_labels(manifest, "train"),
+                                                   manifest.train.class_counts).values()),
          "student_images_per_s": rate,
          "runtime": runtime_info(runtime)}
     log(f"[scaling] N={n} A={a} K={k}: export {export_s:.1f}s ({r['export_us_per_ivt']:.1f} us per image.view.teacher), "
@@ -120,7 +122,7 @@ def projections(points: list[dict]) -> list[dict]:
         cfg = load_config(ROOT / "pipelines" / toml)
         a, k, d = cfg.export.views, len(cfg.teachers), descriptor_dim(cfg.teacher.arch)
         row = {"dataset": name, "N": n, "A": a, "K": k, "d": d, "teacher_arch": cfg.teacher.arch,
-               "bytes": {dt: schema_bytes(n, a, k, d, dt) for dt in ("float16", "int8")}}
+               "bytes": {dt: schema_bytes(cfg, n, dt) for dt in ("float16", "int8")}}
         if rn50:
             per_view = 1.0 / rn50["export_views_per_s"] * k / rn50["K"]     # seconds per view for K teachers
             row["cpu_export_s"] = n * a * per_view

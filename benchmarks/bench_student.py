@@ -12,6 +12,7 @@ and each teacher's forward timed on one preloaded batch in this process.
 
     .venv/bin/python benchmarks/bench_student.py                # small (K = 1, 4) and rn50 (K = 4)
     .venv/bin/python benchmarks/bench_student.py --case small --rounds 2
+    .venv/bin/python benchmarks/bench_student.py --case draws      # the small case on a draws-allocated cache
 
 Writes results/bench_student.{md,json}. Run it on a quiet machine (here: under flock /tmp/cbd-cpu.lock).
 """
@@ -45,6 +46,7 @@ from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir
 
 CASES = {"small": dict(ks=(1, 4), warmup=8, steps=40, rounds=5),
+         "draws": dict(ks=(4,), warmup=8, steps=40, rounds=5),      # small, on a draws-allocated (ragged) cache
          "rn50": dict(ks=(4,), warmup=1, steps=4, rounds=2)}
 
 
@@ -202,7 +204,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--case", choices=("small", "rn50", "all"), default="all")
+    ap.add_argument("--case", choices=(*CASES, "all"), default="all")
     ap.add_argument("--root", default="runs/bench", help="workdirs for the benchmark data, teachers and caches")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--steps", type=int)
@@ -211,7 +213,7 @@ def main() -> None:
     ap.add_argument("--name", default="bench_student", help="results/<name>.{md,json}")
     a = ap.parse_args()
     rows = []
-    for case in (("small", "rn50") if a.case == "all" else (a.case,)):
+    for case in (tuple(CASES) if a.case == "all" else (a.case,)):
         rows += run_case(case, Path(a.root), a.rounds, a.steps, a.warmup, tuple(a.overrides))
     write_results(a.name, {"rows": rows}, markdown(rows))
     print(markdown(rows).replace("{head}", ""))

@@ -75,9 +75,12 @@ class SyntheticJPEG(Synthetic):
 
 
 def bench_config(case: str, extra: tuple[str, ...] = ()) -> Config:
-    """`small`: the embedded default (Fashion-MNIST-LT, ResNet-8, 28 px). `rn50`: 224 px ResNet-50, K = 4."""
+    """`small`: the embedded default (Fashion-MNIST-LT, ResNet-8, 28 px); `draws`: the same on a draws-allocated
+    cache. `rn50`: 224 px ResNet-50, K = 4."""
     if case == "small":
         return load_config(ROOT / "pipelines" / "fashion_mnist_lt.toml", extra)
+    if case == "draws":   # the small case on a ragged cache: views where the class-balanced student draws them
+        return load_config(ROOT / "pipelines" / "fashion_mnist_lt.toml", ("export.allocation=draws", *extra))
     if case == "rn50":
         return load_config(ROOT / "pipelines" / "imagenet_lt.toml", RN50_OVERRIDES + tuple(extra))
     raise ValueError(f"unknown case {case!r}")

@@ -1,27 +1,41 @@
 """The teacher-descriptor cache: one Zarr v3 group per workdir, `W/cache.zarr`.
 
-Schema (version `SCHEMA_VERSION`), N training images, A views per image, S shards:
+Schema (version `SCHEMA_VERSION`), N training images, S shards, image i with v_i stored views
+(`data.sampling.view_counts`: `export.allocation` "uniform" gives every image A = `export.views`,
+"draws" gives it max(min_views, round(A * r_c(i))), where the class-balanced student draws it),
+V views in all, stored flat, image-major, in manifest row order:
 
-    views                 int32   (N, A, 5)   each view's (top, left, height, width, flip) in source pixels
-    descriptors/<teacher> float16 (N, A, d)   the teacher's eval-mode GAP descriptor of that view, L2-normalised
+    view_count            int32   (N,)        v_i
+    view_offset           int64   (N,)        where image i's views start in the flat arrays below
+    views                 int32   (V, 5)      each view's (top, left, height, width, flip) in source pixels
+    descriptors/<teacher> float16 (V, d)      the teacher's eval-mode GAP descriptor of that view, L2-normalised
                                               (`export.dtype`: float16, float32, or int8 with `scales/`)
-    scales/<teacher>      float16 (N, A)      int8 only: descriptor = scale * int8 vector (symmetric, per vector)
-    logits/<teacher>      float16 (N, A, C)   optional (export.logits): the teacher's logits of that view
+    scales/<teacher>      float16 (V,)        int8 only: descriptor = scale * int8 vector (symmetric, per vector)
+    logits/<teacher>      float16 (V, C)      optional (export.logits): the teacher's logits of that view
                                               (float16 under int8, float32 under float32)
     shard_done            uint8   (S,)        1 once shard s is written; export resumes from it
 
-Row i is the manifest's sample i. Chunks hold `chunk_rows` rows (default: one shard), so a shard is
-written by one writer as whole chunks and read back as one contiguous slice; writers on several
-ranks or machines never share a chunk, so they may write one store at once. The group's attributes
-(`provenance`) record the manifest fingerprint, the view seed and spec, and each teacher's
-checkpoint hash; a cache that disagrees with the data or teachers it is asked to serve is refused.
-`provenance` is written last at creation: a group without it is a creation that was cut short.
-The store may be a local path or any fsspec URL.
-`CacheReader` hides the storage dtype: it serves float16 or float32 targets, dequantising int8.
+Image i's views are views[view_offset[i] : view_offset[i] + v_i], view a of them the a-th view
+derived from (seed, key) (`views.derive_views`): a pure function of (seed, key, a), so a uniform
+cache is the case v_i = A, and a smaller budget's views are a prefix of each image's. Zarr has only
+regular chunk grids, so the per-view arrays are chunked by `chunk_views` views and each shard's
+block starts on a chunk boundary, padded (zeros) up to the next one: one shard is still written by
+one writer as whole chunks, and read back as one contiguous slice; writers on several ranks or
+machines never share a chunk. The padding costs at most one chunk per shard (`Layout`, the one
+definition the writer, reader, `cache info`, verify and the dry run use). Every array carries a
+CRC32C per chunk, so a flipped byte fails the read instead of feeding the student.
+
+The group's attributes (`provenance`) record the manifest fingerprint, the view seed, spec and
+allocation, and each teacher's checkpoint hash; a cache that disagrees with the data or teachers
+it is asked to serve is refused. `provenance` is written last at creation (after the two per-row
+arrays): a group without it is a creation that was cut short. The store may be a local path or
+any fsspec URL. `CacheReader` hides the storage dtype: it serves float16 or float32 targets,
+dequantising int8.
 """
 from __future__ import annotations
 
 import datetime
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +45,15 @@ import zarr.errors
 
 from . import __version__
 from .data.manifest import Manifest
+from .data.sampling import view_counts
+from .data.shards import read_labels
 from .views import VIEW_FIELDS
 from .workdir import Location, bytes_under, exists, join
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 INT8_MAX = 127
+CHUNKS_PER_SHARD = 32    # auto chunk_views: a shard's average block in 32 chunks, so padding wastes <= 1/32
+MIN_CHUNK_VIEWS = 64
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +83,68 @@ class CacheError(RuntimeError):
     """A cache that is missing, incomplete, or does not match the data or teachers it is asked to serve."""
 
 
+def default_chunk_views(shard_size: int, views: int) -> int:
+    """`export.chunk_views = 0`: a full shard's views (shard_size * A) in `CHUNKS_PER_SHARD` chunks, at least 64.
+
+    The padding of a shard's block is under one chunk, so under 1/32 of an average block; smaller
+    chunks waste less but make a shard's read touch more chunk objects.
+    """
+    return max(MIN_CHUNK_VIEWS, shard_size * views // CHUNKS_PER_SHARD)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every image's views sit in the flat per-view arrays: the cache schema's one definition."""
+
+    counts: np.ndarray           # (N,) int64, v_i
+    offsets: np.ndarray          # (N,) int64, first flat index of image i's views
+    blocks: np.ndarray           # (S, 2) int64, shard s's flat [start, stop): start on a chunk boundary,
+                                 # stop the next chunk boundary after its last view (or the array's end)
+    chunk_views: int
+
+    @property
+    def total(self) -> int:
+        """V: the flat arrays' length, padding included."""
+        return int(self.blocks[-1, 1]) if len(self.blocks) else 0
+
+    def array_bytes(self, teachers: dict[str, int], dtype: str, num_classes: int, logits: bool) -> dict[str, int]:
+        """Bytes of each array as written (uncompressed, before the 4-byte CRC32C of each chunk)."""
+        item = {"float16": 2, "float32": 4, "int8": 1}
+        n, v = len(self.counts), self.total
+        sizes = {"view_count": n * 4, "view_offset": n * 8, "views": v * len(VIEW_FIELDS) * 4}
+        for name, d in teachers.items():
+            sizes[f"descriptors/{name}"] = v * d * item[dtype]
+            if dtype == "int8":
+                sizes[f"scales/{name}"] = v * 2
+            if logits:
+                sizes[f"logits/{name}"] = v * num_classes * item[logits_dtype(dtype)]
+        return sizes
+
+
+def make_layout(shards: list[list[int]], counts: np.ndarray, chunk_views: int) -> Layout:
+    """Shard blocks in order, each padded to a multiple of `chunk_views`; rows packed within their shard's block."""
+    counts = np.asarray(counts, dtype=np.int64)
+    offsets = np.zeros(len(counts), dtype=np.int64)
+    blocks = np.zeros((len(shards), 2), dtype=np.int64)
+    start = 0
+    for s, (lo, hi) in enumerate(shards):
+        within = np.cumsum(counts[lo:hi])
+        offsets[lo:hi] = start + within - counts[lo:hi]
+        used = int(within[-1]) if hi > lo else 0
+        blocks[s] = start, start + -(-used // chunk_views) * chunk_views
+        start = int(blocks[s, 1])
+    return Layout(counts, offsets, blocks, chunk_views)
+
+
+def cache_counts(manifest: Manifest, views: int, allocation: str, min_views: int,
+                 labels: np.ndarray | None = None) -> np.ndarray:
+    """v_i of every training image, from the manifest's class counts and the images' labels (read if not given)."""
+    if allocation == "uniform":
+        return np.full(manifest.train.num_samples, views, dtype=np.int64)
+    labels = read_labels(manifest, "train") if labels is None else labels
+    return view_counts(labels, manifest.train.class_counts, views, allocation, min_views)
+
+
 @dataclass(frozen=True)
 class TeacherRecord:
     """What the cache records of each teacher it holds."""
@@ -80,8 +160,8 @@ class TeacherRecord:
         return dict(self.__dict__)
 
 
-def provenance(manifest: Manifest, view_seed: int, view_spec: dict, views: int, dtype: str, chunk_rows: int,
-               teachers: list[TeacherRecord], logits: bool) -> dict[str, Any]:
+def provenance(manifest: Manifest, view_seed: int, view_spec: dict, views: int, allocation: str, min_views: int,
+               dtype: str, layout: Layout, teachers: list[TeacherRecord], logits: bool) -> dict[str, Any]:
     """Everything the cache's content depends on; two exports with equal provenance write equal bytes."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -93,24 +173,50 @@ def provenance(manifest: Manifest, view_seed: int, view_spec: dict, views: int, 
         "view_spec": view_spec,
         "view_fields": list(VIEW_FIELDS),
         "views_per_image": views,
+        "allocation": allocation,
+        "min_views": min_views,
+        "views_stored": int(layout.counts.sum()),
+        "views_total": layout.total,
+        "chunk_views": layout.chunk_views,
         "dtype": dtype,
-        "chunk_rows": chunk_rows,
         "logits": logits,
         "teachers": {t.name: t.to_dict() for t in teachers},
     }
+
+
+def stored_layout(group: zarr.Group, prov: dict[str, Any]) -> Layout:
+    """The layout a cache was written with, from its per-row arrays."""
+    counts = group["view_count"][:].astype(np.int64)
+    return make_layout(prov["shards"], counts, prov["chunk_views"])
 
 
 def _diff(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def _schema_error(path: Location, version: Any) -> CacheError:
+    q = shlex.quote(str(path))
+    if isinstance(version, int) and version < SCHEMA_VERSION:
+        return CacheError(f"{path} was written by an older cbd-cache (schema {version}); re-export it: "
+                          f"rm -r {q} && cbd-cache export (with the same --pipeline, --workdir and --set)")
+    return CacheError(f"{path} has cache schema {version}, this cbd-cache reads schema {SCHEMA_VERSION}; "
+                      "use the cbd-cache that wrote it")
+
+
+def _array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str) -> zarr.Array:
+    """Every array of the schema: uncompressed, with a CRC32C per chunk."""
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=[zarr.codecs.Crc32cCodec()],
+                              fill_value=0)
+
+
 class CacheWriter:
     """Creates the group (or reopens it to resume) and writes whole shards."""
 
-    def __init__(self, path: Location, prov: dict[str, Any], create: bool = True):
+    def __init__(self, path: Location, prov: dict[str, Any], layout: Layout, create: bool = True):
         """Open the cache at `path` for writing, creating it if absent (only when `create`: one writer creates)."""
         self.path = path
         self.prov = prov
+        self.layout = layout
         attrs = None
         if exists(path):
             try:
@@ -118,11 +224,14 @@ class CacheWriter:
             except (FileNotFoundError, zarr.errors.GroupNotFoundError):
                 attrs = {}
         if attrs is not None and "provenance" in attrs:
+            version = attrs["provenance"].get("schema_version")
+            if version != SCHEMA_VERSION:
+                raise _schema_error(path, version)
             diff = _diff(attrs["provenance"], prov)
             if diff:
                 raise CacheError(
                     f"{self.path} was exported for different {', '.join(diff)}; it cannot be resumed. "
-                    f"Delete it (rm -r {self.path}) to export again, or use another --workdir")
+                    f"Delete it (rm -r {shlex.quote(str(self.path))}) to export again, or use another --workdir")
             self.group = zarr.open_group(store(path), mode="r+")
         elif not create:
             raise CacheError(f"{self.path}: the cache was not created")
@@ -132,22 +241,19 @@ class CacheWriter:
             self.group = self._create()
 
     def _create(self) -> zarr.Group:
-        p = self.prov
+        p, layout = self.prov, self.layout
         group = zarr.open_group(store(self.path), mode="w", attributes={"tool_version": __version__})
-        n, a, rows = p["num_rows"], p["views_per_image"], p["chunk_rows"]
-        group.create_array("views", shape=(n, a, len(VIEW_FIELDS)), chunks=(rows, a, len(VIEW_FIELDS)),
-                           dtype="int32", compressors=None, fill_value=0)
+        n, v, cv = p["num_rows"], layout.total, layout.chunk_views
+        _array(group, "view_count", (n,), (max(n, 1),), "int32")[:] = layout.counts.astype(np.int32)
+        _array(group, "view_offset", (n,), (max(n, 1),), "int64")[:] = layout.offsets
+        _array(group, "views", (v, len(VIEW_FIELDS)), (cv, len(VIEW_FIELDS)), "int32")
         for name, t in p["teachers"].items():
-            group.create_array(f"descriptors/{name}", shape=(n, a, t["descriptor_dim"]),
-                               chunks=(rows, a, t["descriptor_dim"]), dtype=p["dtype"], compressors=None, fill_value=0)
+            _array(group, f"descriptors/{name}", (v, t["descriptor_dim"]), (cv, t["descriptor_dim"]), p["dtype"])
             if p["dtype"] == "int8":
-                group.create_array(f"scales/{name}", shape=(n, a), chunks=(rows, a), dtype="float16",
-                                   compressors=None, fill_value=0)
+                _array(group, f"scales/{name}", (v,), (cv,), "float16")
             if p["logits"]:
-                group.create_array(f"logits/{name}", shape=(n, a, p["num_classes"]), chunks=(rows, a, p["num_classes"]),
-                                   dtype=logits_dtype(p["dtype"]), compressors=None, fill_value=0)
-        group.create_array("shard_done", shape=(len(p["shards"]),), chunks=(1,), dtype="uint8", compressors=None,
-                           fill_value=0)
+                _array(group, f"logits/{name}", (v, p["num_classes"]), (cv, p["num_classes"]), logits_dtype(p["dtype"]))
+        _array(group, "shard_done", (len(p["shards"]),), (1,), "uint8")
         # provenance last: readers take the group for a cache only once its arrays exist
         group.attrs.update({"provenance": p,
                             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
@@ -158,17 +264,28 @@ class CacheWriter:
 
     def write_shard(self, index: int, views: np.ndarray, descriptors: dict[str, np.ndarray],
                     logits: dict[str, np.ndarray] | None = None) -> None:
-        """Write shard `index`'s rows, then mark it done: a crash in between only costs a redo."""
-        start, stop = self.prov["shards"][index]
+        """Write shard `index`'s views (flat, image-major, as `Layout` packs them), then mark it done.
+
+        The block is written whole, padding included, so every chunk it touches is written by this
+        writer alone; a crash before the mark only costs a redo.
+        """
+        start, stop = (int(x) for x in self.layout.blocks[index])
+        used = len(views)
         dtype = self.prov["dtype"]
-        self.group["views"][start:stop] = views
+
+        def padded(x: np.ndarray, as_dtype) -> np.ndarray:
+            out = np.zeros((stop - start, *x.shape[1:]), dtype=as_dtype)
+            out[:used] = x
+            return out
+
+        self.group["views"][start:stop] = padded(views, np.int32)
         for name, d in descriptors.items():
             if dtype == "int8":
                 d, scale = quantize_int8(d)
-                self.group[f"scales/{name}"][start:stop] = scale
-            self.group[f"descriptors/{name}"][start:stop] = d.astype(dtype, copy=False)
+                self.group[f"scales/{name}"][start:stop] = padded(scale, np.float16)
+            self.group[f"descriptors/{name}"][start:stop] = padded(d, dtype)
         for name, z in (logits or {}).items():
-            self.group[f"logits/{name}"][start:stop] = z.astype(logits_dtype(dtype), copy=False)
+            self.group[f"logits/{name}"][start:stop] = padded(z, logits_dtype(dtype))
         self.group["shard_done"][index] = 1
 
 
@@ -185,16 +302,38 @@ def open_group(path: Location) -> zarr.Group:
     if not prov:
         raise CacheError(f"{path}: the cache's creation was cut short; run `cbd-cache export` to create it again")
     if prov.get("schema_version") != SCHEMA_VERSION:
-        raise CacheError(f"{path}: cache schema {prov and prov.get('schema_version')}, this tool reads {SCHEMA_VERSION}")
+        raise _schema_error(path, prov.get("schema_version"))
     return group
 
 
+@dataclass(frozen=True)
+class ViewBlock:
+    """A run of rows' cached views, flat: row j's are [offset[j], offset[j] + count[j]) of each array."""
+
+    views: np.ndarray            # (M, 5) int32
+    targets: np.ndarray          # (M, sum d) float16/float32
+    logits: np.ndarray | None    # (M, K*C) or None
+    offset: np.ndarray           # (n,) int64
+    count: np.ndarray            # (n,) int64, the views the reader serves (a prefix of those stored)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.views, self.targets, self.logits, self.offset, self.count) if a is not None)
+
+    def every_view(self) -> np.ndarray:
+        """Flat indices of every served view, row after row."""
+        starts = np.repeat(self.offset - np.cumsum(self.count) + self.count, self.count)
+        return starts + np.arange(int(self.count.sum()))
+
+
 class CacheReader:
-    """Serves (views, targets) for a row range to the student, after checking the cache fits.
+    """Serves rows' views and targets to the student, after checking the cache fits.
 
     Targets are the chosen teachers' descriptors concatenated in the order asked, each already
-    L2-normalised at export; `views` limits the student to the first V cached views. An int8 cache
-    is dequantised here, to float16, so the student never sees the storage format.
+    L2-normalised at export. `views = V` serves each image the views an export with budget A = V
+    (and the cache's allocation) would hold: a prefix of the stored ones, as view a never depends
+    on the budget (on a "draws" cache this reads the labels once). An int8 cache is dequantised
+    here, to float16, so the student never sees the storage format.
     """
 
     def __init__(self, path: Location, manifest: Manifest, teachers: list[str], views: int = 0,
@@ -223,13 +362,19 @@ class CacheReader:
         if with_logits and not prov["logits"]:
             raise CacheError(f"{self.path} holds no teacher logits; export with --set export.logits=true")
         if views > prov["views_per_image"]:
-            raise CacheError(f"{self.path} holds {prov['views_per_image']} views per image, {views} were asked for")
+            raise CacheError(f"{self.path} holds a budget of {prov['views_per_image']} views per image "
+                             f"({prov['allocation']} allocation), {views} were asked for")
         self.group = group
         self.prov = prov
         self.teachers = list(teachers)
         self.views = views or prov["views_per_image"]
         self.with_logits = with_logits
         self.dims = [prov["teachers"][t]["descriptor_dim"] for t in teachers]
+        self.layout = stored_layout(group, prov)
+        self.counts = self.layout.counts
+        if self.views != prov["views_per_image"]:
+            self.counts = np.minimum(self.counts, cache_counts(manifest, self.views, prov["allocation"],
+                                                               prov["min_views"]))
         self._arrays: dict[str, zarr.Array] = {}
 
     def array(self, name: str) -> zarr.Array:
@@ -242,31 +387,29 @@ class CacheReader:
     def target_dim(self) -> int:
         return sum(self.dims)
 
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Rows [start, stop): views int32 (n, V, 5), targets (n, V, sum d), logits (n, V, K*C) or None.
-
-        Each array is one contiguous, chunk-aligned slice: no per-sample reads.
-        """
-        v = self.views
-        views = self.array("views")[start:stop, :v]
-        parts = [self.descriptors(t, start, stop) for t in self.teachers]
+    def read(self, start: int, stop: int) -> ViewBlock:
+        """Rows [start, stop) (a shard, or several in a row): each array one contiguous slice, no per-sample reads."""
+        lo = int(self.layout.offsets[start])
+        hi = int(self.layout.offsets[stop - 1] + self.layout.counts[stop - 1])
+        views = self.array("views")[lo:hi]
+        parts = [self.descriptors(t, lo, hi) for t in self.teachers]
         targets = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         logits = None
         if self.with_logits:
-            zs = [self.array(f"logits/{t}")[start:stop, :v] for t in self.teachers]
+            zs = [self.array(f"logits/{t}")[lo:hi] for t in self.teachers]
             logits = np.concatenate(zs, axis=-1) if len(zs) > 1 else zs[0]
-        return views, targets, logits
+        return ViewBlock(views, targets, logits, self.layout.offsets[start:stop] - lo, self.counts[start:stop])
 
-    def descriptors(self, teacher: str, start: int, stop: int) -> np.ndarray:
-        """One teacher's descriptors of rows [start, stop), first V views: float16/float32 as stored, int8 dequantised."""
-        d = self.array(f"descriptors/{teacher}")[start:stop, :self.views]
+    def descriptors(self, teacher: str, lo: int, hi: int) -> np.ndarray:
+        """One teacher's descriptors of flat views [lo, hi): float16/float32 as stored, int8 dequantised."""
+        d = self.array(f"descriptors/{teacher}")[lo:hi]
         if self.prov["dtype"] != "int8":
             return d
-        return dequantize_int8(d, self.array(f"scales/{teacher}")[start:stop, :self.views], np.float16)
+        return dequantize_int8(d, self.array(f"scales/{teacher}")[lo:hi], np.float16)
 
 
 def cache_info(path: Location) -> dict[str, Any]:
-    """Arrays, shapes, dtypes, chunking, provenance, completeness and bytes on disk."""
+    """Arrays, shapes, dtypes, chunking, provenance, allocation, completeness and bytes on disk."""
     group = open_group(path)
     prov = dict(group.attrs)["provenance"]
     arrays = {}
@@ -277,6 +420,7 @@ def cache_info(path: Location) -> dict[str, Any]:
             for name, arr in sorted(group[sub].arrays(), key=lambda kv: kv[0]):
                 arrays[f"{sub}/{name}"] = _array_info(arr)
     done = group["shard_done"][:]
+    counts = group["view_count"][:]
     bytes_on_disk = bytes_under(path)
     return {
         "path": str(path),
@@ -286,6 +430,12 @@ def cache_info(path: Location) -> dict[str, Any]:
         "shards_done": int(done.sum()),
         "shards_total": int(len(done)),
         "views_per_image": prov["views_per_image"],
+        "allocation": prov["allocation"],
+        "min_views": prov["min_views"],
+        "views_stored": prov["views_stored"],
+        "views_total": prov["views_total"],
+        "views_min_max": [int(counts.min()), int(counts.max())] if len(counts) else [0, 0],
+        "chunk_views": prov["chunk_views"],
         "view_seed": prov["view_seed"],
         "view_spec": prov["view_spec"],
         "dtype": prov["dtype"],

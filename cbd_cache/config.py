@@ -106,7 +106,10 @@ class TeacherCfg(TrainCfg):
 class ExportCfg:
     views: int = 8                 # A: augmented views per training image
     dtype: str = "float16"         # float16 | float32 | int8 (+ a float16 scale per vector: about half of float16)
-    chunk_rows: int = 0            # rows per Zarr chunk; 0 = one chunk per shard; must divide data.shard_size
+    allocation: str = "uniform"    # uniform: A views per image; draws: image i gets max(min_views, round(A * r_c(i))),
+                                   # where the class-balanced student draws it (same total, N * A)
+    min_views: int = 1             # draws: fewest views of an image
+    chunk_views: int = 0           # views per Zarr chunk; 0 = auto (a full shard's views / 32, at least 64)
     batch_size: int = 512
     logits: bool = False           # also store teacher logits per view (classifier-level distillation)
 
@@ -117,12 +120,13 @@ class StudentCfg(TrainCfg):
     alpha: float = 0.4
     beta: float = 100.0
     teachers: list[str] = field(default_factory=list)   # cached teachers to distil from; [] = all
-    targets: str = "cache"         # cache | online (teachers run every step) | none (cross-entropy only)
+    targets: str = "cache"         # cache | replay (the cache's views, teachers run on them: a fidelity check)
+                                   # | online (teachers run every step on fresh views) | none (cross-entropy only)
     distill: str = "feature"       # feature (Eq. 2/4) | logit (Eq. 3) | hybrid (both)
     temperature: float = 5.0       # T of logit distillation
     sampling: str = "class_balanced"   # class_balanced | instance
     type: str = "standard"         # the student's own views: standard | data_aug (single-stage baselines)
-    views: int = 0                 # use the first V cached views per image; 0 = all
+    views: int = 0                 # use the views an export at A = V would hold (a prefix of each image's); 0 = all
     init: str = ""                 # start from teachers/<name> or students/<run> (fine-tuning, cRT); "" = scratch
     classifier_only: bool = False  # cRT: a new cosine classifier on init's frozen, cached descriptors
 
@@ -170,7 +174,8 @@ CHOICES = {
     "teacher.aug_style": ("paper", "official"),
     "teacher.source": ("trained", "imported"),
     "export.dtype": ("float16", "float32", "int8"),
-    "student.targets": ("cache", "online", "none"),
+    "export.allocation": ("uniform", "draws"),
+    "student.targets": ("cache", "replay", "online", "none"),
     "student.sampling": ("class_balanced", "instance"),
     "student.distill": ("feature", "logit", "hybrid"),
     "student.type": ("standard", "data_aug"),
@@ -380,9 +385,8 @@ def validate(cfg: Config) -> None:
     e = cfg.export
     _require(1 <= e.views <= 1024, f"export.views={e.views}: must be in [1, 1024]")
     _require(e.batch_size >= 1, f"export.batch_size={e.batch_size}: must be >= 1")
-    _require(e.chunk_rows >= 0 and (e.chunk_rows == 0 or d.shard_size % e.chunk_rows == 0),
-             f"export.chunk_rows={e.chunk_rows}: must be 0 or divide data.shard_size={d.shard_size}, "
-             "so that chunk boundaries fall on shard boundaries")
+    _require(e.min_views >= 1, f"export.min_views={e.min_views}: must be >= 1")
+    _require(e.chunk_views >= 0, f"export.chunk_views={e.chunk_views}: must be >= 0 (0: auto)")
     s = cfg.student
     _check_train("student", s)
     _require(s.name == "" or NAME_RE.match(s.name) is not None, f"student.name={s.name!r}: use letters, digits, _ . + = -")
@@ -390,7 +394,7 @@ def validate(cfg: Config) -> None:
     _require(s.beta >= 0, f"student.beta={s.beta}: must be >= 0")
     _require(0 <= s.views <= e.views, f"student.views={s.views}: must be in [0, export.views={e.views}]")
     _require(s.temperature > 0, f"student.temperature={s.temperature}: must be > 0")
-    _require(s.type == "standard" or s.targets != "cache",
+    _require(s.type == "standard" or s.targets not in ("cache", "replay"),
              "student.type=data_aug: cached targets belong to standard views; use targets=none or online")
     init = re.match(r"^(teachers|students)/([A-Za-z0-9][A-Za-z0-9_.+=,-]*)$", s.init)
     _require(s.init == "" or init is not None,

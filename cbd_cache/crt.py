@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset
 
-from .cache import CacheReader
+from .cache import CacheReader, ViewBlock
 from .checkpoint import load_checkpoint, network_spec
 from .config import Config
 from .data.manifest import Manifest
-from .data.sampling import copies, repeat_factors
+from .data.sampling import copies, repeat_factors, walk_order
 from .data.shards import read_labels
 from .engine import fit
 from .evaluation import evaluate_network
@@ -36,15 +36,16 @@ from .workdir import Workdir
 
 
 class DescriptorStream(IterableDataset):
-    """Endless (descriptor, label) copies: the sampler's copies of each image, each a random stored view.
+    """Endless (descriptor, label) copies: the sampler's copies of each image, each its next stored view.
 
-    Like `TrainStream` (same repeat factors, N samples an epoch) but over an in-memory array, so the
-    shuffle is a full permutation instead of a buffer.
+    Like `TrainStream` (same repeat factors, N samples an epoch, the same walk without replacement
+    over each image's views) but over an in-memory `ViewBlock` of every row, so the shuffle is a full
+    permutation, and the walk counts every earlier draw exactly: the sequence is global and replayed
+    from its start.
     """
 
-    def __init__(self, descriptors: np.ndarray, labels: np.ndarray, class_counts: list[int], sampling: str,
-                 seed: int):
-        self.descriptors, self.labels = descriptors, labels
+    def __init__(self, block: ViewBlock, labels: np.ndarray, class_counts: list[int], sampling: str, seed: int):
+        self.block, self.labels = block, labels
         self.factors = repeat_factors(class_counts, sampling)
         self.seed = seed
         self.samples_per_epoch = len(labels)
@@ -57,19 +58,25 @@ class DescriptorStream(IterableDataset):
         return placed
 
     def sequence(self) -> Iterator[tuple[int, int]]:
-        """The global, endless (row, view) sequence: a fresh permutation of the sampler's copies per pass."""
-        epoch = 0
+        """The global, endless (row, flat view index) sequence: a fresh permutation of the sampler's copies per pass."""
+        epoch, drawn = 0, np.zeros(len(self.labels), dtype=np.int64)
+        offset, count = self.block.offset, self.block.count
+        orders: dict[tuple[int, int], np.ndarray] = {}
         while True:
             rng = np.random.default_rng([self.seed, epoch, 0xC27])
             n = [copies(self.factors[y], u) for y, u in zip(self.labels, rng.random(len(self.labels)))]
-            rows = rng.permutation(np.repeat(np.arange(len(self.labels)), n))
-            views = rng.integers(self.descriptors.shape[1], size=len(rows))
-            yield from zip(rows.tolist(), views.tolist())
+            for r in rng.permutation(np.repeat(np.arange(len(self.labels)), n)).tolist():
+                lap, step = divmod(int(drawn[r]), int(count[r]))
+                drawn[r] += 1
+                if (r, lap) not in orders:
+                    orders[(r, lap)] = walk_order(self.seed, r, lap, int(count[r]))
+                yield r, int(offset[r]) + int(orders[(r, lap)][step])
+            orders.clear()
             epoch += 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        for r, a in itertools.islice(self.sequence(), self.skip + self.rank, None, self.world):
-            yield torch.from_numpy(self.descriptors[r, a]), int(self.labels[r])
+        for r, v in itertools.islice(self.sequence(), self.skip + self.rank, None, self.world):
+            yield torch.from_numpy(self.block.targets[v]), int(self.labels[r])
 
 
 def classifier_step(runtime: Runtime):
@@ -89,14 +96,14 @@ def train_crt(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     teacher = s.init.split("/", 1)[1]
     manifest = Manifest.load(wd.manifest)
     reader = CacheReader(wd.cache, manifest, [teacher], s.views)
-    _, descriptors, _ = reader.read(0, manifest.train.num_samples)
+    block = reader.read(0, manifest.train.num_samples)
     labels = read_labels(manifest, "train")
     # kept as the cache serves them (float16: 3.8 GB at ImageNet-LT, half of float32), widened per batch on the device
-    stream = DescriptorStream(descriptors, labels, manifest.train.class_counts, s.sampling, s.seed)
+    stream = DescriptorStream(block, labels, manifest.train.class_counts, s.sampling, s.seed)
     seed_everything(s.seed)
-    classifier = runtime.prepare_model(CosineClassifier(descriptors.shape[-1], manifest.num_classes, s.gamma))
-    log(f"[student {plan.name}] {plan.kind}: new cosine classifier on {descriptors.shape[0]} x "
-        f"{descriptors.shape[1]} cached descriptors of {teacher}, {s.sampling} sampling")
+    classifier = runtime.prepare_model(CosineClassifier(block.targets.shape[-1], manifest.num_classes, s.gamma))
+    log(f"[student {plan.name}] {plan.kind}: new cosine classifier on {int(block.count.sum())} cached descriptors "
+        f"of {len(labels)} images ({teacher}), {s.sampling} sampling")
     in_process = dataclasses.replace(runtime, workers=0)    # in-memory data: loader processes only cost
     summaries = Summaries(plan.folder, cfg.pipeline.tensorboard)
     history, wall_s = fit(classifier, stream, s, classifier_step(runtime), in_process, f"student {plan.name}",

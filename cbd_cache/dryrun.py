@@ -9,31 +9,35 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 
+from .cache import default_chunk_views, make_layout
 from .config import Config
 from .data.longtail import SHOT_GROUPS, shot_group
 from .data.prepare import plan_splits
+from .data.sampling import view_counts
 from .data.sources import open_source
 from .logs import format_seconds
 from .models import Network, descriptor_dim
 from .runtime import Runtime
 
-VIEW_FIELDS = 5          # top, left, height, width, flip: int32 each (cache.py's `views` array)
-DTYPE_BYTES = {"float16": 2, "float32": 4}
 SHOW_CLASSES = 5         # head and tail classes named
 CPU_TIMING_PIXELS = 2 ** 20   # the timing batch on CPU holds at most this many pixels per channel
 
 
-def projected_cache_bytes(cfg: Config, num_rows: int, num_classes: int) -> dict[str, int]:
-    """Bytes of each cache array (uncompressed, as cache.py writes them) for this pipeline and N rows."""
-    a, item = cfg.export.views, DTYPE_BYTES[cfg.export.dtype]
-    sizes = {"views": num_rows * a * VIEW_FIELDS * 4}
-    for t in cfg.teachers:
-        sizes[f"descriptors/{t.name}"] = num_rows * a * descriptor_dim(t.arch) * item
-        if cfg.export.logits:
-            sizes[f"logits/{t.name}"] = num_rows * a * num_classes * item
-    return sizes
+def projected_cache_bytes(cfg: Config, labels: np.ndarray, class_counts: list[int]) -> dict[str, int]:
+    """Bytes of each cache array (uncompressed, as cache.py writes them) for this pipeline and these training labels.
+
+    The layout is cache.py's own (`make_layout`): the export's allocation, shards of data.shard_size
+    rows in order, each shard's block padded to a whole chunk.
+    """
+    e, n = cfg.export, len(labels)
+    counts = view_counts(labels, class_counts, e.views, e.allocation, e.min_views)
+    shards = [[lo, min(lo + cfg.data.shard_size, n)] for lo in range(0, n, cfg.data.shard_size)]
+    layout = make_layout(shards, counts, e.chunk_views or default_chunk_views(cfg.data.shard_size, e.views))
+    dims = {t.name: descriptor_dim(t.arch) for t in cfg.teachers}
+    return layout.array_bytes(dims, e.dtype, len(class_counts), e.logits)
 
 
 def time_forward(arch: str, channels: int, num_classes: int, cfg: Config, runtime: Runtime) -> tuple[float, int]:
@@ -111,20 +115,24 @@ def dry_run(cfg: Config, runtime: Runtime) -> str:
     size = cfg.data.shard_size
     out.append("shards: " + ", ".join(f"{s} {math.ceil(len(p.records) / size)}" for s, p in plans.items())
                + f" ({size} images each; fewer if images turn out unreadable)")
-    sizes = projected_cache_bytes(cfg, len(train.records), len(names))
+    labels = np.array([r.label for r in train.records], dtype=np.int64)
+    sizes = projected_cache_bytes(cfg, labels, counts)
     dims = sorted({descriptor_dim(t.arch) for t in cfg.teachers})
+    views = view_counts(labels, counts, cfg.export.views, cfg.export.allocation, cfg.export.min_views)
     out.append(f"cache: {human_bytes(sum(sizes.values()))} for N={len(train.records):,} x A={cfg.export.views} "
-               f"views x K={len(cfg.teachers)} teachers, d={'/'.join(map(str, dims))}, {cfg.export.dtype}"
+               f"views ({cfg.export.allocation} allocation: {int(views.min()) if len(views) else 0}.."
+               f"{int(views.max()) if len(views) else 0} per image) x K={len(cfg.teachers)} teachers, "
+               f"d={'/'.join(map(str, dims))}, {cfg.export.dtype}"
                f"{', with logits' if cfg.export.logits else ''} (views {human_bytes(sizes['views'])})")
     total_s = 0.0
     for arch in sorted({t.arch for t in cfg.teachers}):
         k = sum(t.arch == arch for t in cfg.teachers)
         rate, batch = time_forward(arch, source.channels, len(names), cfg, runtime)
-        seconds = k * cfg.export.views * len(train.records) / rate
+        seconds = k * int(views.sum()) / rate
         total_s += seconds
         out.append(f"export {k} x {arch}: {rate:,.0f} img/s measured on {runtime.device} "
                    f"({cfg.views.image_px} px, batch {batch}) -> {format_seconds(seconds)}")
     out.append(f"export estimate: {format_seconds(total_s)} of teacher forward passes "
-               f"({len(cfg.teachers)} teachers x {cfg.export.views} views x {len(train.records):,} images); "
+               f"({len(cfg.teachers)} teachers x {int(views.sum()):,} views of {len(train.records):,} images); "
                "decoding runs in the loader workers alongside")
     return "\n".join(out)

@@ -1,4 +1,7 @@
-"""Export: every teacher, in eval mode, over A deterministic views of every training image -> the cache.
+"""Export: every teacher, in eval mode, over v_i deterministic views of training image i -> the cache.
+
+v_i is A = `export.views` for every image ("uniform"), or follows the student's class-balanced
+draws ("draws"; `data.sampling.view_counts`).
 
 Shard by shard: the loader replays a shard's views once and all K teachers run on the same batch;
 a shard's rows are written as whole chunks and only then marked done, so a killed export resumes
@@ -14,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .cache import CacheWriter, TeacherRecord, provenance
+from .cache import CacheWriter, TeacherRecord, cache_counts, default_chunk_views, make_layout, provenance
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data.manifest import Manifest
@@ -41,13 +44,19 @@ def load_teachers(cfg: Config, wd: Workdir, names: list[str]) -> tuple[list[torc
 
 
 class ShardBuffer:
-    """One shard's rows as they arrive from the loader, in any order."""
+    """One shard's views, flat as the cache packs them, as its rows arrive from the loader in any order."""
 
-    def __init__(self, rows: int, views: int, dims: dict[str, int], logit_dims: dict[str, int]):
-        self.views = np.zeros((rows, views, len(VIEW_FIELDS)), np.int32)
-        self.descriptors = {k: np.zeros((rows, views, d), np.float32) for k, d in dims.items()}
-        self.logits = {k: np.zeros((rows, views, d), np.float32) for k, d in logit_dims.items()}
-        self.missing = rows
+    def __init__(self, counts: np.ndarray, dims: dict[str, int], logit_dims: dict[str, int]):
+        total = int(counts.sum())
+        self.offsets = np.cumsum(counts) - counts
+        self.views = np.zeros((total, len(VIEW_FIELDS)), np.int32)
+        self.descriptors = {k: np.zeros((total, d), np.float32) for k, d in dims.items()}
+        self.logits = {k: np.zeros((total, d), np.float32) for k, d in logit_dims.items()}
+        self.missing = len(counts)
+
+    def flat(self, local: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Flat indices of the views of the shard's rows `local`, whose counts are `counts`, row after row."""
+        return np.concatenate([np.arange(o, o + c) for o, c in zip(self.offsets[local], counts)])
 
 
 @torch.no_grad()
@@ -57,49 +66,53 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime) -> Location:
     nets, records = load_teachers(cfg, wd, names)
     spec = ViewSpec.from_cfg(cfg.views)
     e = cfg.export
-    prov = provenance(manifest, cfg.pipeline.seed, spec.to_dict(), e.views, e.dtype,
-                      e.chunk_rows or cfg.data.shard_size, records, e.logits)
+    counts = cache_counts(manifest, e.views, e.allocation, e.min_views)
+    layout = make_layout([[s.start, s.stop] for s in manifest.train.shards], counts,
+                         e.chunk_views or default_chunk_views(cfg.data.shard_size, e.views))
+    prov = provenance(manifest, cfg.pipeline.seed, spec.to_dict(), e.views, e.allocation, e.min_views, e.dtype,
+                      layout, records, e.logits)
     d = runtime.dist
-    writer = CacheWriter(wd.cache, prov) if d.main else None   # one rank creates the store, then the others open it
+    writer = CacheWriter(wd.cache, prov, layout) if d.main else None   # one rank creates the store, then the others open it
     barrier()
-    writer = writer or CacheWriter(wd.cache, prov, create=False)
+    writer = writer or CacheWriter(wd.cache, prov, layout, create=False)
     shards = manifest.train.shards
     todo = [s for s in range(len(shards)) if s not in writer.done_shards()]
     barrier()   # every rank has the same list before any rank writes
     if not todo:
         log(f"[export] {wd.cache} is complete ({len(shards)} shards); nothing to do")
         return wd.cache
-    log(f"[export] {len(names)} teachers x {e.views} views x {sum(shards[s].rows for s in todo)} images "
+    log(f"[export] {len(names)} teachers x {int(sum(counts[shards[s].start:shards[s].stop].sum() for s in todo))} views "
+        f"of {sum(shards[s].rows for s in todo)} images ({e.allocation} allocation, A = {e.views}), "
         f"({len(todo)}/{len(shards)} shards to go) on {runtime.device}"
         + (f", dealt over {d.world} ranks" if d.world > 1 else ""))
     todo = todo[d.rank::d.world]
     nets = [runtime.prepare_teacher(n) for n in nets]
     dims = {r.name: r.descriptor_dim for r in records}
     logit_dims = {r.name: manifest.num_classes for r in records} if e.logits else {}
-    stream = ExportStream(manifest, todo, spec, cfg.pipeline.seed, e.views, e.batch_size)
+    stream = ExportStream(manifest, todo, spec, cfg.pipeline.seed, counts, e.batch_size)
     loader = DataLoader(stream, batch_size=None, **runtime.loader_kwargs())
     pending: dict[int, ShardBuffer] = {}
-    progress = Progress("export", sum(shards[s].rows for s in todo) * e.views, unit="view")
+    progress = Progress("export", int(sum(counts[shards[s].start:shards[s].stop].sum() for s in todo)), unit="view")
     started = time.perf_counter()
-    for s, rows, views, images in loader:
+    for s, rows, row_counts, views, images in loader:
         info = shards[s]
-        buf = pending.setdefault(s, ShardBuffer(info.rows, e.views, dims, logit_dims))
+        buf = pending.setdefault(s, ShardBuffer(counts[info.start:info.stop], dims, logit_dims))
         local = (rows - info.start).numpy()
-        n = len(local)
-        buf.views[local] = views.numpy()
+        flat = buf.flat(local, row_counts.numpy())
+        buf.views[flat] = views.numpy()
         x = runtime.to_device(images)
         with runtime.autocast():   # every teacher's work is queued before the first copy back waits for it
             outs = [(name, net, net.features(x)) for name, net in zip(names, nets)]
             logits = {name: net.classifier(v) for name, net, v in outs} if e.logits else {}
         for name, _, v in outs:
-            buf.descriptors[name][local] = teacher_target(v).cpu().numpy().reshape(n, e.views, -1)
+            buf.descriptors[name][flat] = teacher_target(v).cpu().numpy()
         for name, z in logits.items():
-            buf.logits[name][local] = z.float().cpu().numpy().reshape(n, e.views, -1)
-        buf.missing -= n
+            buf.logits[name][flat] = z.float().cpu().numpy()
+        buf.missing -= len(local)
         if buf.missing == 0:
             writer.write_shard(s, buf.views, buf.descriptors, buf.logits)
             del pending[s]
-        progress.update(n * e.views)
+        progress.update(len(flat))
     if pending:
         raise RuntimeError(f"export: shards {sorted(pending)} did not receive all their rows")
     barrier()

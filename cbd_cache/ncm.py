@@ -3,7 +3,8 @@
 Features are L2-normalised (the cache stores them so), centred on the training mean and
 L2-normalised again; each class is the mean of its training features; a test image goes to the nearest class mean (L2). The training
 features come either from the cache (a teacher's stored descriptors, every stored view of every
-image: no training image is decoded) or from running any trained model over the training images
+image: no training image is decoded; under a "draws" allocation a class's images all have the same
+number of views, so each class mean still weighs its images equally) or from running any trained model over the training images
 (evaluation view). Test features always come from the model, on the evaluation view.
 """
 from __future__ import annotations
@@ -81,6 +82,7 @@ def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str
         name = ref.split("/", 1)[1]
         reader = CacheReader(wd.cache, manifest, [name], checkpoint_hashes={name: key["checkpoint_sha256"]})
         key["views_per_image"] = reader.views
+        key["allocation"] = reader.prov["allocation"]
     out = folder / f"ncm_{source}.json"
     if out.is_file():
         report = read_json(out)
@@ -88,9 +90,9 @@ def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str
             return report
     net, _ = load_checkpoint(ckpt)
     if reader is not None:
-        _, descriptors, _ = reader.read(0, manifest.train.num_samples)
-        train = descriptors.reshape(-1, descriptors.shape[-1])
-        train_labels = np.repeat(read_labels(manifest, "train"), descriptors.shape[1])
+        block = reader.read(0, manifest.train.num_samples)
+        train = block.targets[block.every_view()]
+        train_labels = np.repeat(read_labels(manifest, "train"), block.count)
     else:
         out_train = _model_features(net, manifest, "train", cfg, runtime)
         train, train_labels = out_train["features"], out_train["labels"]

@@ -1,7 +1,9 @@
-"""Stage 2 with online targets: the teachers run (eval mode) on the student's freshly drawn views every step.
+"""Stage 2 with the teachers running (eval mode) on every batch, instead of reading targets from the cache.
 
-The reference the cache is measured against (`student.targets = "online"`): the same student,
-stream and loss as `student.py`, but each batch's targets come from the teachers instead of the cache.
+targets = "online": on the student's freshly drawn views, the reference the cache is measured against.
+targets = "replay": on the views the cache stores, walked as a cached student walks them: a fidelity
+check of the stored targets (it must train like targets = "cache", up to float16 rounding).
+Same student, stream and loss as `student.py`; only where the targets come from differs.
 """
 from __future__ import annotations
 

@@ -46,11 +46,11 @@ def run_settings(cfg: Config) -> dict[str, Any]:
     """The settings a student run's result depends on: its name and its identity cover exactly these.
 
     The student's own, the views, the data, and, as far as the run uses them, the cache (view seed,
-    views per image, dtype, logits), the teachers it distils or starts from, and the teachers' data
+    view budget and its allocation, dtype, logits), the teachers it distils or starts from, and the teachers' data
     augmentation that a `type = data_aug` student shares.
     """
     s = cfg.student
-    cached = s.targets == "cache" or s.classifier_only
+    cached = s.targets in ("cache", "replay") or s.classifier_only
     used = set(cfg.student_teachers()) if s.targets != "none" else set()
     if s.init.startswith("teachers/"):
         used.add(s.init.split("/", 1)[1])
@@ -58,7 +58,8 @@ def run_settings(cfg: Config) -> dict[str, Any]:
     keys += [f"views.{k}" for k in _fields(cfg.views)]
     keys += [f"data.{k}" for k in _fields(cfg.data) if f"data.{k}" not in LOCATIONS]
     if cached:
-        keys += ["pipeline.seed", "export.views", "export.dtype", "export.logits"]
+        keys += ["pipeline.seed", "export.views", "export.allocation", "export.min_views", "export.dtype",
+                 "export.logits"]
     keys += [f"teachers.{t.name}.{k}" for t in cfg.teachers if t.name in used for k in _fields(t) if k != "name"]
     if s.type == "data_aug":
         keys += ["teacher.aug_style", "teacher.noise_std", "teacher.jitter"]

@@ -1,6 +1,6 @@
 """Stage 2's entry: the one place that picks a second-stage trainer for a config.
 
-cRT (`student.classifier_only`) -> crt.py; online targets -> online.py; cached targets or
+cRT (`student.classifier_only`) -> crt.py; online or replayed targets -> online.py; cached targets or
 cross-entropy only -> student.py. The CLI's train-student, `run` and the sweeps all go through here.
 """
 from __future__ import annotations
@@ -24,6 +24,6 @@ def train(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     with lock:
         if cfg.student.classifier_only:
             return crt.train_crt(cfg, wd, runtime)
-        if cfg.student.targets == "online":
+        if cfg.student.targets in ("online", "replay"):   # the teachers run: on fresh views, or on the cache's
             return online.train_online(cfg, wd, runtime)
         return student.train_student(cfg, wd, runtime)

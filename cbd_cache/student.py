@@ -3,8 +3,10 @@
 targets = "cache"  reads each view's targets from the cache and replays that view: no teacher runs.
 targets = "none"   cross-entropy only: the single-stage baselines, and fine-tuning with `init`.
 distill            what is distilled: descriptors (feature, Eq. 2/4), logits (Eq. 3) or both (hybrid).
-The other second-stage trainers build on this module: `online.py` (targets = "online", the teachers
-run every step) and `crt.py` (classifier_only); `stage2.py` picks one. This module never imports
+The other second-stage trainers build on this module: `online.py` (targets = "online": the teachers
+run every step on fresh views; targets = "replay": they run on the cache's stored views, a fidelity
+check of the cache that must train like "cache" up to float16 rounding) and `crt.py`
+(classifier_only); `stage2.py` picks one. This module never imports
 teacher code: a cached student runs no teacher and loads none (tests/test_imports.py checks it).
 """
 from __future__ import annotations
@@ -83,18 +85,21 @@ def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
     manifest = Manifest.load(wd.manifest)
     teachers = cfg.student_teachers() if s.targets != "none" else []
     logits = s.distill != "feature"
-    cache, provenance, dims = None, {}, []
+    cache, provenance, dims, reader = None, {}, [], None
     if s.classifier_only:
         teacher = s.init.split("/", 1)[1]
         hashes = {teacher: file_sha256(ckpt)} if (ckpt := wd.teacher_checkpoint(teacher)).is_file() else {}
         reader = CacheReader(wd.cache, manifest, [teacher], s.views, checkpoint_hashes=hashes)
         provenance = {teacher: reader.prov["teachers"][teacher]["checkpoint_sha256"]}
         cache = CacheSpec(wd.cache, (teacher,), reader.views)
-    elif s.targets == "cache":
+    elif s.targets in ("cache", "replay"):
         hashes = {t: file_sha256(wd.teacher_checkpoint(t)) for t in teachers if wd.teacher_checkpoint(t).is_file()}
-        reader = CacheReader(wd.cache, manifest, teachers, s.views, checkpoint_hashes=hashes, with_logits=logits)
+        if s.targets == "replay" and len(hashes) < len(teachers):
+            raise FileNotFoundError(f"student.targets=replay runs the teachers {teachers}; train them first")
+        reader = CacheReader(wd.cache, manifest, teachers, s.views, checkpoint_hashes=hashes,
+                             with_logits=logits and s.targets == "cache")
         dims = reader.dims
-        cache = CacheSpec(wd.cache, tuple(teachers), reader.views, with_logits=logits)
+        cache = CacheSpec(wd.cache, tuple(teachers), reader.views, with_logits=logits and s.targets == "cache")
         provenance = {t: reader.prov["teachers"][t]["checkpoint_sha256"] for t in teachers}
     elif s.targets == "online":
         for t in teachers:
@@ -108,7 +113,8 @@ def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
     if s.distill == "logit":
         dims = []
     recipe = {"settings": run_settings(cfg), "manifest": manifest.fingerprint, "teachers": provenance,
-              "init": file_sha256(init_checkpoint(wd, s)) if s.init else None}
+              "init": file_sha256(init_checkpoint(wd, s)) if s.init else None,
+              "cache_schema": reader.prov["schema_version"] if reader else None}
     return StudentPlan(name, wd.student_dir(name), recipe, student_kind(cfg), teachers, dims, cache, provenance)
 
 
@@ -125,6 +131,7 @@ def check_cache_settings(cfg: Config, prov: dict, path) -> None:
     recorded would train on crops, or under a name, that the teachers' targets do not belong to."""
     recorded = {f"views.{k}": v for k, v in prov["view_spec"].items() if k != "eval_resize_px"}   # (evaluation only)
     recorded.update({"pipeline.seed": prov["view_seed"], "export.views": prov["views_per_image"],
+                     "export.allocation": prov["allocation"], "export.min_views": prov["min_views"],
                      "export.dtype": prov["dtype"], "export.logits": prov["logits"]})
     mine = json.loads(json.dumps(flat_config(cfg)))   # as the cache's JSON attributes hold them (lists, not tuples)
     for key, value in recorded.items():
@@ -159,8 +166,8 @@ def load_init(net: Network, ckpt: Path, ref: str) -> None:
 def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
     """A student with cached targets, or cross-entropy only (targets = "none")."""
     plan = plan_student(cfg, wd)
-    if cfg.student.targets == "online" or cfg.student.classifier_only:
-        raise ConfigError(f"[student {plan.name}] online targets and cRT train through stage2.train")
+    if cfg.student.targets in ("online", "replay") or cfg.student.classifier_only:
+        raise ConfigError(f"[student {plan.name}] online or replayed targets and cRT train through stage2.train")
     if finished(plan):
         return plan.folder / "checkpoint.pt"
     step_fn = (cross_entropy_step(runtime) if cfg.student.targets == "none"

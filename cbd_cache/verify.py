@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache import open_group
+from .cache import cache_counts, open_group, stored_layout
 from .checkpoint import load_checkpoint
 from .data.manifest import Manifest
 from .data.shards import content_hash, decode_image, read_shard
@@ -44,29 +44,43 @@ def verify_cache(path: Location, manifest: Manifest, checkpoints: dict[str, Any]
                         f"{manifest.fingerprint[:12]} in the manifest")
     if prov["shards"] != [[s.start, s.stop] for s in manifest.train.shards]:
         problems.append("shard row ranges differ from the manifest's")
-    n, a = prov["num_rows"], prov["views_per_image"]
-    expected = {"views": (n, a, len(VIEW_FIELDS))}
+    n = prov["num_rows"]
+    if "view_count" not in group or tuple(group["view_count"].shape) != (n,):
+        return {"path": str(path), "problems": problems + ["view_count: missing or not one count per row"],
+                "rows_checked": 0, "max_cosine_error": {}}
+    layout = stored_layout(group, prov)
+    expected = {"views": (layout.total, len(VIEW_FIELDS)), "view_offset": (n,)}
     for name, t in prov["teachers"].items():
-        expected[f"descriptors/{name}"] = (n, a, t["descriptor_dim"])
+        expected[f"descriptors/{name}"] = (layout.total, t["descriptor_dim"])
     shapes = [f"{name}: shape {tuple(group[name].shape) if name in group else None}, expected {shape}"
               for name, shape in expected.items() if name not in group or tuple(group[name].shape) != shape]
+    if not shapes and not np.array_equal(group["view_offset"][:], layout.offsets):
+        shapes.append("view_offset: differs from the layout of view_count")
     if shapes:   # nothing below can be read safely
         return {"path": str(path), "problems": problems + shapes, "rows_checked": 0, "max_cosine_error": {}}
+    counts, offsets = layout.counts, layout.offsets
+    if prov["manifest_fingerprint"] == manifest.fingerprint and not np.array_equal(
+            counts, cache_counts(manifest, prov["views_per_image"], prov["allocation"], prov["min_views"])):
+        problems.append(f"view_count: differs from the {prov['allocation']} allocation of "
+                        f"{prov['views_per_image']} views per image")
 
-    # every row: unit-norm descriptors, sane view boxes
+    # every stored view: unit-norm descriptors, sane view boxes
     progress = Progress("verify scan", n, unit="row")
     for index, (start, stop) in enumerate(prov["shards"]):
         if not done[index]:
             continue
-        views = group["views"][start:stop]
-        if (views[..., 2] < 1).any() or (views[..., 3] < 1).any() or not np.isin(views[..., 4], (0, 1)).all():
+        lo, hi = int(offsets[start]), int(offsets[stop - 1] + counts[stop - 1])
+        views = group["views"][lo:hi]
+        if (views[:, 2] < 1).any() or (views[:, 3] < 1).any() or not np.isin(views[:, 4], (0, 1)).all():
             problems.append(f"shard {index} (rows {start}..{stop - 1}): invalid view boxes")
+        row_of = start + np.repeat(np.arange(stop - start), counts[start:stop])
         for name in prov["teachers"]:
-            d = group[f"descriptors/{name}"][start:stop].astype(np.float32)
-            bad = np.flatnonzero((np.abs(np.linalg.norm(d, axis=-1) - 1.0) > 1e-2).any(axis=-1))
+            d = group[f"descriptors/{name}"][lo:hi].astype(np.float32)
+            bad = np.flatnonzero(np.abs(np.linalg.norm(d, axis=-1) - 1.0) > 1e-2)
             if len(bad):
-                problems.append(f"descriptors/{name}: {len(bad)} rows of shard {index} are not unit-norm "
-                                f"(first: row {start + int(bad[0])})")
+                rows_bad = np.unique(row_of[bad])
+                problems.append(f"descriptors/{name}: {len(rows_bad)} rows of shard {index} are not unit-norm "
+                                f"(first: row {int(rows_bad[0])})")
         progress.update(stop - start)
 
     # a random sample of rows: data fingerprint, views, and the teachers' descriptors recomputed
@@ -93,17 +107,18 @@ def verify_cache(path: Location, manifest: Manifest, checkpoints: dict[str, Any]
         if content_hash(samples) != info.sha256:
             problems.append(f"shard {info.name}: its content no longer matches the manifest's hash")
         picked = [samples[row - info.start] for row in chosen]
-        stored = group["views"].oindex[chosen]
+        flat = np.concatenate([np.arange(offsets[r], offsets[r] + counts[r]) for r in chosen])
+        stored = np.split(group["views"].oindex[flat], np.cumsum(counts[chosen])[:-1])
         images = [decode_image(s.data, manifest.channels) for s in picked]
         for s, image, views in zip(picked, images, stored):
-            derived = derive_views(prov["view_seed"], s.key, a, image.shape[1], image.shape[2], spec)
+            derived = derive_views(prov["view_seed"], s.key, len(views), image.shape[1], image.shape[2], spec)
             if not np.array_equal(derived, views):
                 problems.append(f"row {s.row}: stored views differ from the views derived from its key")
         x = torch.stack([replay(image, v, spec.image_px) for image, views in zip(images, stored) for v in views])
         for name, net in nets.items():
             with torch.no_grad(), runtime.autocast():
                 fresh = teacher_target(net.features(runtime.to_device(x))).cpu()
-            cached = torch.from_numpy(group[f"descriptors/{name}"].oindex[chosen].astype(np.float32)).flatten(0, 1)
+            cached = torch.from_numpy(group[f"descriptors/{name}"].oindex[flat].astype(np.float32))
             err = float((1.0 - F.cosine_similarity(fresh, cached, dim=1)).max())
             errors[name] = max(errors[name], err)
     for name, err in errors.items():

@@ -105,15 +105,21 @@ def replay(image: torch.Tensor, view: np.ndarray | torch.Tensor, image_px: int) 
 
 def replay_views(images: torch.Tensor, views: np.ndarray, image_px: int) -> torch.Tensor:
     """`replay` of every view of a stack of same-sized images, bit for bit: uint8 (n, C, H, W) and
-    int (n, A, 5) -> uint8 (n * A, C, image_px, image_px), image-major.
+    int (n, A, 5) -> uint8 (n * A, C, image_px, image_px), image-major."""
+    image_of = np.repeat(np.arange(len(views)), views.shape[1])
+    return replay_flat(images, views.reshape(-1, len(VIEW_FIELDS)), image_of, image_px)
 
-    Export replays A views of every image. At 28 px one resize call costs more in dispatch than in
+
+def replay_flat(images: torch.Tensor, views: np.ndarray, image_of: np.ndarray, image_px: int) -> torch.Tensor:
+    """`replay` of views (m, 5) of same-sized images (n, C, H, W), view j of image `image_of[j]`, bit for bit
+    -> uint8 (m, C, image_px, image_px).
+
+    Export replays every view of every image. At 28 px one resize call costs more in dispatch than in
     arithmetic, so the crops of one size are gathered (numpy fancy indexing) and resized in one call;
     the kernel resizes each plane on its own, so the pixels are those of `replay`.
     """
     pixels = images.numpy()
-    flat = views.reshape(-1, len(VIEW_FIELDS))
-    image_of = np.repeat(np.arange(len(views)), views.shape[1])
+    flat = np.asarray(views).reshape(-1, len(VIEW_FIELDS))
     out = np.empty((len(flat), pixels.shape[1], image_px, image_px), np.uint8)
     size = flat[:, 2].astype(np.int64) * (pixels.shape[3] + 1) + flat[:, 3]
     order = np.argsort(size, kind="stable")

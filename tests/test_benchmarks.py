@@ -34,18 +34,6 @@ def bench(monkeypatch):
         sys.modules.pop(script, None)
 
 
-@pytest.mark.parametrize("dtype, by_hand", [("float16", 80 * (20 + 3 * 8 * 2) + 2), ("int8", 80 * (20 + 3 * (8 + 2)) + 2)])
-def test_schema_bytes_match_a_cache_the_real_writer_wrote(bench, tmp_path, dtype, by_hand):
-    """bench_scaling projects ImageNet-sized caches from `schema_bytes`: it must count what CacheWriter
-    stores, here 35 rows in chunks of 20 (the edge chunk stored whole), A = 2, K = 3, d = 8."""
-    bench_cache, bench_scaling = bench("bench_cache"), bench("bench_scaling")
-    manifest = bench_cache.synthetic_manifest("bytes", rows=35, shard_rows=20)
-    path = tmp_path / "cache.zarr"
-    bench_cache.write_synthetic_cache(path, manifest, views=2, teachers=3, dim=8, dtype=dtype)
-    chunk_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "/c/" in f.as_posix())
-    assert bench_scaling.schema_bytes(35, 2, 3, 8, dtype, chunk_rows=20) == chunk_bytes == by_hand
-
-
 def test_int8_cosines_are_cosines(bench):
     cosines = bench("bench_int8").cosines
     a = np.array([[1, 0], [1, 1], [3, 4]], dtype=np.float16)

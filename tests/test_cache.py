@@ -1,11 +1,13 @@
 
+from itertools import islice
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import zarr
 
-from cbd_cache.cache import CacheError, CacheReader, cache_info
+from cbd_cache.cache import CacheError, CacheReader, cache_info, make_layout
 from cbd_cache.checkpoint import load_checkpoint
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import decode_image, read_shard
@@ -21,40 +23,135 @@ def test_cache_row_i_holds_the_descriptors_of_manifest_sample_i(smoke_workdir):
     cfg = smoke_config()
     manifest = Manifest.load(smoke_workdir.manifest)
     group = zarr.open_group(str(smoke_workdir.cache), mode="r")
+    offsets, counts = group["view_offset"][:], group["view_count"][:]
     spec = ViewSpec.from_cfg(cfg.views)
     nets = {t.name: load_checkpoint(smoke_workdir.teacher_checkpoint(t.name))[0].eval() for t in cfg.teachers}
     checked = 0
     for info in manifest.train.shards[::3]:                  # several shards, every row of each
         samples = read_shard(manifest.shard_path(info), info.start, info.stop)
-        views = group["views"][info.start:info.stop]
-        x = to_unit(torch.stack([replay(decode_image(s.data, manifest.channels), views[i, a], spec.image_px)
-                                 for i, s in enumerate(samples) for a in range(views.shape[1])]))
+        flat = np.concatenate([np.arange(offsets[s.row], offsets[s.row] + counts[s.row]) for s in samples])
+        views = group["views"][:][flat]
+        image_of = np.repeat(np.arange(len(samples)), counts[info.start:info.stop])
+        images = [decode_image(s.data, manifest.channels) for s in samples]
+        x = to_unit(torch.stack([replay(images[i], v, spec.image_px) for i, v in zip(image_of, views)]))
         for name, net in nets.items():
             with torch.no_grad():
-                expected = F.normalize(net.features(x), dim=1).numpy().reshape(len(samples), views.shape[1], -1)
-            cached = group[f"descriptors/{name}"][info.start:info.stop].astype(np.float32)
+                expected = F.normalize(net.features(x), dim=1).numpy()
+            cached = group[f"descriptors/{name}"][:][flat].astype(np.float32)
             np.testing.assert_allclose(cached, expected, atol=2e-3)      # float16 storage
             # and a shifted row does not match: the alignment is what is being tested
-            assert not np.allclose(cached[1:], expected[:-1], atol=2e-3)
+            assert not np.allclose(cached[2:], expected[:-2], atol=2e-3)
         checked += len(samples)
     assert checked >= 50
 
 
-def test_descriptors_are_float16_and_unit_norm(smoke_workdir):
+def test_descriptors_are_float16_and_unit_norm_and_the_padding_is_zero(smoke_workdir):
     group = zarr.open_group(str(smoke_workdir.cache), mode="r")
     d = group["descriptors/std0"][:]
-    assert d.dtype == np.float16
-    np.testing.assert_allclose(np.linalg.norm(d.astype(np.float32), axis=-1), 1.0, atol=2e-3)
+    offsets, counts = group["view_offset"][:], group["view_count"][:]
+    used = np.zeros(len(d), bool)
+    for o, c in zip(offsets, counts):
+        used[o:o + c] = True
+    assert d.dtype == np.float16 and (~used).sum() > 0
+    np.testing.assert_allclose(np.linalg.norm(d[used].astype(np.float32), axis=-1), 1.0, atol=2e-3)
+    assert not d[~used].any()
 
 
-def test_chunks_fall_on_shard_boundaries(smoke_workdir):
+def test_shard_blocks_start_on_chunk_boundaries(smoke_workdir):
     info = cache_info(smoke_workdir.cache)
     manifest = Manifest.load(smoke_workdir.manifest)
-    rows = info["arrays"]["descriptors/std0"]["chunks"][0]
-    assert all(s.start % rows == 0 for s in manifest.train.shards)
+    chunk = info["arrays"]["descriptors/std0"]["chunks"][0]
+    offsets = zarr.open_group(str(smoke_workdir.cache), mode="r")["view_offset"][:]
+    assert chunk == info["chunk_views"] and all(offsets[s.start] % chunk == 0 for s in manifest.train.shards)
+    assert info["views_total"] - info["views_stored"] < chunk * len(manifest.train.shards)
     assert info["complete"] and info["shards_done"] == len(manifest.train.shards)
-    assert info["manifest_fingerprint"] == manifest.fingerprint
+    assert info["manifest_fingerprint"] == manifest.fingerprint and info["allocation"] == "uniform"
     assert set(info["teachers"]) == {"std0", "aug0"} and info["bytes_on_disk"] > 0
+
+
+def test_layout_pads_each_shard_block_to_whole_chunks():
+    layout = make_layout([[0, 3], [3, 5], [5, 6]], np.array([2, 5, 1, 4, 4, 3]), chunk_views=4)
+    assert layout.offsets.tolist() == [0, 2, 7, 8, 12, 16]
+    assert layout.blocks.tolist() == [[0, 8], [8, 16], [16, 20]] and layout.total == 20
+
+
+def test_a_draws_cache_puts_views_where_the_student_draws_and_serves_smaller_budgets_as_prefixes(smoke_copy):
+    import shutil
+
+    from cbd_cache.data.dryrun import projected_cache_bytes
+    from cbd_cache.data.sampling import view_counts
+    from cbd_cache.data.shards import read_labels
+
+    cfg = smoke_config("export.allocation=draws", "export.views=4")
+    manifest = Manifest.load(smoke_copy.manifest)
+    labels = read_labels(manifest, "train")
+    shutil.rmtree(smoke_copy.cache)
+    export_cache(cfg, smoke_copy, make_runtime(cfg.pipeline))
+    group = zarr.open_group(str(smoke_copy.cache), mode="r")
+    counts = group["view_count"][:]
+    assert counts.tolist() == view_counts(labels, manifest.train.class_counts, 4, "draws").tolist()
+    assert counts.max() > 4 * counts.min() and abs(counts.sum() - 4 * len(labels)) < len(labels) * 0.1
+    projected = projected_cache_bytes(cfg, labels, manifest.train.class_counts)
+    assert projected == {name: group[name].nbytes for name in projected}
+    from cbd_cache.cache import verify_cache
+
+    report = verify_cache(smoke_copy.cache, manifest, {t.name: smoke_copy.teacher_checkpoint(t.name)
+                                                       for t in cfg.teachers}, make_runtime(cfg.pipeline), rows=24)
+    assert report["problems"] == [] and report["rows_checked"] == 24
+    # row i's views are the first v_i derived from its key, and its descriptors those of a budget-2 export's prefix
+    sample = read_shard(manifest.shard_path(manifest.train.shards[-1]), manifest.train.shards[-1].start,
+                        manifest.train.shards[-1].stop)[0]
+    image = decode_image(sample.data, manifest.channels)
+    o, c = group["view_offset"][sample.row], counts[sample.row]
+    from cbd_cache.views import derive_views
+
+    assert np.array_equal(group["views"][o:o + c], derive_views(cfg.pipeline.seed, sample.key, c, image.shape[1],
+                                                                image.shape[2], ViewSpec.from_cfg(cfg.views)))
+    whole = CacheReader(smoke_copy.cache, manifest, ["std0"]).read(0, len(labels))
+    half = CacheReader(smoke_copy.cache, manifest, ["std0"], views=2).read(0, len(labels))
+    assert half.count.tolist() == view_counts(labels, manifest.train.class_counts, 2, "draws").tolist()
+    assert (half.count <= whole.count).all() and half.count.sum() < whole.count.sum()
+    np.testing.assert_array_equal(half.targets[half.every_view()],
+                                  whole.targets[np.concatenate([np.arange(o, o + c) for o, c in
+                                                                zip(whole.offset, half.count)])])
+
+    # the student walks each image's views without replacement: over 3 epochs an image repeats a view
+    # only where an epoch's draws strayed from the expected count (with replacement, a tail image drawn
+    # 17 times from 23 views would see about 12 distinct ones)
+    from cbd_cache.data.stream import CacheSpec, TrainStream
+
+    stream = TrainStream(manifest, ViewSpec.from_cfg(cfg.views), sampling="class_balanced", seed=1,
+                         samples_per_epoch=len(labels), shuffle_buffer=64,
+                         cache=CacheSpec(smoke_copy.cache, ("std0",), 4))
+    drawn: dict[int, list[int]] = {}
+    for item in islice(iter(stream), 3 * len(labels)):
+        drawn.setdefault(item[2], []).append(item[3])
+    tail = [r for r, vs in drawn.items() if counts[r] >= 3 * len(vs) / 2 and len(vs) >= 6]
+    assert len(tail) >= 5
+    assert all(len(set(drawn[r])) >= len(drawn[r]) - 3 for r in tail)
+
+
+def test_an_old_schema_cache_is_refused_with_how_to_re_export(smoke_copy, tmp_path):
+    group = zarr.open_group(str(smoke_copy.cache), mode="r+")
+    group.attrs["provenance"] = {**dict(group.attrs)["provenance"], "schema_version": 1}
+    with pytest.raises(CacheError) as e:
+        CacheReader(smoke_copy.cache, Manifest.load(smoke_copy.manifest), ["std0"])
+    assert "older cbd-cache (schema 1); re-export it: rm -r" in str(e.value)
+    spaced = tmp_path / "my cache.zarr"
+    smoke_copy.cache.rename(spaced)
+    with pytest.raises(CacheError) as e:
+        CacheReader(spaced, Manifest.load(smoke_copy.manifest), ["std0"])
+    assert f"rm -r '{spaced}' && cbd-cache export" in str(e.value)
+
+
+def test_a_flipped_byte_fails_the_read(smoke_copy):
+    chunk = smoke_copy.cache / "descriptors" / "std0" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[10] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    reader = CacheReader(smoke_copy.cache, Manifest.load(smoke_copy.manifest), ["std0"])
+    with pytest.raises(ValueError, match="checksum"):
+        reader.read(32, 64)
 
 
 def test_refuses_a_cache_for_other_data(smoke_copy):
@@ -80,14 +177,14 @@ def test_export_resumes_only_the_unfinished_shards(smoke_copy):
     group = zarr.open_group(str(smoke_copy.cache), mode="r+")
     before = group["descriptors/aug0"][:]
     group["shard_done"][3:] = 0
-    group["descriptors/aug0"][96:] = 0                        # shards 3.. (32 rows each) lost
-    untouched = (smoke_copy.cache / "descriptors" / "aug0" / "c" / "0" / "0" / "0").stat().st_mtime_ns
+    group["descriptors/aug0"][group["view_offset"][96]:] = 0  # shards 3.. (32 rows each) lost
+    untouched = (smoke_copy.cache / "descriptors" / "aug0" / "c" / "0" / "0").stat().st_mtime_ns
     export_cache(cfg, smoke_copy, make_runtime(cfg.pipeline))
     after = zarr.open_group(str(smoke_copy.cache), mode="r")
     assert after["shard_done"][:].all()
     np.testing.assert_allclose(after["descriptors/aug0"][:].astype(np.float32), before.astype(np.float32), atol=1e-3)
     # shard 0 was finished, so its chunk was not rewritten
-    assert (smoke_copy.cache / "descriptors" / "aug0" / "c" / "0" / "0" / "0").stat().st_mtime_ns == untouched
+    assert (smoke_copy.cache / "descriptors" / "aug0" / "c" / "0" / "0").stat().st_mtime_ns == untouched
 
 
 def test_export_refuses_to_resume_a_cache_made_with_other_settings(smoke_copy):
@@ -120,7 +217,7 @@ def test_int8_export_stores_half_the_bytes_and_reads_back_the_same_targets(smoke
 
     cfg = smoke_config("export.dtype=int8")
     manifest = Manifest.load(smoke_copy.manifest)
-    f16 = CacheReader(smoke_copy.cache, manifest, ["std0", "aug0"]).read(0, manifest.train.num_samples)[1]
+    f16 = CacheReader(smoke_copy.cache, manifest, ["std0", "aug0"]).read(0, manifest.train.num_samples).targets
 
     def chunk_bytes(*arrays):   # the data itself; each array's zarr.json adds ~0.5 kB, which dwarfs a tiny cache
         return sum(f.stat().st_size for a in arrays for f in (smoke_copy.cache / a / "c").rglob("*") if f.is_file())
@@ -132,9 +229,10 @@ def test_int8_export_stores_half_the_bytes_and_reads_back_the_same_targets(smoke
     assert info["dtype"] == "int8" and info["arrays"]["descriptors/std0"]["dtype"] == "int8"
     assert chunk_bytes("descriptors/std0", "scales/std0") <= 0.52 * f16_bytes     # (d + 2) / 2d at d = 64
     reader = CacheReader(smoke_copy.cache, manifest, ["std0", "aug0"])
-    views, targets, _ = reader.read(0, manifest.train.num_samples)
+    targets = reader.read(0, manifest.train.num_samples).targets
     assert targets.dtype == np.float16 and targets.shape == f16.shape
     for part in (slice(0, 64), slice(64, 128)):               # each teacher's slice: same direction as float16
         a, b = targets[..., part].astype(np.float32), f16[..., part].astype(np.float32)
-        cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        used = np.linalg.norm(b, axis=-1) > 0                 # not the padding
+        cos = (a * b).sum(-1)[used] / np.linalg.norm(a, axis=-1)[used] / np.linalg.norm(b, axis=-1)[used]
         assert cos.min() > 0.998

@@ -55,7 +55,8 @@ def test_parse_value():
     ("export.views=0", "export.views=0: must be in [1, 1024]"),
     ("teachers.nobody.lr=1", "no teacher named 'nobody'"),
     ("data.format=csv", "data.format='csv': must be one of"),
-    ("export.chunk_rows=5", "export.chunk_rows=5: must be 0 or divide data.shard_size=32"),
+    ("export.min_views=0", "export.min_views=0: must be >= 1"),
+    ("export.allocation=draw", "export.allocation='draw': must be one of uniform, draws"),
 ])
 def test_bad_overrides_raise_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError) as e:

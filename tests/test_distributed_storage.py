@@ -62,12 +62,13 @@ def test_verify_passes_a_sound_cache_and_names_each_kind_of_damage(smoke_copy):
 
     group = zarr.open_group(str(smoke_copy.cache), mode="r+")
     d = group["descriptors/std0"]
-    rows = d[10:12]
-    d[10:12] = rows[::-1]                      # two rows swapped: still unit-norm, only recomputing sees it
+    offsets = group["view_offset"][:]          # A = 2: row r's views are offsets[r], offsets[r] + 1
+    rows = d[offsets[10]:offsets[12]]
+    d[offsets[10]:offsets[12]] = rows[::-1]    # two rows' views reversed: still unit-norm, only recomputing sees it
     swapped = verify_cache(smoke_copy.cache, manifest, checkpoints, runtime, rows=n)
     assert len(swapped["problems"]) == 1 and "descriptors/std0" in swapped["problems"][0]
     assert swapped["max_cosine_error"]["std0"] > 5e-3 and swapped["max_cosine_error"]["aug0"] < 1e-4
-    d[40:41] = 0                               # a lost row
+    d[offsets[40]:offsets[40] + 2] = 0         # a lost row
     group["shard_done"][7] = 0                 # and an unfinished shard
     result = CliRunner().invoke(main, ["cache", "verify", "--pipeline", str(SMOKE), "--workdir", str(smoke_copy.root)])
     assert result.exit_code == 1

@@ -218,12 +218,21 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
 def test_projected_cache_size_matches_an_exported_cache(smoke_workdir):
     import zarr
 
+    from cbd_cache.data.shards import read_labels
     from cbd_cache.dryrun import projected_cache_bytes
 
     manifest = Manifest.load(smoke_workdir.manifest)
     group = zarr.open_group(str(smoke_workdir.cache), mode="r")
-    projected = projected_cache_bytes(load_config(SMOKE), manifest.train.num_samples, manifest.num_classes)
-    assert projected == {name: group[name].nbytes for name in projected}
+    labels = read_labels(manifest, "train")
+    for overrides in ((), ("export.dtype=int8", "export.logits=true")):   # int8 adds scales; logits stay float16
+        projected = projected_cache_bytes(load_config(SMOKE, overrides), labels, manifest.train.class_counts)
+        assert set(projected) >= {"views", "view_count", "view_offset", "descriptors/std0"}
+        if not overrides:
+            assert projected == {name: group[name].nbytes for name in projected}
+        else:
+            assert projected["scales/std0"] == group["views"].shape[0] * 2
+            assert projected["descriptors/std0"] == group["descriptors/std0"].nbytes // 2
+            assert projected["logits/std0"] == group["views"].shape[0] * manifest.num_classes * 2
 
 
 def test_evaluation_reports_every_held_out_split(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from cbd_cache.cache import CacheError
 from cbd_cache.checkpoint import load_checkpoint
 from cbd_cache.config import ConfigError
+from cbd_cache.cache import ViewBlock
 from cbd_cache.crt import DescriptorStream
 from cbd_cache.runtime import make_runtime
 from cbd_cache.workdir import read_json
@@ -123,8 +124,10 @@ def test_crt_descriptor_stream_splits_over_ranks_and_resumes_in_place():
     """Ranks take disjoint interleaved copies of one sequence; a stream placed after b batches continues it."""
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), [20, 5, 1])
-    descriptors = rng.standard_normal((len(labels), 4, 8)).astype(np.float32)
-    stream = DescriptorStream(descriptors, labels, [20, 5, 1], "class_balanced", seed=3)
+    count = np.full(len(labels), 4)
+    block = ViewBlock(np.zeros((4 * len(labels), 5), np.int32), rng.standard_normal((4 * len(labels), 8)).astype(np.float32),
+                      None, np.arange(len(labels)) * 4, count)
+    stream = DescriptorStream(block, labels, [20, 5, 1], "class_balanced", seed=3)
 
     def take(s, n):
         return [(x.numpy().tobytes(), y) for x, y in itertools.islice(iter(s), n)]
@@ -135,3 +138,6 @@ def test_crt_descriptor_stream_splits_over_ranks_and_resumes_in_place():
     assert rank0 == whole[0::2] and rank1 == whole[1::2]
     counts = np.bincount([y for _, y in whole], minlength=3)
     assert counts.min() >= 10      # class-balanced: the single-image class is drawn as often as the others
+    # the single image walks its 4 views without replacement: each lap of 4 draws shows all of them
+    lone = [x for x, y in take(stream.place(0, 1), 200) if y == 2]
+    assert len(lone) >= 8 and all(len(set(lone[i:i + 4])) == 4 for i in range(0, len(lone) - 3, 4))

@@ -1,5 +1,6 @@
 """The paper table: its runs, the dedup between sections, and the Markdown / JSON / PNG it writes."""
 import shutil
+from pathlib import Path
 
 from cbd_cache.config import load_config
 from cbd_cache.experiments.paper_table import (SEEDS, Timing, all_runs, fifth_teacher, sections, teacher_mixes,
@@ -53,17 +54,22 @@ def test_paper_table_sections_run_table_1_and_the_data_aug_baselines():
 
 def test_one_run_serves_every_table_that_asks_for_the_same_config():
     base = ("export.views=16", "export.logits=true", "student.views=8", *fifth_teacher(load_config(FMNIST)))
-    runs = all_runs(load_config(FMNIST, base), base)
+    runs = all_runs(load_config(FMNIST, base), base, Path("W"))
     name = {(k, r.label, r.seed): r.name for k, rs in runs.items() for r in rs}
     for seed in SEEDS:
         assert name[("table2", "CBD", seed)] == name[("alpha", "feature, alpha=0.4", seed)] == \
             name[("mix", "std0", seed)]
-        assert name[("table2", "CBD_ENS", seed)] == name[("views", "A=8", seed)] == \
+        assert name[("table2", "CBD_ENS", seed)] == name[("views", "uniform A=8", seed)] == \
             name[("mix", "std0+std1+aug0+aug1", seed)]
+        # the other allocation reads its own cache, under its own run name
+        draws = next(r for r in runs["views"] if r.label == "draws A=8" and r.seed == seed)
+        assert draws.name == f"student_allocation=draws_views=8_seed={seed}"
+        assert "pipeline.cache_url=W/cache_draws.zarr" in draws.overrides
     order = training_order(runs)
     # 78 before Table 1 had the paper's K = 3 and K = 5 rows (one K = 3 mix replaced, K = 5 added) and
-    # the two data-augmentation baselines: + 3 x 3 seeds
-    assert len({r.name for r in order}) == 78 + 3 * 3 and order[0].label == "Standard-Instance"
+    # the two data-augmentation baselines (+ 3 x 3 seeds), and before the view study's allocations and
+    # fidelity rows (+ 7 x 3 seeds)
+    assert len({r.name for r in order}) == 78 + 3 * 3 + 7 * 3 and order[0].label == "Standard-Instance"
 
 
 def test_write_paper_table_from_finished_runs(smoke_workdir, tmp_path):
@@ -71,8 +77,9 @@ def test_write_paper_table_from_finished_runs(smoke_workdir, tmp_path):
     shutil.copytree(smoke_workdir.data, wd.data)
     base = ("export.views=16", "export.logits=true", "student.views=8")
     cfg = load_config(SMOKE)
-    runs = all_runs(load_config(SMOKE, base), base)
-    top1 = {"Standard-Instance": 40, "cRT": 50, "CBD": 60, "CBD_ENS": 70, "logit, alpha=0.4": 55, "online": 70.5}
+    runs = all_runs(load_config(SMOKE, base), base, wd.root)
+    top1 = {"Standard-Instance": 40, "cRT": 50, "CBD": 60, "CBD_ENS": 70, "logit, alpha=0.4": 55, "online": 70.5,
+            "draws A=8": 70.2, "uniform A=8, teachers on the stored views": 70.4}
     written = set()
     for r in [r for rs in runs.values() for r in rs]:
         if r.name in written:              # a run shared by two sections keeps its first label's number
@@ -94,7 +101,6 @@ def test_write_paper_table_from_finished_runs(smoke_workdir, tmp_path):
     assert "- CBD_ENS > CBD > cRT > Standard-Instance (top-1, mean of 3 seeds): holds (CBD_ENS 71.00, CBD 61.00" in text
     assert "feature >= logit distillation at alpha = 0.4: holds (feature 61.00, logit 56.00)" in text
     assert "NCM on CBD features > NCM on Standard-Instance features: holds" in text
-    assert "within 1 point of online CBD_ENS: holds (cached A=8 71.00, online 71.50)" in text
     assert "| cRT | `targets=none` `classifier_only=true` `epochs=10` `init=teachers/std0` | 51.0 ± 1.0 |" in text
     assert "| cRT (data-aug) | `targets=none` `classifier_only=true` `epochs=10` `init=teachers/aug0` | 46.0 ± 1.0 |" in text
     # Table 1: every paper row, run or said why not (smoke has 1 standard + 1 data-aug teacher)
@@ -102,6 +108,12 @@ def test_write_paper_table_from_finished_runs(smoke_workdir, tmp_path):
     assert "| 1 | 1 standard | std0 | `teachers=[std0]` | 61.0 ± 1.0 |" in text
     for row in ("| 2 | 2 standard |", "| 3 | 1 standard + 2 data-aug |", "| 5 | 2 standard + 3 data-aug |"):
         assert f"{row} – | not run: the pipeline has 1 standard and 1 data-aug teachers |" in text
+    assert ("draws allocation at A = 8, within 0.5 top-1 points of online: holds "
+            "(draws A=8 71.20, uniform A=8 71.00, online 71.50)") in text
+    assert "draws A = 8 cache bytes within 5% of the uniform A = 8 cache: " in text     # smoke: tiny shards pad more
+    assert "fidelity, uniform A = 8: cached targets train like the teachers run on the same views " \
+           "(within 1 point, seed noise): holds (cache 71.00, teachers on the stored views 71.40)" in text
+    assert "| draws | 8 | 71.20 ± 1.00 |" in text
     assert "**1m30s** of work" in text
     for png in ("smoke_alpha.png", "smoke_views.png", "smoke_per_class.png"):
         assert (tmp_path / "out" / png).stat().st_size > 5000

@@ -49,8 +49,8 @@ write_shard = CacheWriter.write_shard
 def killing_write_shard(self, index, views, descriptors, logits=None):
     count[0] += 1
     if count[0] == kill_at:
-        start, stop = self.prov["shards"][index]
-        self.group["views"][start:stop] = views
+        start = int(self.layout.blocks[index][0])     # the shard's block of the flat arrays, half-written
+        self.group["views"][start:start + len(views)] = views
         die()
     return write_shard(self, index, views, descriptors, logits)
 CacheWriter.write_shard = killing_write_shard
@@ -125,9 +125,12 @@ def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(smoke_workdir
 
 @pytest.mark.slow
 def test_killed_export_resumes_to_a_bit_identical_cache(smoke_workdir, tmp_path):
-    wd = tmp_path / "wd"
-    shutil.copytree(smoke_workdir.root, wd, ignore=shutil.ignore_patterns("cache.zarr"))
-    common = ["--pipeline", str(SMOKE), "--workdir", str(wd)]
+    """On a ragged (draws-allocated) cache: shards hold different numbers of views."""
+    wd, whole = tmp_path / "wd", tmp_path / "whole"
+    for folder in (wd, whole):
+        shutil.copytree(smoke_workdir.root, folder, ignore=shutil.ignore_patterns("cache.zarr"))
+    draws = ["--set", "export.allocation=draws", "--set", "export.views=4"]
+    common = ["--pipeline", str(SMOKE), "--workdir", str(wd), *draws]
     killed = cli_process("export", *common, kill_at=4)
     assert killed.returncode == -9, killed.stderr[-2000:]
     done = zarr.open_group(str(wd / "cache.zarr"), mode="r")["shard_done"][:]
@@ -135,8 +138,13 @@ def test_killed_export_resumes_to_a_bit_identical_cache(smoke_workdir, tmp_path)
     resumed = cli_process("export", *common)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "5/8 shards to go" in resumed.stderr
-    expected = array_hashes(smoke_workdir.cache)
-    assert len(expected) == 4                         # views, shard_done, descriptors/std0, descriptors/aug0
+    uninterrupted = cli_process("export", "--pipeline", str(SMOKE), "--workdir", str(whole), *draws)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    expected = array_hashes(whole / "cache.zarr")
+    counts = zarr.open_group(str(whole / "cache.zarr"), mode="r")["view_count"][:]
+    assert counts.max() > 4 * counts.min()           # ragged indeed
+    # views, view_count, view_offset, shard_done, descriptors/std0, descriptors/aug0
+    assert len(expected) == 6
     assert array_hashes(wd / "cache.zarr") == expected
 
 

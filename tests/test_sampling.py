@@ -70,3 +70,32 @@ def test_stream_is_deterministic_and_emits_quota(smoke_workdir):
     a = [(r[2], r[1]) for _, r in zip(range(120), make())]
     b = [(r[2], r[1]) for _, r in zip(range(120), make())]
     assert a == b
+
+
+def test_draws_allocation_follows_the_class_balanced_draws_with_the_same_budget():
+    """The embedded default's span (1280 -> 5 images a class, N = 2,773): a 5-image class gets 444 views, a 1,280 one 2."""
+    from cbd_cache.data.sampling import view_counts   # (imported here: the tests above pin the samplers alone)
+
+    class_counts = exponential_profile(1280, 256, 10)
+    assert sum(class_counts) == 2773
+    labels = np.repeat(np.arange(10), class_counts)
+    draws = view_counts(labels, class_counts, 8, "draws")
+    assert draws[labels == 9][0] == 444 and draws[labels == 0][0] == 2
+    assert draws.sum() == 22430 and draws.sum() / (8 * len(labels)) < 1.02   # the budget N * A, up to rounding
+    assert view_counts(labels, class_counts, 8, "uniform").tolist() == [8] * len(labels)
+    assert view_counts(labels, class_counts, 1, "draws", min_views=3).min() == 3
+    small, large = view_counts(labels, class_counts, 4, "draws"), view_counts(labels, class_counts, 16, "draws")
+    assert (small <= draws).all() and (draws <= large).all()         # a smaller budget is a prefix of each image's
+
+
+def test_the_walk_visits_every_view_once_per_lap_in_a_seeded_order():
+    from cbd_cache.data.sampling import walk_start, walk_view
+
+    laps = [[walk_view(7, 42, lap * 5 + k, 5) for k in range(5)] for lap in range(3)]
+    assert all(sorted(lap) == [0, 1, 2, 3, 4] for lap in laps) and laps[0] != laps[1]
+    assert laps[0] == [walk_view(7, 42, k, 5) for k in range(5)]      # pure: the same every time
+    assert laps == [[0, 4, 2, 1, 3], [0, 1, 3, 4, 2], [3, 0, 1, 4, 2]]   # pinned
+    assert walk_view(7, 43, 0, 1) == 0
+    assert [walk_start(e, 55.0, 3) for e in range(3)] == [0, 55, 110]
+    # images drawn less than once an epoch step to their next view in different epochs
+    assert len({walk_start(1, 0.25, row) for row in range(8)}) == 2

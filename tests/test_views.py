@@ -86,13 +86,19 @@ def test_export_replays_same_sized_and_mixed_photos_alike(sizes):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
         samples.append(Sample(f"img{i}", 0, 10 + i, buf.getvalue(), "png"))
     spec = ViewSpec(image_px=16, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), flip=True, eval_resize_px=0)
-    rows, views, pixels = ExportStream(SimpleNamespace(channels=3), [], spec, 5, 4, 8).replay(samples)
-    assert rows.tolist() == [10, 11, 12] and views.shape == (3, 4, 5) and pixels.shape == (12, 3, 16, 16)
+    counts = np.zeros(13, dtype=np.int64)
+    counts[10:13] = [4, 1, 3]                                      # ragged: a draws-allocated cache
+    rows, row_counts, views, pixels = ExportStream(SimpleNamespace(channels=3), [], spec, 5, counts, 8).replay(samples)
+    assert rows.tolist() == [10, 11, 12] and row_counts.tolist() == [4, 1, 3]
+    assert views.shape == (8, 5) and pixels.shape == (8, 3, 16, 16)
+    first = 0
     for i, sample in enumerate(samples):
-        image = decode_image(sample.data, 3)
-        assert np.array_equal(views[i], derive_views(5, sample.key, 4, image.shape[1], image.shape[2], spec))
-        for a in range(4):
-            assert torch.equal(pixels[i * 4 + a], replay(image, views[i, a], 16))
+        image, c = decode_image(sample.data, 3), int(counts[10 + i])
+        mine = views[first:first + c]
+        assert np.array_equal(mine, derive_views(5, sample.key, c, image.shape[1], image.shape[2], spec))
+        for a in range(c):
+            assert torch.equal(pixels[first + a], replay(image, mine[a], 16))
+        first += c
 
 
 def test_to_unit_maps_pixels_to_the_unit_interval_the_same_per_view_or_per_batch():
@@ -166,11 +172,12 @@ def export_tensors(manifest, cfg):
     shards = list(range(len(manifest.train.shards)))
     stream = ExportStream(manifest, shards, ViewSpec.from_cfg(cfg.views), cfg.pipeline.seed, cfg.export.views, 64)
     seen = {}
-    for _, rows, views, images in stream:
-        a_count = views.shape[1]
-        for i, row in enumerate(rows.tolist()):
-            for a in range(a_count):
-                seen[(row, a)] = images[i * a_count + a]
+    for _, rows, counts, views, images in stream:
+        first = 0
+        for row, c in zip(rows.tolist(), counts.tolist()):
+            for a in range(c):
+                seen[(row, a)] = images[first + a]
+            first += c
     return seen
 
 
@@ -183,9 +190,10 @@ def test_export_batches_do_not_depend_on_how_many_views_replay_at_once(smoke_wor
     monkeypatch.setattr(stream_module, "REPLAY_WINDOW_BYTES", 0)  # one batch at a time
     single = list(stream)
     assert len(windowed) == len(single) > 2
-    for (s, rows, views, pixels), (s1, rows1, views1, pixels1) in zip(windowed, single):
+    for (s, rows, counts, views, pixels), (s1, rows1, counts1, views1, pixels1) in zip(windowed, single):
         assert s == s1 and len(rows) <= 5 and pixels.shape[0] == len(rows) * a
-        assert torch.equal(rows, rows1) and torch.equal(views, views1) and torch.equal(pixels, pixels1)
+        assert torch.equal(rows, rows1) and torch.equal(counts, counts1)
+        assert torch.equal(views, views1) and torch.equal(pixels, pixels1)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -208,7 +216,8 @@ def test_student_replays_the_exact_tensor_the_teacher_saw(smoke_workdir, workers
 def test_cache_stores_the_derived_views(smoke_workdir):
     cfg = smoke_config()
     manifest = Manifest.load(smoke_workdir.manifest)
-    stored = zarr.open_group(str(smoke_workdir.cache), mode="r")["views"][:]
+    group = zarr.open_group(str(smoke_workdir.cache), mode="r")
+    stored, offsets = group["views"][:], group["view_offset"][:]
     from cbd_cache.data.shards import decode_image, read_shard
 
     info = manifest.train.shards[-1]
@@ -216,4 +225,4 @@ def test_cache_stores_the_derived_views(smoke_workdir):
         image = decode_image(s.data, manifest.channels)
         expected = derive_views(cfg.pipeline.seed, s.key, cfg.export.views, image.shape[1], image.shape[2],
                                 ViewSpec.from_cfg(cfg.views))
-        assert np.array_equal(stored[s.row], expected)
+        assert np.array_equal(stored[offsets[s.row]:offsets[s.row] + cfg.export.views], expected)

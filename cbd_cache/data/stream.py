@@ -3,8 +3,9 @@
 - `TrainStream`: the training stream of teachers, students and baselines. Each (rank, worker)
   slot reads whole shards, expands each sample into copies with the sampler, pushes the copies
   through a shuffle buffer and emits a fixed quota per epoch, so every rank takes the same number of
-  steps whatever the shard count. With a cache, each copy draws one of the image's stored views
-  and its targets come from the same contiguous block read of the cache as the shard's rows.
+  steps whatever the shard count. With a cache, each draw of an image takes its next stored view
+  on a seeded walk without replacement (`sampling.walk_view`), and its targets come from the same
+  contiguous block read of the cache as the shard's rows.
 - `EvalStream`: a split in order, evaluation view, for accuracy and features.
 - `ExportStream`: every view of every image of the given shards, for the teachers at export.
 """
@@ -22,9 +23,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..cache import CacheReader
 from ..config import TeacherCfg
-from ..views import ViewSpec, derive_views, eval_view, photometric, replay, replay_views, sample_view
+from ..views import ViewSpec, derive_views, eval_view, photometric, replay, replay_flat, sample_view
 from .manifest import Manifest
-from .sampling import copies, repeat_factors
+from .sampling import copies, repeat_factors, walk_order, walk_start
 from .shards import Sample, decode_sample, read_shard
 
 EMPTY = torch.empty(0)
@@ -67,7 +68,7 @@ class ShardMemo:
             self.items.move_to_end(key)
             return self.items[key][0]
         value = load()
-        size = sum(len(x.data) for x in value[0]) + sum(a.nbytes for a in value[1:] if a is not None)
+        size = sum(len(x.data) for x in value[0]) + (value[1].nbytes if value[1] is not None else 0)
         self.items[key] = (value, size)
         self.bytes += size
         while self.bytes > self.max_bytes and len(self.items) > 1:
@@ -78,13 +79,15 @@ class ShardMemo:
 class TrainStream(IterableDataset):
     """Endless (image, label, row, view index, target, logits) tuples, epoch after epoch.
 
-    views: from the cache when `cache` is given (view index = which stored view), else freshly
-    drawn (view index -1), then `augment`'s photometric noise for data-augmentation teachers.
+    views: from the cache when `cache` is given (view index = which of the image's stored views),
+    else freshly drawn (view index -1), then `augment`'s photometric noise for data-augmentation teachers.
 
     Each slot's epoch e is self-contained: its order comes from a generator seeded by (seed, e, slot)
     and item j's view and noise from one seeded by (seed, e, slot, j). So a stream can start at any
     (epoch, item) by replaying the order alone, reading shards but decoding no image: that is how a
-    resumed run gets the exact batches the killed one would have had (`place`).
+    resumed run gets the exact batches the killed one would have had (`place`). A cached view is
+    picked when its copy leaves the shuffle buffer: the image's k-th draw of epoch e (counted in the
+    order, so a replay counts it too) takes walk position `walk_start(e, r, row) + k`.
     """
 
     def __init__(self, manifest: Manifest, spec: ViewSpec, *, sampling: str, seed: int, samples_per_epoch: int,
@@ -117,27 +120,24 @@ class TrainStream(IterableDataset):
         return self.rank * nw + logical, self.world * nw, done
 
     def load(self, index: int, reader) -> tuple:
-        """Shard `index`'s samples, and its rows of the cache (views, targets, logits) when there is one."""
+        """Shard `index`'s samples, and its rows of the cache (a `ViewBlock`) when there is one."""
         info = self.manifest.train.shards[index]
         samples = read_shard(self.manifest.shard_path(info), info.start, info.stop, info.sha256)
-        return samples, *(reader.read(info.start, info.stop) if reader is not None else (None, None, None))
+        return samples, (reader.read(info.start, info.stop) if reader is not None else None)
 
     def expand(self, slot: int, slots: int, epoch: int, rng: np.random.Generator, reader,
                memo: "ShardMemo") -> Iterator[tuple]:
-        """Endless pre-shuffle copies for one epoch: this slot's shards, cycled, each sample repeated by its factor."""
+        """Endless pre-shuffle copies (sample, its index in the shard, the shard's cache block) for one epoch:
+        this slot's shards, cycled, each sample repeated by its factor."""
         shards = self.manifest.train.shards
         order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(shards))
         mine = list(order[slot::slots]) or [order[slot % len(shards)]]
         while True:
             for s in mine:
-                samples, views, targets, logits = memo.get(int(s), lambda: self.load(int(s), reader))
+                samples, block = memo.get(int(s), lambda: self.load(int(s), reader))
                 for i, sample in enumerate(samples):
                     for _ in range(copies(self.factors[sample.label], rng.random())):
-                        if reader is None:
-                            yield sample, None, -1, None, None
-                        else:
-                            a = int(rng.integers(views.shape[1]))
-                            yield sample, views[i, a], a, targets[i, a], None if logits is None else logits[i, a]
+                        yield sample, i, block
             mine = list(rng.permutation(mine))
 
     def epoch_items(self, slot: int, slots: int, epoch: int, reader, memo: "ShardMemo") -> Iterator[tuple]:
@@ -145,13 +145,27 @@ class TrainStream(IterableDataset):
         rng = np.random.default_rng([self.seed, epoch, slot])
         source = self.expand(slot, slots, epoch, rng, reader, memo)
         buffer: list[tuple] = []
+        drawn: dict[int, int] = {}                          # row -> its draws so far this epoch
+        orders: dict[tuple[int, int], np.ndarray] = {}      # (row, lap) -> that lap's walk order
         for _ in range(self.samples_per_epoch // slots):
             while len(buffer) < self.shuffle_buffer:
                 buffer.append(next(source))
             j = int(rng.integers(len(buffer)))
             item, buffer[j] = buffer[j], buffer[-1]
             buffer.pop()
-            yield item
+            sample, i, block = item
+            if block is None:
+                yield sample, None, -1, None, None
+                continue
+            k = drawn.get(sample.row, 0)
+            drawn[sample.row] = k + 1
+            count = int(block.count[i])
+            lap, step = divmod(walk_start(epoch, self.factors[sample.label], sample.row) + k, count)
+            if (sample.row, lap) not in orders:
+                orders[(sample.row, lap)] = walk_order(self.seed, sample.row, lap, count)
+            a = int(orders[(sample.row, lap)][step])
+            v = int(block.offset[i]) + a
+            yield sample, block.views[v], a, block.targets[v], None if block.logits is None else block.logits[v]
 
     def __iter__(self) -> Iterator[tuple]:
         slot, slots, done = self.start()
@@ -203,41 +217,65 @@ class EvalStream(IterableDataset):
 
 
 class ExportStream(IterableDataset):
-    """Batches of (shard index, rows, views int32 (n, A, 5), images uint8 (n*A, C, px, px)) over whole shards.
+    """Batches of (shard index, rows, view counts, views int32 (m, 5), images uint8 (m, C, px, px)) over whole shards.
 
-    View a of image `key` is `derive_views(view_seed, key, ...)[a]`, replayed exactly as the
-    student's `TrainStream` replays the stored parameters.
+    Row r gets `views[r]` views (an int: every row the same), image-major: view a of image `key` is
+    `derive_views(view_seed, key, ...)[a]`, replayed exactly as the student's `TrainStream` replays
+    the stored parameters. A batch holds whole rows, as many as fit in `batch_images` views (at least one).
     """
 
-    def __init__(self, manifest: Manifest, shard_indices: list[int], spec: ViewSpec, view_seed: int, views: int,
-                 batch_images: int):
+    def __init__(self, manifest: Manifest, shard_indices: list[int], spec: ViewSpec, view_seed: int,
+                 views: int | np.ndarray, batch_images: int):
         self.manifest, self.shard_indices, self.spec = manifest, shard_indices, spec
-        self.view_seed, self.views = view_seed, views
-        self.rows_per_batch = max(1, batch_images // views)
+        self.view_seed, self.views, self.batch_images = view_seed, views, batch_images
 
-    def replay(self, samples: list[Sample]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
-        """Rows, views (n, A, 5) and their replayed pixels (n * A, C, px, px), image-major."""
+    def count(self, row: int) -> int:
+        return int(self.views) if np.isscalar(self.views) else int(self.views[row])
+
+    def replay(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor]:
+        """Rows, their view counts, views (m, 5) and their replayed pixels (m, C, px, px), image-major."""
         images = [decode_sample(sample, self.manifest.channels) for sample in samples]
-        views = np.stack([derive_views(self.view_seed, sample.key, self.views, image.shape[1], image.shape[2], self.spec)
-                          for sample, image in zip(samples, images)])
+        counts = [self.count(sample.row) for sample in samples]
+        views = np.concatenate([derive_views(self.view_seed, sample.key, c, image.shape[1], image.shape[2], self.spec)
+                                for sample, image, c in zip(samples, images, counts)])
         px = self.spec.image_px
         if len({image.shape for image in images}) == 1:   # the embedded default; one resize per crop size
-            pixels = replay_views(torch.stack(images), views, px)
+            pixels = replay_flat(torch.stack(images), views, np.repeat(np.arange(len(images)), counts), px)
         else:                                            # photos of many sizes: one resize per view
-            pixels = torch.stack([replay(image, v, px) for image, vs in zip(images, views) for v in vs])
-        return torch.tensor([sample.row for sample in samples]), views, pixels
+            pixels = torch.stack([replay(images[i], v, px) for i, v in zip(np.repeat(np.arange(len(images)), counts),
+                                                                           views)])
+        return (torch.tensor([sample.row for sample in samples]), torch.tensor(counts), views, pixels)
+
+    def batches(self, counts: list[int]) -> list[tuple[int, int]]:
+        """Consecutive row ranges of at most `batch_images` views each (a row with more is a batch alone)."""
+        out, start, total = [], 0, 0
+        for i, c in enumerate(counts):
+            if i > start and total + c > self.batch_images:
+                out.append((start, i))
+                start, total = i, 0
+            total += c
+        return out + ([(start, len(counts))] if counts else [])
 
     def __iter__(self) -> Iterator[tuple]:
         """Replays whole batches at a time, several when they are small: the more views replay together,
         the more share a crop size, hence a resize call (the embedded default replays a shard at once)."""
         slot, slots = worker_slot(0, 1)
-        n, a = self.rows_per_batch, self.views
-        row_bytes = a * self.manifest.channels * self.spec.image_px ** 2
-        window = n * max(1, REPLAY_WINDOW_BYTES // (n * row_bytes))
+        view_bytes = self.manifest.channels * self.spec.image_px ** 2
         for s in self.shard_indices[slot::slots]:
             info = self.manifest.train.shards[s]
             samples = read_shard(self.manifest.shard_path(info), info.start, info.stop, info.sha256)
-            for w in range(0, len(samples), window):
-                rows, views, pixels = self.replay(samples[w:w + window])
-                for b in range(0, len(rows), n):
-                    yield s, rows[b:b + n], torch.from_numpy(views[b:b + n]), pixels[b * a:(b + n) * a]
+            counts = [self.count(sample.row) for sample in samples]
+            batches = self.batches(counts)
+            while batches:                      # a window: whole batches, up to REPLAY_WINDOW_BYTES of views
+                window = [batches.pop(0)]
+                size = sum(counts[slice(*window[0])]) * view_bytes
+                while batches and size + sum(counts[slice(*batches[0])]) * view_bytes <= REPLAY_WINDOW_BYTES:
+                    size += sum(counts[slice(*batches[0])]) * view_bytes
+                    window.append(batches.pop(0))
+                lo = window[0][0]
+                rows, row_counts, views, pixels = self.replay(samples[lo:window[-1][1]])
+                first = np.concatenate([[0], np.cumsum(row_counts.numpy())])
+                for b0, b1 in window:
+                    v0, v1 = first[b0 - lo], first[b1 - lo]
+                    yield (s, rows[b0 - lo:b1 - lo], row_counts[b0 - lo:b1 - lo], torch.from_numpy(views[v0:v1]),
+                           pixels[v0:v1])

@@ -1,11 +1,14 @@
 """`cbd-cache paper-table` (`make paper-table`): the paper's protocol on one prepared dataset and one cache.
 
 Table 2 (single-stage baselines, fine-tuning, cRT, CBD, CBD_ENS), Table 3 (NCM), Figure 3 (alpha for
-feature / logit / hybrid distillation), Table 1 (teacher mix), accuracy against views per image next
-to the online mode, and per-class accuracy, each over `SEEDS`. One export with A = 16 views and
-teacher logits serves every row: view a does not depend on A, so `student.views = V` is exactly an
-A = V export, and the default A = 8 is `student.views = 8`. Every run is a `sweep` run: re-running
-skips finished runs, and `--time-limit-min` stops between runs so the work can be done in chunks.
+feature / logit / hybrid distillation), Table 1 (teacher mix), the view study (accuracy against the
+view budget A for both allocations, next to the online mode, with the fidelity runs), and per-class
+accuracy, each over `SEEDS`. One export with A = 16 views and teacher logits serves every row of
+its allocation: view a does not depend on A, so `student.views = V` is exactly an A = V export, and
+the default A = 8 is `student.views = 8`. The view study's other allocation gets its own A = 16
+export, `W/cache_<allocation>.zarr`. Every run is a `sweep` run: re-running skips finished runs,
+`--time-limit-min` stops between runs so the work can be done in chunks, and `--sections` trains
+only some sections.
 """
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ from matplotlib.figure import Figure   # figures drawn straight to files: no pyp
 from ..config import Config, load_config
 from ..data.longtail import SHOT_GROUPS, shot_group
 from ..data.manifest import Manifest
+from ..data.sampling import ALLOCATIONS
+from ..data.shards import read_labels
 from ..data.prepare import prepare
+from ..dryrun import projected_cache_bytes
 from ..export import export_cache
 from ..jobs import JobsFailed
 from ..logs import format_seconds, log
@@ -30,7 +36,7 @@ from ..runtime import Runtime
 from ..tables import pm
 from ..teachers import train_teacher
 from ..workdir import Workdir, read_json, write_json
-from .sweep import METRICS, Run, execute, make_runs, seeds_text, stats, summarise
+from .sweep import METRICS, Run, execute, make_runs, run_workdir, seeds_text, stats, summarise
 
 BASE = ("export.views=16", "export.logits=true", "student.views=8")
 SEEDS = (0, 1, 2)
@@ -45,7 +51,11 @@ PAPER_NCM = {"Standard-Instance": 49.0, "CBD": 50.7, "CBD_ENS": 54.0}
 NCM_METHODS = ("Standard-Instance", "Standard-Class-Bal", "Fine-tuning", "CBD", "CBD_ENS")
 PER_CLASS = ("Standard-Instance", "cRT", "CBD_ENS")
 # What the paper's claims rest on is trained first, so a partial table already answers them.
-PRIORITY = ("Standard-Instance", "cRT", "CBD", "CBD_ENS", "logit, alpha=0.4", "hybrid, alpha=0.4", "online")
+PRIORITY = ("Standard-Instance", "cRT", "CBD", "CBD_ENS", "uniform A=8", "draws A=8", "online",
+            "uniform A=8, teachers on the stored views", "draws A=8, teachers on the stored views",
+            "logit, alpha=0.4", "hybrid, alpha=0.4")
+SECTION_KEYS = ("table2", "views", "alpha", "mix")
+HEADLINE_VIEWS = 8       # the view study's headline budget: its fidelity runs and the issue's checks
 
 
 def stage1(cfg: Config) -> str:
@@ -127,19 +137,37 @@ class Section:
     points: tuple[tuple[str, tuple[str, ...]], ...]     # (label, student --set items)
 
 
-def sections(cfg: Config) -> list[Section]:
+def allocation_sets(cfg: Config, root: Path, allocation: str) -> tuple[str, ...]:
+    """The --set items of a run on `allocation`'s cache: none for the pipeline's own, else its own A = 16 export."""
+    if allocation == cfg.export.allocation:
+        return ()
+    return (f"export.allocation={allocation}", f"pipeline.cache_url={Path(root) / f'cache_{allocation}.zarr'}")
+
+
+def views_points(cfg: Config, root: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Budget x allocation, online, and the fidelity runs (teachers run on the stored views of A = 8)."""
+    points = [(f"{alloc} A={v}", (*allocation_sets(cfg, root, alloc), f"student.views={v}"))
+              for alloc in ALLOCATIONS for v in VIEWS]
+    points.append(("online", ("student.targets=online",)))
+    points += [(f"{alloc} A={HEADLINE_VIEWS}, teachers on the stored views",
+                (*allocation_sets(cfg, root, alloc), f"student.views={HEADLINE_VIEWS}", "student.targets=replay"))
+               for alloc in ALLOCATIONS]
+    return tuple(points)
+
+
+def sections(cfg: Config, root: Path) -> list[Section]:
     s1 = stage1(cfg)
     fig3 = tuple((f"{d}, alpha={a}", (f"student.teachers=[{s1}]", f"student.distill={d}", f"student.alpha={a}"))
                  for d in DISTILL for a in ALPHAS)
     default = tuple(cfg.student_teachers())
     mixes = tuple((m.label, () if m.teachers == default else (f"student.teachers=[{','.join(m.teachers)}]",))
                   for m in teacher_mixes(cfg) if m.teachers)
-    views = tuple((f"A={v}", (f"student.views={v}",)) for v in VIEWS) + (("online", ("student.targets=online",)),)
-    return [Section("table2", table2(cfg)), Section("views", views), Section("alpha", fig3), Section("mix", mixes)]
+    return [Section("table2", table2(cfg)), Section("views", views_points(cfg, root)), Section("alpha", fig3),
+            Section("mix", mixes)]
 
 
-def all_runs(cfg: Config, base: Sequence[str]) -> dict[str, list[Run]]:
-    return {s.key: make_runs(cfg.source, base, s.points, SEEDS) for s in sections(cfg)}
+def all_runs(cfg: Config, base: Sequence[str], root: Path) -> dict[str, list[Run]]:
+    return {s.key: make_runs(cfg.source, base, s.points, SEEDS) for s in sections(cfg, root)}
 
 
 def training_order(runs: dict[str, list[Run]]) -> list[Run]:
@@ -170,8 +198,9 @@ class Timing:
 
 
 def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limit_min: float = 0,
-                jobs: int = 1) -> bool:
-    """Prepare, teachers, export, every run (`jobs` at a time), NCM; then the Markdown, JSON and PNGs in `out`.
+                jobs: int = 1, only: Sequence[str] = ()) -> bool:
+    """Prepare, teachers, exports, every run (of the sections `only`, or all; `jobs` at a time), NCM; then the
+    Markdown, JSON and PNGs in `out`.
 
     True when complete. If parallel runs failed, the table is written from the others before JobsFailed is raised.
     """
@@ -189,15 +218,22 @@ def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limi
             train_teacher(base_cfg, t, wd, runtime)
     with timing("export"):
         export_cache(base_cfg, wd, runtime)
-    runs = all_runs(base_cfg, base)
+    runs = all_runs(base_cfg, base, wd.root)
+    chosen = {k: rs for k, rs in runs.items() if not only or k in only}
+    if "views" in chosen:
+        for alloc in ALLOCATIONS:
+            if sets := allocation_sets(base_cfg, wd.root, alloc):
+                other = load_config(pipeline, (*base, *sets))
+                with timing(f"export {alloc}"):
+                    export_cache(other, run_workdir(wd, other), runtime)
     failed = None
     try:
-        complete = execute(training_order(runs), pipeline, wd, runtime, deadline,
+        complete = execute(training_order(chosen), pipeline, wd, runtime, deadline,
                            on_trained=lambda r, s: timing.record(f"student {r.name}", s), jobs=jobs)
     except JobsFailed as e:
         complete, failed = False, e
-    ncm = ncm_rows(base_cfg, wd, runtime, runs, timing)       # on the models finished so far
-    write_paper_table(cfg, base, wd, runs, ncm, timing, out, complete)
+    ncm = ncm_rows(base_cfg, wd, runtime, runs, timing) if "table2" in chosen else []   # on the models finished so far
+    write_paper_table(cfg, base, wd, runs, ncm, timing, out, complete and len(chosen) == len(runs))
     if failed is not None:
         raise failed
     return complete
@@ -232,7 +268,8 @@ def _mean(rows: list[dict], label: str, metric: str = "top1") -> float | None:
     return None if r is None or not r["complete"] else r[metric]["mean"]
 
 
-def checks(summary: dict[str, list[dict]], ncm: list[dict], views: int = 8) -> list[str]:
+def checks(summary: dict[str, list[dict]], ncm: list[dict], views: int = HEADLINE_VIEWS,
+           cache_bytes: dict[str, int] | None = None) -> list[str]:
     """The issue's 'must show' claims, each stated with its numbers and whether it holds."""
     t2, alpha, by_views = summary["table2"], summary["alpha"], summary["views"]
     out = []
@@ -251,9 +288,27 @@ def checks(summary: dict[str, list[dict]], ncm: list[dict], views: int = 8) -> l
     nc = [(f"NCM {m}", _mean(ncm, m)) for m in ("CBD", "Standard-Instance")] if ncm else []
     line("NCM on CBD features > NCM on Standard-Instance features", nc or [("NCM", None)],
          None if not nc or any(v is None for _, v in nc) else nc[0][1] > nc[1][1])
-    co = [(f"cached A={views}", _mean(by_views, f"A={views}")), ("online", _mean(by_views, "online"))]
-    line(f"cached CBD_ENS at A = {views} within 1 point of online CBD_ENS", co,
-         None if any(v is None for _, v in co) else abs(co[0][1] - co[1][1]) <= 1.0)
+    online = {m: _mean(by_views, "online", m) for m in METRICS}
+    draws = {m: _mean(by_views, f"draws A={views}", m) for m in METRICS}
+    uniform = _mean(by_views, f"uniform A={views}")
+    co = [(f"draws A={views}", draws["top1"]), (f"uniform A={views}", uniform), ("online", online["top1"])]
+    line(f"cached CBD_ENS, draws allocation at A = {views}, within 0.5 top-1 points of online", co,
+         None if draws["top1"] is None or online["top1"] is None else online["top1"] - draws["top1"] <= 0.5)
+    groups = [(f"{g} draws - online", None if draws[g] is None or online[g] is None else draws[g] - online[g])
+              for g in SHOT_GROUPS]
+    line(f"no shot group of draws A = {views} more than 1.5 points below online", groups,
+         None if any(v is None for _, v in groups) else min(v for _, v in groups) >= -1.5)
+    if cache_bytes:
+        b = [(f"draws A={views} MiB", cache_bytes.get(f"draws A={views}", 0) / 2**20),
+             (f"uniform A={views} MiB", cache_bytes.get(f"uniform A={views}", 0) / 2**20)]
+        line(f"draws A = {views} cache bytes within 5% of the uniform A = {views} cache", b,
+             abs(b[0][1] / b[1][1] - 1) <= 0.05 if b[1][1] else None)
+    for alloc in ALLOCATIONS:
+        fid = [("cache", _mean(by_views, f"{alloc} A={views}")),
+               ("teachers on the stored views", _mean(by_views, f"{alloc} A={views}, teachers on the stored views"))]
+        line(f"fidelity, {alloc} A = {views}: cached targets train like the teachers run on the same views "
+             "(within 1 point, seed noise)", fid,
+             None if any(v is None for _, v in fid) else abs(fid[0][1] - fid[1][1]) <= 1.0)
     return out
 
 
@@ -269,6 +324,7 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
     plots = {"alpha": out / f"{name}_alpha.png", "views": out / f"{name}_views.png",
              "per_class": out / f"{name}_per_class.png"}
     plot_alpha(summary, plots["alpha"])
+    cache_bytes = budget_bytes(cfg.source, base, manifest)
     plot_views(summary["views"], plots["views"])
     plot_per_class(summary["table2"], manifest.class_names, plots["per_class"])
     sets = " ".join(f"--set {shlex.quote(o)}" for o in base)
@@ -300,7 +356,7 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
         "",
         "## Checks",
         "",
-        *checks(summary, ncm, base_cfg.student.views),
+        *checks(summary, ncm, HEADLINE_VIEWS, cache_bytes),
         "",
         "## Table 2: long-tailed recognition",
         "",
@@ -355,13 +411,27 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
         settings = " ".join(f"`{x.split('.', 1)[1]}`" for x in mix_sets[m.label]) or "(defaults)"
         lines.append(f"| {k} | {m.composition} | {m.label} | {settings} | {pm(r['top1'])} | {pm(r['many'])} | "
                      f"{pm(r['medium'])} | {pm(r['few'])} | {seeds_text(r)} |")
-    lines += ["", f"## Views per image (CBD_ENS, K = {len(base_cfg.student_teachers())})", "",
-              f"![views]({plots['views'].name})", "",
-              "| views | top-1 | many | medium | few | seeds |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", f"## The view budget: where cached views go (CBD_ENS, K = {len(base_cfg.student_teachers())})", "",
+              "uniform: every image gets A views. draws: image i gets max(1, round(A * r_c(i))) views, r_c its "
+              "class's class-balanced repeat factor, i.e. views where the student's draws are, for the same "
+              "budget of about N * A views (`export.allocation`). Each allocation's rows are one A = 16 export "
+              "read at `student.views=A` (a prefix of each image's views, exactly what an A export holds); the "
+              "bytes are those of an A export of that allocation (float16, no logits), from the cache schema's "
+              "layout, chunk padding included. 'teachers on the stored views' (`student.targets=replay`) runs "
+              "the teachers on the cache's views instead of reading their targets: it tests the cache's fidelity.",
+              "", f"![views]({plots['views'].name})", "",
+              "| allocation | A | top-1 | many | medium | few | cache MiB | seeds |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["views"]:
-        label = "online (teachers every step, fresh views)" if r["label"] == "online" else f"cached, {r['label']}"
-        lines.append(f"| {label} | {pm(r['top1'])} | {pm(r['many'])} | {pm(r['medium'])} | {pm(r['few'])} "
-                     f"| {seeds_text(r)} |")
+        alloc, _, rest = r["label"].partition(" A=")
+        a = rest.split(",")[0] if rest else "–"
+        if r["label"] == "online":
+            alloc = "online (teachers every step, fresh views)"
+        elif "teachers on" in r["label"]:
+            alloc += ", teachers on the stored views"
+        mib = f"{cache_bytes[r['label']] / 2**20:.2f}" if r["label"] in cache_bytes else "–"
+        lines.append(f"| {alloc} | {a} | {pm2(r['top1'])} | {pm2(r['many'])} | {pm2(r['medium'])} | "
+                     f"{pm2(r['few'])} | {mib} | {seeds_text(r)} |")
     lines += ["", "## Per class: accuracy against training images", "", f"![per class]({plots['per_class'].name})",
               "", "| class | train images | " + " | ".join(PER_CLASS) + " |", "|---|---:|" + "---:|" * len(PER_CLASS)]
     per = {m: _row(summary["table2"], m) for m in PER_CLASS}
@@ -374,6 +444,22 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
                                       "sections": summary, "ncm": ncm, "timing_s": timing.steps})
     log(f"[paper-table] wrote {md}" + ("" if complete else " (partial)"))
     return md
+
+
+def budget_bytes(pipeline: str, base: Sequence[str], manifest: Manifest) -> dict[str, int]:
+    """Bytes of an A export of each allocation (float16 descriptors, no logits), by view-study label."""
+    labels = read_labels(manifest, "train")
+    out = {}
+    for alloc in ALLOCATIONS:
+        for v in VIEWS:
+            cfg = load_config(pipeline, (*base, f"export.views={v}", f"export.allocation={alloc}",
+                                         "export.logits=false", "student.views=0"))
+            out[f"{alloc} A={v}"] = sum(projected_cache_bytes(cfg, labels, manifest.train.class_counts).values())
+    return out
+
+
+def pm2(s: dict) -> str:
+    return "–" if s["mean"] is None else f"{s['mean']:.2f} ± {s['std']:.2f}"
 
 
 # --------------------------------------------------------------------------------------------- plots
@@ -398,18 +484,19 @@ def plot_alpha(summary: dict[str, list[dict]], path: Path) -> None:
 def plot_views(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(5.5, 4))
     ax = fig.subplots()
-    pts = [(v, _row(rows, f"A={v}")["top1"]) for v in VIEWS]
-    pts = [(v, s) for v, s in pts if s["mean"] is not None]
-    if pts:
-        ax.errorbar([v for v, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts], marker="o",
-                    capsize=3, label="cached views")
+    for alloc, marker in zip(ALLOCATIONS, "os"):
+        pts = [(v, _row(rows, f"{alloc} A={v}")["top1"]) for v in VIEWS]
+        pts = [(v, s) for v, s in pts if s["mean"] is not None]
+        if pts:
+            ax.errorbar([v for v, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts],
+                        marker=marker, capsize=3, label=f"cached, {alloc} allocation")
     online = _row(rows, "online")["top1"]
     if online["mean"] is not None:
         ax.axhline(online["mean"], color="C3", label="online (fresh views)")
         ax.axhspan(online["mean"] - online["std"], online["mean"] + online["std"], color="C3", alpha=0.15)
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(VIEWS), [str(v) for v in VIEWS])
-    ax.set(xlabel="views per image A", ylabel="top-1 (%)", title="CBD_ENS: cached views vs online")
+    ax.set(xlabel="view budget A (N * A views stored)", ylabel="top-1 (%)", title="CBD_ENS: cached views vs online")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -3,7 +3,8 @@
 Every run is an ordinary second-stage run (`stage2.train`) under `W/students/<run>`, named by the
 student settings that differ from the pipeline file's (`runs.student_run_name`); so a run is trained once
 whichever sweep (or table) asks for it, and a finished run is skipped when a sweep is re-run. Only
-`student.*` keys may vary: the teachers and the export are never touched, they must already exist.
+`student.*` keys may vary: the teachers and the export are never touched, they must already exist
+(a table may point some runs at a second cache with `pipeline.cache_url`, see `paper_table.py`).
 The table gives mean ± std (sample std over seeds) per grid point, as Markdown and JSON.
 With `jobs` > 1 the runs train side by side, one `cbd-cache train-student` process each
 (`jobs.run_parallel`), with their output in `W/sweeps/logs/<run>.log`; a failed run does not stop
@@ -14,6 +15,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -125,7 +127,7 @@ def execute(runs: Sequence[Run], pipeline: str | Path, wd: Workdir, runtime: Run
     todo = []
     for r in unique(runs):
         cfg = load_config(pipeline, r.overrides)
-        if not run_is_done(wd.student_dir(r.name), plan_student(cfg, wd).identity):
+        if not run_is_done(wd.student_dir(r.name), plan_student(cfg, run_workdir(wd, cfg)).identity):
             todo.append((r, cfg))
     total = len(unique(runs))
     log(f"[sweep] {total} runs: {total - len(todo)} finished, {len(todo)} to train")
@@ -138,7 +140,7 @@ def execute(runs: Sequence[Run], pipeline: str | Path, wd: Workdir, runtime: Run
             log(f"[sweep] time limit reached: {len(todo) - i} runs left; run the same command again to continue")
             return False
         t0 = time.perf_counter()
-        stage2.train(cfg, wd, runtime)
+        stage2.train(cfg, run_workdir(wd, cfg), runtime)
         if on_trained is not None:
             on_trained(r, time.perf_counter() - t0)
         log(f"[sweep] {i + 1}/{len(todo)} trained ({r.name}); elapsed {format_seconds(time.perf_counter() - started)}")
@@ -169,6 +171,12 @@ def execute_parallel(todo: Sequence[Run], pipeline: str | Path, wd: Workdir, job
     if not complete:
         log("[sweep] time limit reached: runs left; run the same command again to continue")
     return complete
+
+
+def run_workdir(wd: Workdir, cfg: Config) -> Workdir:
+    """The workdir as the run sees it: a run may name its own cache (`pipeline.cache_url`), e.g. another allocation's."""
+    return dataclasses.replace(wd, data_url=cfg.pipeline.data_url or wd.data_url,
+                               cache_url=cfg.pipeline.cache_url or wd.cache_url)
 
 
 def load_report(wd: Workdir, run: Run) -> dict[str, Any] | None:
