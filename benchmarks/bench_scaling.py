@@ -27,7 +27,7 @@ from common import RESULTS, ROOT, Timer, bench_config, runtime_info, train_image
 
 from cbd_cache.cache import CacheReader, cache_info, default_chunk_views, make_layout
 from cbd_cache.config import load_config
-from cbd_cache.data.dryrun import projected_cache_bytes
+from cbd_cache.dryrun import projected_cache_bytes
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare
 from cbd_cache.data.shards import read_labels

@@ -78,7 +78,7 @@ def test_layout_pads_each_shard_block_to_whole_chunks():
 def test_a_draws_cache_puts_views_where_the_student_draws_and_serves_smaller_budgets_as_prefixes(smoke_copy):
     import shutil
 
-    from cbd_cache.data.dryrun import projected_cache_bytes
+    from cbd_cache.dryrun import projected_cache_bytes
     from cbd_cache.data.sampling import view_counts
     from cbd_cache.data.shards import read_labels
 

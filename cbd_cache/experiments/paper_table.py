@@ -399,7 +399,7 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
                  if base_overrides_added else ""), "",
               "| K | mix | teachers | student settings | top-1 | many | medium | few | seeds |",
               "|---:|---|---|---|---:|---:|---:|---:|---:|"]
-    mix_sets = dict(sections(base_cfg)[-1].points)
+    mix_sets = dict(sections(base_cfg, wd.root)[-1].points)
     std_n = sum(t.type == "standard" for t in base_cfg.teachers)
     for m in teacher_mixes(base_cfg):
         k = m.standard + m.data_aug
