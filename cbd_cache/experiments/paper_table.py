@@ -33,7 +33,7 @@ from ..jobs import JobsFailed
 from ..logs import format_seconds, log
 from ..ncm import ncm_report
 from ..runtime import Runtime
-from ..tables import pm
+from ..tables import markdown_table, pm
 from ..teachers import train_teacher
 from ..workdir import Workdir, read_json, write_json
 from .sweep import METRICS, Run, execute, make_runs, run_workdir, seeds_text, stats, summarise
@@ -360,35 +360,30 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
         "",
         "## Table 2: long-tailed recognition",
         "",
-        "| method | student settings | top-1 | many | medium | few | seeds | paper ImageNet-LT all (many / med / few) |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     sets_of = dict(table2(base_cfg))
+    rows = []
     for r in summary["table2"]:
         paper = PAPER_TABLE2.get(r["label"])
         ptxt = f"{paper[3]} ({paper[0]} / {paper[1]} / {paper[2]})" if paper else "–"
         settings = " ".join(f"`{s.split('.', 1)[1]}`" for s in sets_of[r["label"]]) or "(defaults)"
-        lines.append(f"| {r['label']} | {settings} | {pm(r['top1'])} | {pm(r['many'])} | {pm(r['medium'])} | "
-                     f"{pm(r['few'])} | {seeds_text(r)} | {ptxt} |")
+        rows.append([r["label"], settings, *(pm(r[m]) for m in METRICS), seeds_text(r), ptxt])
     if first_aug(base_cfg) is None:
-        lines.append("| Fine-tuning (data-aug), cRT (data-aug) | not run: the pipeline has no data-aug teacher "
-                     "| – | – | – | – | – | – |")
+        rows.append(["Fine-tuning (data-aug), cRT (data-aug)", "not run: the pipeline has no data-aug teacher",
+                     *["–"] * 6])
+    lines += table(["method", "student settings", "top-1", "many", "medium", "few", "seeds",
+                    "paper ImageNet-LT all (many / med / few)"], rows, "llrrrrrl")
     lines += ["", "## Table 3: NCM on each model's features", "",
               "Features centred on the training mean, L2-normalised; nearest class mean. `cbd-cache ncm "
-              f"--workdir {wd.root} MODEL [--features cache]` computes one.", "",
-              "| features | top-1 | many | medium | few | models | paper ImageNet-LT all |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in ncm:
-        lines.append(f"| {r['label']} | {pm(r['top1'])} | {pm(r['many'])} | {pm(r['medium'])} | {pm(r['few'])} "
-                     f"| {seeds_text(r)} | {PAPER_NCM.get(r['label'], '–')} |")
+              f"--workdir {wd.root} MODEL [--features cache]` computes one.", ""]
+    lines += table(["features", "top-1", "many", "medium", "few", "models", "paper ImageNet-LT all"],
+                   [[r["label"], *(pm(r[m]) for m in METRICS), seeds_text(r), PAPER_NCM.get(r["label"], "–")]
+                    for r in ncm])
     alpha_rows = summary["alpha"]
     lines += ["", f"## Figure 3: top-1 against alpha (teacher {stage1(base_cfg)}, K = 1)", "",
-              f"![alpha]({plots['alpha'].name})", "",
-              "| distillation | " + " | ".join(f"alpha={a}" for a in ALPHAS) + " |",
-              "|---|" + "---:|" * len(ALPHAS)]
-    for d in DISTILL:
-        cells = [pm(_row(alpha_rows, f"{d}, alpha={a}")["top1"]) for a in ALPHAS]
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+              f"![alpha]({plots['alpha'].name})", ""]
+    lines += table(["distillation", *(f"alpha={a}" for a in ALPHAS)],
+                   [[d, *(pm(_row(alpha_rows, f"{d}, alpha={a}")["top1"]) for a in ALPHAS)] for d in DISTILL])
     lines += ["", f"Logit distillation: T = {base_cfg.student.temperature}, the teachers' cached logits; "
               "hybrid adds both terms under one alpha (see `cbd_cache/losses.py`). alpha = 0 is cross-entropy "
               "only: the Standard-Class-Bal row of Table 2.",
@@ -396,21 +391,21 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
               "The paper's rows: K = 1 (one standard / one data-aug), K = 2 (two standard / two data-aug / one of "
               "each), K = 3 (one standard + two data-aug), K = 4 (two + two), K = 5 (two standard + three data-aug)."
               + (f" The fifth teacher is trained for this table only (`--set {base_overrides_added[0]}`)."
-                 if base_overrides_added else ""), "",
-              "| K | mix | teachers | student settings | top-1 | many | medium | few | seeds |",
-              "|---:|---|---|---|---:|---:|---:|---:|---:|"]
+                 if base_overrides_added else ""), ""]
     mix_sets = dict(sections(base_cfg, wd.root)[-1].points)
     std_n = sum(t.type == "standard" for t in base_cfg.teachers)
+    rows = []
     for m in teacher_mixes(base_cfg):
         k = m.standard + m.data_aug
         r = _row(summary["mix"], m.label) if m.teachers else None
         if r is None:
-            lines.append(f"| {k} | {m.composition} | – | not run: the pipeline has {std_n} standard and "
-                         f"{len(base_cfg.teachers) - std_n} data-aug teachers | – | – | – | – | – |")
+            rows.append([k, m.composition, "–", f"not run: the pipeline has {std_n} standard and "
+                         f"{len(base_cfg.teachers) - std_n} data-aug teachers", *["–"] * 5])
             continue
         settings = " ".join(f"`{x.split('.', 1)[1]}`" for x in mix_sets[m.label]) or "(defaults)"
-        lines.append(f"| {k} | {m.composition} | {m.label} | {settings} | {pm(r['top1'])} | {pm(r['many'])} | "
-                     f"{pm(r['medium'])} | {pm(r['few'])} | {seeds_text(r)} |")
+        rows.append([k, m.composition, m.label, settings, *(pm(r[x]) for x in METRICS), seeds_text(r)])
+    lines += table(["K", "mix", "teachers", "student settings", "top-1", "many", "medium", "few", "seeds"], rows,
+                   "rlllrrrrr")
     lines += ["", f"## The view budget: where cached views go (CBD_ENS, K = {len(base_cfg.student_teachers())})", "",
               "uniform: every image gets A views. draws: image i gets max(1, round(A * r_c(i))) views, r_c its "
               "class's class-balanced repeat factor, i.e. views where the student's draws are, for the same "
@@ -419,9 +414,8 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
               "bytes are those of an A export of that allocation (float16, no logits), from the cache schema's "
               "layout, chunk padding included. 'teachers on the stored views' (`student.targets=replay`) runs "
               "the teachers on the cache's views instead of reading their targets: it tests the cache's fidelity.",
-              "", f"![views]({plots['views'].name})", "",
-              "| allocation | A | top-1 | many | medium | few | cache MiB | seeds |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "", f"![views]({plots['views'].name})", ""]
+    rows = []
     for r in summary["views"]:
         alloc, _, rest = r["label"].partition(" A=")
         a = rest.split(",")[0] if rest else "–"
@@ -430,20 +424,25 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
         elif "teachers on" in r["label"]:
             alloc += ", teachers on the stored views"
         mib = f"{cache_bytes[r['label']] / 2**20:.2f}" if r["label"] in cache_bytes else "–"
-        lines.append(f"| {alloc} | {a} | {pm2(r['top1'])} | {pm2(r['many'])} | {pm2(r['medium'])} | "
-                     f"{pm2(r['few'])} | {mib} | {seeds_text(r)} |")
-    lines += ["", "## Per class: accuracy against training images", "", f"![per class]({plots['per_class'].name})",
-              "", "| class | train images | " + " | ".join(PER_CLASS) + " |", "|---|---:|" + "---:|" * len(PER_CLASS)]
+        rows.append([alloc, a, *(pm2(r[m]) for m in METRICS), mib, seeds_text(r)])
+    lines += table(["allocation", "A", "top-1", "many", "medium", "few", "cache MiB", "seeds"], rows)
+    lines += ["", "## Per class: accuracy against training images", "", f"![per class]({plots['per_class'].name})", ""]
     per = {m: _row(summary["table2"], m) for m in PER_CLASS}
-    for c in sorted(range(len(counts)), key=lambda c: -counts[c]):
-        cells = [f"{per[m]['per_class'][c]:.1f}" if per[m] and per[m]["per_class"] else "–" for m in PER_CLASS]
-        lines.append(f"| {manifest.class_names[c]} | {counts[c]} | " + " | ".join(cells) + " |")
+    lines += table(["class", "train images", *PER_CLASS],
+                   [[manifest.class_names[c], counts[c],
+                     *(f"{per[m]['per_class'][c]:.1f}" if per[m] and per[m]["per_class"] else "–" for m in PER_CLASS)]
+                    for c in sorted(range(len(counts)), key=lambda c: -counts[c])])
     md = out / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
     write_json(out / f"{name}.json", {"complete": complete, "base_overrides": list(base), "seeds": list(SEEDS),
                                       "sections": summary, "ncm": ncm, "timing_s": timing.steps})
     log(f"[paper-table] wrote {md}" + ("" if complete else " (partial)"))
     return md
+
+
+def table(header: Sequence[str], rows, align: str = "") -> list[str]:
+    """`tables.markdown_table` as lines of the report."""
+    return markdown_table(header, rows, align).rstrip("\n").split("\n")
 
 
 def budget_bytes(pipeline: str, base: Sequence[str], manifest: Manifest) -> dict[str, int]:
