@@ -13,6 +13,7 @@ from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import decode_image, read_shard
 from cbd_cache.export import export_cache
 from cbd_cache.runtime import make_runtime
+from cbd_cache.verify import verify_cache
 from cbd_cache.views import ViewSpec, replay, to_unit
 
 from .conftest import smoke_config
@@ -93,8 +94,6 @@ def test_a_draws_cache_puts_views_where_the_student_draws_and_serves_smaller_bud
     assert counts.max() > 4 * counts.min() and abs(counts.sum() - 4 * len(labels)) < len(labels) * 0.1
     projected = projected_cache_bytes(cfg, labels, manifest.train.class_counts)
     assert projected == {name: group[name].nbytes for name in projected}
-    from cbd_cache.cache import verify_cache
-
     report = verify_cache(smoke_copy.cache, manifest, {t.name: smoke_copy.teacher_checkpoint(t.name)
                                                        for t in cfg.teachers}, make_runtime(cfg.pipeline), rows=24)
     assert report["problems"] == [] and report["rows_checked"] == 24
