@@ -60,12 +60,12 @@ def test_one_run_serves_every_table_that_asks_for_the_same_config():
     for seed in SEEDS:
         assert name[("table2", "CBD", seed)] == name[("alpha", "feature, alpha=0.4", seed)] == \
             name[("mix", "std0", seed)]
-        assert name[("table2", "CBD_ENS", seed)] == name[("views", "uniform A=8", seed)] == \
+        # the pipeline's own allocation (draws) is CBD_ENS's cache; the other reads its own, under its own name
+        assert name[("table2", "CBD_ENS", seed)] == name[("views", "draws A=8", seed)] == \
             name[("mix", "std0+std1+aug0+aug1", seed)]
-        # the other allocation reads its own cache, under its own run name
-        draws = next(r for r in runs["views"] if r.label == "draws A=8" and r.seed == seed)
-        assert "export.allocation=draws" in draws.name and draws.name != name[("views", "uniform A=8", seed)]
-        assert "pipeline.cache_url=W/cache_draws.zarr" in draws.overrides
+        uniform = next(r for r in runs["views"] if r.label == "uniform A=8" and r.seed == seed)
+        assert "export.allocation=uniform" in uniform.name and uniform.name != name[("views", "draws A=8", seed)]
+        assert "pipeline.cache_url=W/cache_uniform.zarr" in uniform.overrides
     order = training_order(runs)
     # 78 before Table 1 had the paper's K = 3 and K = 5 rows (one K = 3 mix replaced, K = 5 added) and
     # the two data-augmentation baselines (+ 3 x 3 seeds), and before the view study's allocations and
