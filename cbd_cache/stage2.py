@@ -5,9 +5,8 @@ cross-entropy only -> student.py. The CLI's train-student, `run` and the sweeps 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from contextlib import nullcontext
+from pathlib import Path
 
 from . import crt, online, student
 from .config import Config
