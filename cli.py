@@ -14,7 +14,7 @@ import click
 
 from cbd_cache import __version__, distributed, stage2
 from cbd_cache.allocator import keep_freed_memory
-from cbd_cache.cache import CacheError, cache_info
+from cbd_cache.cache import CacheDamaged, CacheError, cache_info
 from cbd_cache.config import DEFAULT_PIPELINE, Config, ConfigError, load_config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare as run_prepare
@@ -96,10 +96,10 @@ def pipeline_options(fn=None, *, workdir_default: str = "runs/{name}"):
     return wrapper
 
 
-BAD_INPUT = (ConfigError, CacheError, FileNotFoundError)           # exit 2
-FAILED_STAGE = (NonFiniteLoss, JobsFailed, Busy, ShardDamaged)     # exit 1
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)                             # exit 1: free space, run again
-NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)             # exit 2: another --workdir
+BAD_INPUT = (ConfigError, CacheError, FileNotFoundError)                        # exit 2
+FAILED_STAGE = (NonFiniteLoss, JobsFailed, Busy, ShardDamaged, CacheDamaged)    # exit 1
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)                                          # exit 1: free space, run again
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)                          # exit 2: another --workdir
 TRAINING = ("train-teacher", "train-student", "run", "sweep", "paper-table")
 
 
@@ -230,17 +230,19 @@ def import_teacher(ctx: Context, name: str, path: str, arch: str, keys: tuple[st
 
 
 @main.command()
+@click.option("--repair", is_flag=True,
+              help="Read every chunk, then rewrite only the damaged shards (and lost metadata), bit-identical.")
 @pipeline_options
-def export(ctx: Context):
+def export(ctx: Context, repair: bool):
     """Run every teacher over A views of every training image into the Zarr cache (resumable)."""
-    export_locked(ctx)
+    export_locked(ctx, repair)
 
 
-def export_locked(ctx: Context) -> None:
+def export_locked(ctx: Context, repair: bool = False) -> None:
     """export_cache under the cache folder's lock (rank 0's, a local cache's): one exporting process per cache."""
     local = ctx.main and not is_url(ctx.wd.cache)
     with hold(cache_lock(Path(ctx.wd.cache)), str(ctx.wd.cache)) if local else contextlib.nullcontext():
-        export_cache(ctx.cfg, ctx.wd, ctx.runtime)
+        export_cache(ctx.cfg, ctx.wd, ctx.runtime, repair)
 
 
 @main.command("train-student")

@@ -22,8 +22,14 @@ regular chunk grids, so the per-view arrays are chunked by `chunk_views` views a
 block starts on a chunk boundary, padded (zeros) up to the next one: one shard is still written by
 one writer as whole chunks, and read back as one contiguous slice; writers on several ranks or
 machines never share a chunk. The padding costs at most one chunk per shard (`Layout`, the one
-definition the writer, reader, `cache info`, verify and the dry run use). Every array carries a
-CRC32C per chunk, so a flipped byte fails the read instead of feeding the student.
+definition the writer, reader, `cache info`, verify and the dry run use).
+
+Damage is never read as data (schema 3). Every array carries a CRC32C per chunk, so a flipped,
+truncated or rewritten chunk fails its read; and every array's fill value (`FILL`: NaN for floats,
+-128 for int8, -1 for int32/int64) is one no export writes, so a chunk missing from a finished
+shard reads as holes the reader sees, never as zeros. Either stops the run with `CacheDamaged`,
+which names the array, the shard and `cbd-cache export --repair`. (`shard_done` fills with 0: a
+lost mark only makes export redo its shard.)
 
 The group's attributes (`provenance`) record the manifest fingerprint, the view seed, spec and
 allocation, and each teacher's checkpoint hash; a cache that disagrees with the data or teachers
@@ -41,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-import zarr.errors
 
 from . import __version__
 from .data.manifest import Manifest
@@ -50,7 +55,7 @@ from .data.shards import read_labels
 from .views import VIEW_FIELDS
 from .workdir import Location, bytes_under, exists, join
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3      # 3: fill values no export writes (2 filled with zeros)
 INT8_MAX = 127
 CHUNKS_PER_SHARD = 32    # auto chunk_views: a shard's average block in 32 chunks, so padding wastes <= 1/32
 MIN_CHUNK_VIEWS = 64
@@ -83,6 +88,14 @@ class CacheError(RuntimeError):
     """A cache that is missing, incomplete, or does not match the data or teachers it is asked to serve."""
 
 
+REPAIR = "run `cbd-cache export --repair` (same --pipeline, --workdir and --set) to rewrite what is damaged"
+
+
+class CacheDamaged(RuntimeError):
+    """A cache whose stored bytes are not what export wrote: a chunk or array metadata missing, truncated,
+    changed. The CLI exits 1; `cbd-cache export --repair` rewrites what is damaged."""
+
+
 def default_chunk_views(shard_size: int, views: int) -> int:
     """`export.chunk_views = 0`: a full shard's views (shard_size * A) in `CHUNKS_PER_SHARD` chunks, at least 64.
 
@@ -90,6 +103,21 @@ def default_chunk_views(shard_size: int, views: int) -> int:
     chunks waste less but make a shard's read touch more chunk objects.
     """
     return max(MIN_CHUNK_VIEWS, shard_size * views // CHUNKS_PER_SHARD)
+
+
+# Fill values no export writes: a missing chunk reads as these, and the reader takes them for damage.
+FILL: dict[str, float | int] = {"float16": float("nan"), "float32": float("nan"), "int8": -INT8_MAX - 1,
+                                "int32": -1, "int64": -1}
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the schema as zarr stores it."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+    fill: float | int
 
 
 @dataclass(frozen=True)
@@ -184,10 +212,85 @@ def provenance(manifest: Manifest, view_seed: int, view_spec: dict, views: int, 
     }
 
 
-def stored_layout(group: zarr.Group, prov: dict[str, Any]) -> Layout:
-    """The layout a cache was written with, from its per-row arrays."""
-    counts = group["view_count"][:].astype(np.int64)
-    return make_layout(prov["shards"], counts, prov["chunk_views"])
+PER_ROW = ("view_count", "view_offset")     # one value per image, one chunk each; "shard_done" one per shard
+
+
+def array_specs(prov: dict[str, Any], layout: Layout) -> dict[str, ArraySpec]:
+    """Every array of a cache with this provenance and layout: what export creates and readers check.
+
+    Arrays other than `PER_ROW` and "shard_done" hold one entry per flat view, chunked by `chunk_views`.
+    """
+    v, cv, dtype = layout.total, layout.chunk_views, prov["dtype"]
+    specs = {**row_specs(prov), "views": ArraySpec((v, len(VIEW_FIELDS)), (cv, len(VIEW_FIELDS)), "int32", FILL["int32"])}
+    for name, t in prov["teachers"].items():
+        d = t["descriptor_dim"]
+        specs[f"descriptors/{name}"] = ArraySpec((v, d), (cv, d), dtype, FILL[dtype])
+        if dtype == "int8":
+            specs[f"scales/{name}"] = ArraySpec((v,), (cv,), "float16", FILL["float16"])
+        if prov["logits"]:
+            c, ldtype = prov["num_classes"], logits_dtype(dtype)
+            specs[f"logits/{name}"] = ArraySpec((v, c), (cv, c), ldtype, FILL[ldtype])
+    return specs
+
+
+def row_specs(prov: dict[str, Any]) -> dict[str, ArraySpec]:
+    """The arrays whose shapes do not depend on the layout: `PER_ROW` and "shard_done"."""
+    n = prov["num_rows"]
+    return {"view_count": ArraySpec((n,), (max(n, 1),), "int32", FILL["int32"]),
+            "view_offset": ArraySpec((n,), (max(n, 1),), "int64", FILL["int64"]),
+            "shard_done": ArraySpec((len(prov["shards"]),), (1,), "uint8", 0)}
+
+
+def create_array(group: zarr.Group, name: str, spec: ArraySpec) -> zarr.Array:
+    """An array of the schema: uncompressed, with a CRC32C per chunk. Over an array whose metadata was
+    lost, it writes that metadata again (byte for byte) and keeps the chunks."""
+    return group.create_array(name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill,
+                              compressors=[zarr.codecs.Crc32cCodec()])
+
+
+def metadata_problems(group: zarr.Group, specs: dict[str, ArraySpec]) -> dict[str, str]:
+    """Arrays whose metadata is missing, unreadable or not the schema's: name -> what is wrong."""
+    problems = {}
+    for name, spec in specs.items():
+        try:
+            arr = group[name]
+        except KeyError:
+            problems[name] = "its metadata (zarr.json) is missing"
+            continue
+        except (ValueError, TypeError) as e:
+            problems[name] = f"its metadata (zarr.json) is unreadable ({e})"
+            continue
+        if not isinstance(arr, zarr.Array):
+            problems[name] = "is not an array"
+            continue
+        got = ArraySpec(tuple(arr.shape), tuple(arr.chunks), str(arr.dtype), arr.fill_value)
+        if got.shape != spec.shape or got.chunks != spec.chunks or got.dtype != spec.dtype or not _same_fill(got, spec):
+            problems[name] = (f"its metadata says shape {got.shape}, chunks {got.chunks}, {got.dtype}, fill {got.fill}; "
+                              f"the schema says {spec.shape}, {spec.chunks}, {spec.dtype}, fill {spec.fill}")
+    return problems
+
+
+def _same_fill(a: ArraySpec, b: ArraySpec) -> bool:
+    return bool(np.isnan(a.fill) and np.isnan(b.fill)) if isinstance(b.fill, float) else a.fill == b.fill
+
+
+def holes(x: np.ndarray, fill: float | int) -> np.ndarray:
+    """Indices of the entries along axis 0 that hold the fill value: views of a chunk that was never
+    written or was lost (no export writes the fill value; a chunk is all fill or none)."""
+    if not len(x):
+        return np.zeros(0, np.int64)
+    first = x.reshape(len(x), -1)[:, 0]
+    return np.flatnonzero(np.isnan(first) if isinstance(fill, float) and np.isnan(fill) else first == fill)
+
+
+def why(e: ValueError) -> str:
+    """What zarr's error on reading a chunk means, in a few words."""
+    text = str(e)
+    if "checksum" in text:
+        return "fails its checksum"
+    if "reshape" in text or "size" in text:
+        return "has the wrong size"
+    return f"cannot be decoded ({text})"
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -203,12 +306,6 @@ def _schema_error(path: Location, version: Any) -> CacheError:
                       "use the cbd-cache that wrote it")
 
 
-def _array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str) -> zarr.Array:
-    """Every array of the schema: uncompressed, with a CRC32C per chunk."""
-    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=[zarr.codecs.Crc32cCodec()],
-                              fill_value=0)
-
-
 class CacheWriter:
     """Creates the group (or reopens it to resume) and writes whole shards."""
 
@@ -221,8 +318,8 @@ class CacheWriter:
         if exists(path):
             try:
                 attrs = dict(zarr.open_group(store(path), mode="r").attrs)
-            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-                attrs = {}
+            except (FileNotFoundError, ValueError):
+                raise _no_group(path) from None
         if attrs is not None and "provenance" in attrs:
             version = attrs["provenance"].get("schema_version")
             if version != SCHEMA_VERSION:
@@ -236,31 +333,38 @@ class CacheWriter:
         elif not create:
             raise CacheError(f"{self.path}: the cache was not created")
         elif attrs is not None and "tool_version" not in attrs:
-            raise CacheError(f"{self.path} exists and is not a cbd-cache cache; choose another cache location")
+            raise CacheError(f"{self.path} is a Zarr group, not a cbd-cache cache; choose another cache location")
         else:   # absent, or a creation that was cut short: (re)create it
             self.group = self._create()
 
     def _create(self) -> zarr.Group:
         p, layout = self.prov, self.layout
         group = zarr.open_group(store(self.path), mode="w", attributes={"tool_version": __version__})
-        n, v, cv = p["num_rows"], layout.total, layout.chunk_views
-        _array(group, "view_count", (n,), (max(n, 1),), "int32")[:] = layout.counts.astype(np.int32)
-        _array(group, "view_offset", (n,), (max(n, 1),), "int64")[:] = layout.offsets
-        _array(group, "views", (v, len(VIEW_FIELDS)), (cv, len(VIEW_FIELDS)), "int32")
-        for name, t in p["teachers"].items():
-            _array(group, f"descriptors/{name}", (v, t["descriptor_dim"]), (cv, t["descriptor_dim"]), p["dtype"])
-            if p["dtype"] == "int8":
-                _array(group, f"scales/{name}", (v,), (cv,), "float16")
-            if p["logits"]:
-                _array(group, f"logits/{name}", (v, p["num_classes"]), (cv, p["num_classes"]), logits_dtype(p["dtype"]))
-        _array(group, "shard_done", (len(p["shards"]),), (1,), "uint8")
+        for name, spec in array_specs(p, layout).items():
+            create_array(group, name, spec)
+        group["view_count"][:] = layout.counts.astype(np.int32)
+        group["view_offset"][:] = layout.offsets
         # provenance last: readers take the group for a cache only once its arrays exist
         group.attrs.update({"provenance": p,
                             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         return zarr.open_group(store(self.path), mode="r+")
 
     def done_shards(self) -> set[int]:
-        return set(np.flatnonzero(self.group["shard_done"][:]).tolist())
+        return set(np.flatnonzero(read_whole(self.group, self.path, "shard_done")).tolist())
+
+    def check_metadata(self) -> None:
+        """Every array's metadata is the schema's (what resuming or finishing an export relies on)."""
+        for name, problem in metadata_problems(self.group, array_specs(self.prov, self.layout)).items():
+            raise damaged(self.path, name, problem)
+
+    def check_chunks(self) -> None:
+        """A finished cache holds every chunk: a count of the stored chunks, without reading one (a
+        changed or cut chunk shows only when read: `cache verify`)."""
+        for name, spec in array_specs(self.prov, self.layout).items():
+            expected = -(-spec.shape[0] // spec.chunks[0]) if spec.shape[0] else 0
+            stored = self.group[name].nchunks_initialized
+            if stored < expected:
+                raise damaged(self.path, name, f"{expected - stored} of its {expected} chunks are missing")
 
     def write_shard(self, index: int, views: np.ndarray, descriptors: dict[str, np.ndarray],
                     logits: dict[str, np.ndarray] | None = None) -> None:
@@ -294,16 +398,44 @@ def store(path: Location) -> str:
     return str(path)
 
 
+def _no_group(path: Location) -> CacheError:
+    return CacheError(f"{path} has no readable group metadata (zarr.json): it is not a cbd-cache cache, or that file "
+                      f"was lost. If it is this pipeline's cache, delete it (rm -r {shlex.quote(str(path))}) and run "
+                      "`cbd-cache export` again; otherwise choose another cache location")
+
+
 def open_group(path: Location) -> zarr.Group:
     if not exists(path):
         raise CacheError(f"no cache at {path}; run `cbd-cache export` first")
-    group = zarr.open_group(store(path), mode="r")
+    try:
+        group = zarr.open_group(store(path), mode="r")
+    except (FileNotFoundError, ValueError):     # GroupNotFoundError is both; a garbled zarr.json a ValueError
+        raise _no_group(path) from None
     prov = dict(group.attrs).get("provenance")
     if not prov:
         raise CacheError(f"{path}: the cache's creation was cut short; run `cbd-cache export` to create it again")
     if prov.get("schema_version") != SCHEMA_VERSION:
         raise _schema_error(path, prov.get("schema_version"))
     return group
+
+
+def damaged(path: Location, name: str, what: str, shard: int | None = None) -> CacheDamaged:
+    where = f" (shard {shard})" if shard is not None else ""
+    return CacheDamaged(f"{path}: {name}{where}: {what}; {REPAIR}")
+
+
+def read_whole(group: zarr.Group, path: Location, name: str) -> np.ndarray:
+    """A per-row or per-shard array, whole; damage raises CacheDamaged (a lost `shard_done` chunk reads
+    0, "not done": export redoes that shard)."""
+    try:
+        x = group[name][:]
+    except KeyError:
+        raise damaged(path, name, "its metadata (zarr.json) is missing") from None
+    except ValueError as e:
+        raise damaged(path, name, f"its chunk {why(e)}") from None
+    if name in PER_ROW and len(holes(x, FILL[str(x.dtype)])):
+        raise damaged(path, name, "its chunk is missing")
+    return x
 
 
 @dataclass(frozen=True)
@@ -346,7 +478,15 @@ class CacheReader:
                 f"{self.path} was exported for data with fingerprint {prov['manifest_fingerprint'][:12]}, but "
                 f"the manifest {join(manifest.folder, 'manifest.json')} has {manifest.fingerprint[:12]}; "
                 "re-run `cbd-cache export` for this data")
-        done = group["shard_done"][:]
+        for name, problem in metadata_problems(group, row_specs(prov)).items():
+            raise damaged(path, name, problem)
+        self.layout = make_layout(prov["shards"], read_whole(group, path, "view_count"), prov["chunk_views"])
+        self.specs = array_specs(prov, self.layout)
+        used = ["views", *(f"{a}/{t}" for t in teachers if t in prov["teachers"] for a in
+                           ("descriptors", "scales", *(["logits"] if with_logits else [])))]
+        for name, problem in metadata_problems(group, {k: self.specs[k] for k in used if k in self.specs}).items():
+            raise damaged(path, name, problem)
+        done = read_whole(group, path, "shard_done")
         if not done.all():
             raise CacheError(f"{self.path} is incomplete: {int(done.sum())}/{len(done)} shards exported; "
                              "run `cbd-cache export` to finish it")
@@ -370,7 +510,6 @@ class CacheReader:
         self.views = views or prov["views_per_image"]
         self.with_logits = with_logits
         self.dims = [prov["teachers"][t]["descriptor_dim"] for t in teachers]
-        self.layout = stored_layout(group, prov)
         self.counts = self.layout.counts
         if self.views != prov["views_per_image"]:
             self.counts = np.minimum(self.counts, cache_counts(manifest, self.views, prov["allocation"],
@@ -391,21 +530,36 @@ class CacheReader:
         """Rows [start, stop) (a shard, or several in a row): each array one contiguous slice, no per-sample reads."""
         lo = int(self.layout.offsets[start])
         hi = int(self.layout.offsets[stop - 1] + self.layout.counts[stop - 1])
-        views = self.array("views")[lo:hi]
+        views = self.read_array("views", lo, hi)
         parts = [self.descriptors(t, lo, hi) for t in self.teachers]
         targets = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         logits = None
         if self.with_logits:
-            zs = [self.array(f"logits/{t}")[lo:hi] for t in self.teachers]
+            zs = [self.read_array(f"logits/{t}", lo, hi) for t in self.teachers]
             logits = np.concatenate(zs, axis=-1) if len(zs) > 1 else zs[0]
         return ViewBlock(views, targets, logits, self.layout.offsets[start:stop] - lo, self.counts[start:stop])
 
     def descriptors(self, teacher: str, lo: int, hi: int) -> np.ndarray:
         """One teacher's descriptors of flat views [lo, hi): float16/float32 as stored, int8 dequantised."""
-        d = self.array(f"descriptors/{teacher}")[lo:hi]
+        d = self.read_array(f"descriptors/{teacher}", lo, hi)
         if self.prov["dtype"] != "int8":
             return d
-        return dequantize_int8(d, self.array(f"scales/{teacher}")[lo:hi], np.float16)
+        return dequantize_int8(d, self.read_array(f"scales/{teacher}", lo, hi), np.float16)
+
+    def read_array(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Flat views [lo, hi) of one array; a chunk that fails its check, or is missing, raises CacheDamaged."""
+        def shard(flat: int) -> int:
+            return int(np.searchsorted(self.layout.blocks[:, 1], flat, side="right"))
+
+        try:
+            x = self.array(name)[lo:hi]
+        except ValueError as e:
+            raise damaged(self.path, name, f"a chunk of views {lo}..{hi - 1} {why(e)}", shard(lo)) from None
+        bad = holes(x, self.specs[name].fill)
+        if len(bad):
+            flat = lo + int(bad[0])
+            raise damaged(self.path, name, f"chunk {flat // self.layout.chunk_views} is missing", shard(flat))
+        return x
 
 
 def cache_info(path: Location) -> dict[str, Any]:
@@ -419,8 +573,8 @@ def cache_info(path: Location) -> dict[str, Any]:
         if sub in group:
             for name, arr in sorted(group[sub].arrays(), key=lambda kv: kv[0]):
                 arrays[f"{sub}/{name}"] = _array_info(arr)
-    done = group["shard_done"][:]
-    counts = group["view_count"][:]
+    done = read_whole(group, path, "shard_done")
+    counts = read_whole(group, path, "view_count")
     bytes_on_disk = bytes_under(path)
     return {
         "path": str(path),

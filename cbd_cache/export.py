@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .cache import CacheWriter, TeacherRecord, cache_counts, default_chunk_views, make_layout, provenance
+from .cache import CacheError, CacheWriter, TeacherRecord, cache_counts, default_chunk_views, make_layout, provenance
 from .checkpoint import load_checkpoint
 from .config import Config
+from .damage import damaged_shards, mend
 from .data.manifest import Manifest
 from .data.stream import ExportStream
 from .distributed import barrier
@@ -60,7 +61,9 @@ class ShardBuffer:
 
 
 @torch.no_grad()
-def export_cache(cfg: Config, wd: Workdir, runtime: Runtime) -> Location:
+def export_cache(cfg: Config, wd: Workdir, runtime: Runtime, repair: bool = False) -> Location:
+    """Export, or resume an export; `repair` first finds every damaged chunk and array (`damage.mend`) and
+    the export then rewrites just the damaged shards, bit-identical to an undamaged export."""
     manifest = Manifest.load(wd.manifest)
     names = [t.name for t in cfg.teachers]
     nets, records = load_teachers(cfg, wd, names)
@@ -75,11 +78,22 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime) -> Location:
     writer = CacheWriter(wd.cache, prov, layout) if d.main else None   # one rank creates the store, then the others open it
     barrier()
     writer = writer or CacheWriter(wd.cache, prov, layout, create=False)
+    if d.main and repair:
+        found = mend(writer.group, wd.cache, prov, layout)
+        log(f"[export] repair: {len(found.damage) or 'no'} damaged arrays/shards in {wd.cache}"
+            + "".join(f"\n  {x}" for x in found.damage)
+            + (f"\nrewriting shards {damaged_shards(found.damage)}" if damaged_shards(found.damage) else ""))
+    elif d.main:
+        writer.check_metadata()
     shards = manifest.train.shards
+    barrier()
     todo = [s for s in range(len(shards)) if s not in writer.done_shards()]
     barrier()   # every rank has the same list before any rank writes
     if not todo:
-        log(f"[export] {wd.cache} is complete ({len(shards)} shards); nothing to do")
+        if d.main:
+            writer.check_chunks()
+        log(f"[export] {wd.cache} is complete ({len(shards)} shards); nothing to do "
+            "(`cbd-cache cache verify` reads every chunk)")
         return wd.cache
     log(f"[export] {len(names)} teachers x {int(sum(counts[shards[s].start:shards[s].stop].sum() for s in todo))} views "
         f"of {sum(shards[s].rows for s in todo)} images ({e.allocation} allocation, A = {e.views}), "
@@ -108,6 +122,12 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime) -> Location:
             buf.descriptors[name][flat] = teacher_target(v).cpu().numpy()
         for name, z in logits.items():
             buf.logits[name][flat] = z.float().cpu().numpy()
+        for name in names:   # NaN is the cache's mark of a missing chunk, and no target for a student
+            if not (np.isfinite(buf.descriptors[name][flat]).all() and
+                    (name not in buf.logits or np.isfinite(buf.logits[name][flat]).all())):
+                raise CacheError(f"teacher {name} gives non-finite outputs on shard {s} (rows {info.start}.."
+                                 f"{info.stop - 1}); its checkpoint {wd.teacher_checkpoint(name)} is broken: "
+                                 "train or import it again")
         buf.missing -= len(local)
         if buf.missing == 0:
             writer.write_shard(s, buf.views, buf.descriptors, buf.logits)
@@ -117,6 +137,8 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime) -> Location:
         raise RuntimeError(f"export: shards {sorted(pending)} did not receive all their rows")
     barrier()
     done = len(writer.done_shards())
+    if d.main and done == len(shards):
+        writer.check_chunks()
     log(f"[export] wrote {len(todo)} shards{' on rank 0' if d.world > 1 else ''} in "
         f"{time.perf_counter() - started:.0f}s to {wd.cache}; {done}/{len(shards)} shards done")
     return wd.cache

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache import cache_counts, open_group, stored_layout
+from .cache import CacheDamaged, Layout, cache_counts, dequantize_int8, make_layout, open_group, read_whole
+from .damage import scan_cache
 from .checkpoint import load_checkpoint
 from .data.manifest import Manifest
 from .data.shards import content_hash, decode_image, read_shard
-from .logs import Progress
 from .losses import teacher_target
 from .runtime import Runtime
 from .views import VIEW_FIELDS, ViewSpec, derive_views, replay
@@ -26,62 +26,39 @@ def verify_cache(path: Location, manifest: Manifest, checkpoints: dict[str, Any]
                  seed: int = 0, tolerance: float = 5e-3) -> dict[str, Any]:
     """Check a cache end to end; `problems` lists every mismatch (empty: the cache is sound).
 
-    - completeness (every shard done), the manifest fingerprint, the shard row ranges, array shapes;
-    - every stored descriptor of every row is unit-norm (a lost or zero chunk is not);
-    - `rows` random rows (seeded): their shards' content hashes match the manifest, their views are
-      the ones derived from (seed, key, view), and, for each teacher whose checkpoint is in
-      `checkpoints` (name -> path) with the hash the cache recorded, a fresh forward pass gives the
-      stored descriptor up to `tolerance` in cosine error (1 - cos).
+    - completeness (every shard done), the manifest fingerprint and shard row ranges;
+    - every chunk of every array (`damage.scan_cache`): its checksum, its size, its presence, and each
+      array's metadata; every stored descriptor is unit-norm and every view box sane;
+    - `rows` random rows (seeded) of sound shards: their shards' content hashes match the manifest,
+      their views are the ones derived from (seed, key, view), and, for each teacher whose
+      checkpoint is in `checkpoints` (name -> path) with the hash the cache recorded, a fresh
+      forward pass gives the stored descriptor up to `tolerance` in cosine error (1 - cos).
     """
     group = open_group(path)
     prov = dict(group.attrs)["provenance"]
     problems: list[str] = []
-    done = group["shard_done"][:]
-    if not done.all():
-        problems.append(f"incomplete: {int(done.sum())}/{len(done)} shards exported")
-    if prov["manifest_fingerprint"] != manifest.fingerprint:
+    same_data = prov["manifest_fingerprint"] == manifest.fingerprint
+    if not same_data:
         problems.append(f"manifest fingerprint {prov['manifest_fingerprint'][:12]} in the cache, "
                         f"{manifest.fingerprint[:12]} in the manifest")
     if prov["shards"] != [[s.start, s.stop] for s in manifest.train.shards]:
         problems.append("shard row ranges differ from the manifest's")
-    n = prov["num_rows"]
-    if "view_count" not in group or tuple(group["view_count"].shape) != (n,):
-        return {"path": str(path), "problems": problems + ["view_count: missing or not one count per row"],
-                "rows_checked": 0, "max_cosine_error": {}}
-    layout = stored_layout(group, prov)
-    expected = {"views": (layout.total, len(VIEW_FIELDS)), "view_offset": (n,)}
-    for name, t in prov["teachers"].items():
-        expected[f"descriptors/{name}"] = (layout.total, t["descriptor_dim"])
-    shapes = [f"{name}: shape {tuple(group[name].shape) if name in group else None}, expected {shape}"
-              for name, shape in expected.items() if name not in group or tuple(group[name].shape) != shape]
-    if not shapes and not np.array_equal(group["view_offset"][:], layout.offsets):
-        shapes.append("view_offset: differs from the layout of view_count")
-    if shapes:   # nothing below can be read safely
-        return {"path": str(path), "problems": problems + shapes, "rows_checked": 0, "max_cosine_error": {}}
-    counts, offsets = layout.counts, layout.offsets
-    if prov["manifest_fingerprint"] == manifest.fingerprint and not np.array_equal(
-            counts, cache_counts(manifest, prov["views_per_image"], prov["allocation"], prov["min_views"])):
-        problems.append(f"view_count: differs from the {prov['allocation']} allocation of "
-                        f"{prov['views_per_image']} views per image")
-
-    # every stored view: unit-norm descriptors, sane view boxes
-    progress = Progress("verify scan", n, unit="row")
-    for index, (start, stop) in enumerate(prov["shards"]):
-        if not done[index]:
-            continue
-        lo, hi = int(offsets[start]), int(offsets[stop - 1] + counts[stop - 1])
-        views = group["views"][lo:hi]
-        if (views[:, 2] < 1).any() or (views[:, 3] < 1).any() or not np.isin(views[:, 4], (0, 1)).all():
-            problems.append(f"shard {index} (rows {start}..{stop - 1}): invalid view boxes")
-        row_of = start + np.repeat(np.arange(stop - start), counts[start:stop])
-        for name in prov["teachers"]:
-            d = group[f"descriptors/{name}"][lo:hi].astype(np.float32)
-            bad = np.flatnonzero(np.abs(np.linalg.norm(d, axis=-1) - 1.0) > 1e-2)
-            if len(bad):
-                rows_bad = np.unique(row_of[bad])
-                problems.append(f"descriptors/{name}: {len(rows_bad)} rows of shard {index} are not unit-norm "
-                                f"(first: row {int(rows_bad[0])})")
-        progress.update(stop - start)
+        same_data = False
+    if same_data:    # the layout the data's allocation gives: a damaged view_count cannot mislead the scan
+        counts = cache_counts(manifest, prov["views_per_image"], prov["allocation"], prov["min_views"])
+    else:
+        try:
+            counts = read_whole(group, path, "view_count")
+        except CacheDamaged as e:
+            return _report(path, problems + [str(e)])
+    layout = make_layout(prov["shards"], counts, prov["chunk_views"])
+    norms = StoredViews(prov["dtype"] == "int8", problems, prov["shards"], layout)
+    scan = scan_cache(group, prov, layout, norms)
+    problems += [str(d) for d in scan.damage]
+    if not scan.done.all():
+        problems.insert(0, f"incomplete: {int(scan.done.sum())}/{len(scan.done)} shards exported")
+    n, counts, offsets = prov["num_rows"], layout.counts, layout.offsets
+    sound = scan.sound_shards()
 
     # a random sample of rows: data fingerprint, views, and the teachers' descriptors recomputed
     spec = ViewSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in prov["view_spec"].items()})
@@ -97,7 +74,7 @@ def verify_cache(path: Location, manifest: Manifest, checkpoints: dict[str, Any]
         nets[name] = runtime.prepare_model(load_checkpoint(ckpt)[0].eval())
         errors[name] = 0.0
     sample = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
-    sample = sample[[bool(done[_shard_of(prov["shards"], r)]) for r in sample]]   # rows of finished shards
+    sample = sample[[bool(sound[_shard_of(prov["shards"], r)]) for r in sample]]   # rows of sound, finished shards
     by_shard: dict[int, list[int]] = {}
     for row in sample.tolist():
         by_shard.setdefault(_shard_of(prov["shards"], row), []).append(row)
@@ -125,8 +102,44 @@ def verify_cache(path: Location, manifest: Manifest, checkpoints: dict[str, Any]
         if err > tolerance:
             problems.append(f"descriptors/{name}: recomputed rows differ from the cache by cosine error {err:.2e} "
                             f"(tolerance {tolerance:.0e})")
-    return {"path": str(path), "problems": problems, "rows_checked": int(len(sample)), "max_cosine_error": errors,
-            "teachers_recomputed": sorted(nets), "tolerance": tolerance}
+    return _report(path, problems, int(len(sample)), errors, sorted(nets), tolerance)
+
+
+def _report(path: Location, problems: list[str], rows_checked: int = 0, errors: dict[str, float] | None = None,
+            recomputed: list[str] | None = None, tolerance: float | None = None) -> dict[str, Any]:
+    return {"path": str(path), "problems": problems, "rows_checked": rows_checked, "max_cosine_error": errors or {},
+            "teachers_recomputed": recomputed or [], "tolerance": tolerance}
+
+
+class StoredViews:
+    """`scan_cache`'s inspection of every sound block: descriptors unit-norm (int8 ones once their scales
+    arrive), view boxes of positive size and flips of 0 or 1. Findings go into `problems`."""
+
+    def __init__(self, int8: bool, problems: list[str], shards: list[list[int]], layout: Layout):
+        self.int8, self.problems, self.shards, self.layout = int8, problems, shards, layout
+        self.quantized: dict[tuple[str, int], np.ndarray] = {}
+
+    def __call__(self, name: str, shard: int, block: np.ndarray) -> None:
+        kind, _, teacher = name.partition("/")
+        if kind == "views":
+            if (block[:, 2] < 1).any() or (block[:, 3] < 1).any() or not np.isin(block[:, 4], (0, 1)).all():
+                start, stop = self.shards[shard]
+                self.problems.append(f"shard {shard} (rows {start}..{stop - 1}): invalid view boxes")
+        elif kind == "descriptors" and self.int8:
+            self.quantized[(teacher, shard)] = block
+        elif kind == "descriptors":
+            self.unit_norm(teacher, shard, block.astype(np.float32))
+        elif kind == "scales" and (teacher, shard) in self.quantized:
+            self.unit_norm(teacher, shard, dequantize_int8(self.quantized.pop((teacher, shard)), block))
+
+    def unit_norm(self, teacher: str, shard: int, d: np.ndarray) -> None:
+        bad = np.flatnonzero(np.abs(np.linalg.norm(d, axis=-1) - 1.0) > 1e-2)
+        if len(bad):
+            start, stop = self.shards[shard]
+            row_of = start + np.repeat(np.arange(stop - start), self.layout.counts[start:stop])
+            rows_bad = np.unique(row_of[bad])
+            self.problems.append(f"descriptors/{teacher}: {len(rows_bad)} rows of shard {shard} are not unit-norm "
+                                 f"(first: row {int(rows_bad[0])})")
 
 
 def _shard_of(shards: list[list[int]], row: int) -> int:

@@ -61,6 +61,15 @@ def exists(loc: Location) -> bool:
     return fs.exists(path)
 
 
+def remove(loc: Location) -> None:
+    """Delete one file, local or at a URL."""
+    if not is_url(loc):
+        Path(loc).unlink()
+        return
+    fs, path = fsspec.core.url_to_fs(loc)
+    fs.rm(path)
+
+
 def bytes_under(loc: Location) -> int:
     """Bytes stored under a folder or prefix."""
     if not is_url(loc):

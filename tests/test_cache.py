@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from cbd_cache.cache import CacheError, CacheReader, cache_info, make_layout
+from cbd_cache.cache import CacheDamaged, CacheError, CacheReader, cache_info, make_layout
 from cbd_cache.checkpoint import load_checkpoint
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import decode_image, read_shard
@@ -149,7 +149,7 @@ def test_a_flipped_byte_fails_the_read(smoke_copy):
     data[10] ^= 0xFF
     chunk.write_bytes(bytes(data))
     reader = CacheReader(smoke_copy.cache, Manifest.load(smoke_copy.manifest), ["std0"])
-    with pytest.raises(ValueError, match="checksum"):
+    with pytest.raises(CacheDamaged, match=r"descriptors/std0 \(shard 1\): .* fails its checksum; run `cbd-cache export --repair`"):
         reader.read(32, 64)
 
 
@@ -235,3 +235,18 @@ def test_int8_export_stores_half_the_bytes_and_reads_back_the_same_targets(smoke
         used = np.linalg.norm(b, axis=-1) > 0                 # not the padding
         cos = (a * b).sum(-1)[used] / np.linalg.norm(a, axis=-1)[used] / np.linalg.norm(b, axis=-1)[used]
         assert cos.min() > 0.998
+
+
+def test_export_refuses_a_teacher_with_non_finite_outputs(smoke_copy, monkeypatch):
+    """NaN is the fill value that marks a missing chunk, so no NaN is ever written as a target."""
+    import shutil
+
+    import torch
+
+    from cbd_cache import export
+
+    cfg = smoke_config()
+    shutil.rmtree(smoke_copy.cache)
+    monkeypatch.setattr(export, "teacher_target", lambda v: torch.full_like(v, float("nan")))
+    with pytest.raises(CacheError, match=r"teacher std0 gives non-finite outputs on shard \d+ .*train or import it again"):
+        export_cache(cfg, smoke_copy, make_runtime(cfg.pipeline))

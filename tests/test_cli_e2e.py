@@ -77,7 +77,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     info = json.loads(cbd("cache", "info", *common, "--json").stdout)
     assert info["complete"] and info["arrays"]["descriptors/std0"]["dtype"] == "float16"
     assert info["arrays"]["views"]["shape"] == [512, 5]     # 8 shard blocks of 64 views (32 rows x A = 2), padded
-    assert info["views_stored"] == 227 * 2 and info["allocation"] == "uniform" and info["schema_version"] == 2
+    assert info["views_stored"] == 227 * 2 and info["allocation"] == "uniform" and info["schema_version"] == 3
 
     # the student loads no teacher: it trains with every teacher checkpoint gone
     shutil.rmtree(tmp_path / "smoke" / "teachers")

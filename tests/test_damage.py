@@ -1,9 +1,13 @@
-"""Damage outside the cache, tried as a user would, through the CLI in a subprocess: a shard truncated,
-deleted or with a byte flipped, and a PNG that PIL accepts but libpng kills its process on.
+"""Damage tried as a user would, training through the CLI in a subprocess.
+
+The cache: a chunk deleted, truncated, byte-flipped or rewritten as another dtype (with a valid
+checksum), an array's metadata deleted or retyped, a views chunk deleted. The data: a shard
+truncated, deleted or with a byte flipped, and a PNG that PIL accepts but libpng kills its process on.
 
 In every case no stage trains or evaluates with exit 0, no process segfaults, no traceback is
-printed (one `cbd-cache: error:` line names the shard and the repair), and the named repair,
-`cbd-cache prepare`, restores the shards bit-identical to the undamaged ones.
+printed (one `cbd-cache: error:` line names the array or shard and the repair), `cache verify`
+reports cache damage with exit 1, and the named repair (`cbd-cache export --repair`, `cbd-cache
+prepare`) restores the cache or shards bit-identical to the undamaged ones.
 """
 import hashlib
 import io
@@ -11,10 +15,13 @@ import struct
 import subprocess
 import sys
 
+import google_crc32c
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from cli import main
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import iter_shard
 
@@ -140,3 +147,94 @@ def test_a_changed_shard_fails_on_first_read_and_once_checked_is_not_rehashed(sm
     for _ in range(3):
         shards.read_shard(path, info.start, info.stop, info.sha256)
     assert len(calls) <= 1   # once per shard per process (none if an earlier test here read it)
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+def cache_files(wd) -> dict[str, str]:
+    return {str(p.relative_to(wd.cache)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(wd.cache.rglob("*")) if p.is_file()}
+
+
+def chunk_of(wd, array: str, c: int = 1):
+    return wd.cache / array / "c" / str(c) / "0"
+
+
+def delete_chunk(wd):
+    chunk_of(wd, "descriptors/std0").unlink()
+
+
+def truncate_chunk(wd):
+    truncate(chunk_of(wd, "descriptors/std0"))
+
+
+def flip_chunk_byte(wd):
+    path = chunk_of(wd, "descriptors/std0")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def retype_chunk(wd):
+    """The chunk's values written again as float32, with a valid CRC32C: only its size gives it away."""
+    path = chunk_of(wd, "descriptors/std0")
+    raw = np.frombuffer(path.read_bytes()[:-4], np.float16).astype(np.float32).tobytes()
+    path.write_bytes(raw + google_crc32c.value(raw).to_bytes(4, "little"))
+
+
+def delete_metadata(wd):
+    (wd.cache / "descriptors" / "std0" / "zarr.json").unlink()
+
+
+def retype_metadata(wd):
+    path = wd.cache / "descriptors" / "std0" / "zarr.json"
+    path.write_text(path.read_text().replace('"float16"', '"float32"'))
+
+
+def delete_views_chunk(wd):
+    chunk_of(wd, "views").unlink()
+
+
+def flip_done_mark(wd):
+    path = wd.cache / "shard_done" / "c" / "2"
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+ARRAY = {delete_views_chunk: "views", flip_done_mark: "shard_done"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [delete_chunk, truncate_chunk, flip_chunk_byte, retype_chunk, delete_metadata,
+                                    retype_metadata, delete_views_chunk, flip_done_mark])
+def test_a_damaged_cache_stops_training_verify_names_it_and_repair_restores_it(smoke_copy, damage):
+    wd = smoke_copy
+    common = ["--pipeline", str(SMOKE), "--workdir", str(wd.root)]
+    before = cache_files(wd)
+    array = ARRAY.get(damage, "descriptors/std0")
+    damage(wd)
+    result = cbd("train-student", *common, "--set", "student.epochs=1")
+    assert_one_line_error(result, str(wd.cache), array, "cbd-cache export --repair")
+    assert not (wd.root / "students" / "student_epochs=1" / "checkpoint.pt").exists()
+
+    verified = CliRunner().invoke(main, ["cache", "verify", *common])
+    assert verified.exit_code == 1 and isinstance(verified.exception, SystemExit), verified.output   # not a crash
+    assert f"MISMATCH {array}" in verified.stdout and "FAILED" in verified.stdout, verified.output
+    if damage in (delete_chunk, delete_views_chunk, delete_metadata, retype_metadata, flip_done_mark):  # no read needed
+        plain = CliRunner().invoke(main, ["export", *common])
+        assert plain.exit_code == 1 and "export --repair" in plain.stderr, plain.output
+
+    repaired = CliRunner().invoke(main, ["export", "--repair", *common])
+    assert repaired.exit_code == 0, repaired.output
+    assert array in repaired.stderr
+    assert cache_files(wd) == before
+    again = CliRunner().invoke(main, ["cache", "verify", *common])
+    assert again.exit_code == 0 and again.stdout.strip().endswith("OK"), again.output
+
+
+def test_a_cache_without_group_metadata_is_one_line_naming_the_fix(smoke_copy):
+    (smoke_copy.cache / "zarr.json").unlink()
+    result = CliRunner().invoke(main, ["train-student", "--pipeline", str(SMOKE), "--workdir", str(smoke_copy.root)])
+    assert result.exit_code == 2, result.output
+    assert f"{smoke_copy.cache} has no readable group metadata" in result.stderr and "rm -r" in result.stderr
+    assert "Traceback" not in result.output

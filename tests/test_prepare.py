@@ -213,6 +213,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert re.search(r"cache: [\d.]+ KiB for N=103 x A=2 views \(uniform allocation: 2..2 per image\) x K=2 teachers, "
                      r"d=64, float16", out)
     assert re.search(r"export 2 x resnet8: [\d,]+ img/s measured on cpu .*\nexport estimate: \d+", out)
+    int8 = cli("prepare", "--dry-run", "--pipeline", str(SMOKE), "--workdir", str(wd),
+               *sets([*data_overrides("imagefolder", root), "export.dtype=int8"]))   # was a KeyError
+    assert int8.exit_code == 0 and "x K=2 teachers, d=64, int8" in int8.stdout, int8.output
     assert not wd.exists()
 
 
