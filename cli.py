@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import functools
 import json
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -159,6 +160,9 @@ def main(debug: bool):
 
     Stages: prepare -> train-teacher (or import-teacher) -> export -> train-student -> evaluate (or `run` for all).
     """
+    # When one chunk of a multi-chunk read fails, zarr leaves the other reads pending on its I/O loop,
+    # and asyncio would print them at exit under the one error line; the project runs no asyncio of its own.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 @main.command()

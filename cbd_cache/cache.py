@@ -283,6 +283,11 @@ def holes(x: np.ndarray, fill: float | int) -> np.ndarray:
     return np.flatnonzero(np.isnan(first) if isinstance(fill, float) and np.isnan(fill) else first == fill)
 
 
+def chunk_key(name: str, spec: ArraySpec, chunk: int) -> str:
+    """Chunk `chunk` of array `name` as a file under the cache (Zarr v3's default key encoding): views/c/3/0."""
+    return f"{name}/c/{chunk}" + "/0" * (len(spec.shape) - 1)
+
+
 def why(e: ValueError) -> str:
     """What zarr's error on reading a chunk means, in a few words."""
     text = str(e)
@@ -432,7 +437,13 @@ def read_whole(group: zarr.Group, path: Location, name: str) -> np.ndarray:
     except KeyError:
         raise damaged(path, name, "its metadata (zarr.json) is missing") from None
     except ValueError as e:
-        raise damaged(path, name, f"its chunk {why(e)}") from None
+        arr = group[name]
+        for c in range(-(-arr.shape[0] // arr.chunks[0])):     # which chunk (one per shard for the done marks)
+            try:
+                arr[c * arr.chunks[0]:(c + 1) * arr.chunks[0]]
+            except ValueError:
+                raise CacheDamaged(f"{join(path, f'{name}/c/{c}')} {why(e)}; {REPAIR}") from None
+        raise
     if name in PER_ROW and len(holes(x, FILL[str(x.dtype)])):
         raise damaged(path, name, "its chunk is missing")
     return x
@@ -548,17 +559,25 @@ class CacheReader:
 
     def read_array(self, name: str, lo: int, hi: int) -> np.ndarray:
         """Flat views [lo, hi) of one array; a chunk that fails its check, or is missing, raises CacheDamaged."""
-        def shard(flat: int) -> int:
-            return int(np.searchsorted(self.layout.blocks[:, 1], flat, side="right"))
+        cv = self.layout.chunk_views
+
+        def chunk_damaged(flat: int, what: str) -> CacheDamaged:
+            shard = int(np.searchsorted(self.layout.blocks[:, 1], flat, side="right"))
+            return CacheDamaged(f"{join(self.path, chunk_key(name, self.specs[name], flat // cv))} (shard {shard}) "
+                                f"{what}; {REPAIR}")
 
         try:
             x = self.array(name)[lo:hi]
         except ValueError as e:
-            raise damaged(self.path, name, f"a chunk of views {lo}..{hi - 1} {why(e)}", shard(lo)) from None
+            for start in range(lo - lo % cv, hi, cv):     # which chunk: read them one by one
+                try:
+                    self.array(name)[max(start, lo):min(start + cv, hi)]
+                except ValueError:
+                    raise chunk_damaged(start, why(e)) from None
+            raise
         bad = holes(x, self.specs[name].fill)
         if len(bad):
-            flat = lo + int(bad[0])
-            raise damaged(self.path, name, f"chunk {flat // self.layout.chunk_views} is missing", shard(flat))
+            raise chunk_damaged(lo + int(bad[0]), "is missing")
         return x
 
 

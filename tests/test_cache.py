@@ -149,7 +149,7 @@ def test_a_flipped_byte_fails_the_read(smoke_copy):
     data[10] ^= 0xFF
     chunk.write_bytes(bytes(data))
     reader = CacheReader(smoke_copy.cache, Manifest.load(smoke_copy.manifest), ["std0"])
-    with pytest.raises(CacheDamaged, match=r"descriptors/std0 \(shard 1\): .* fails its checksum; run `cbd-cache export --repair`"):
+    with pytest.raises(CacheDamaged, match=r"cache.zarr/descriptors/std0/c/1/0 \(shard 1\) fails its checksum; run `cbd-cache export --repair`"):
         reader.read(32, 64)
 
 
