@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from .cache import CacheDamaged, Layout, cache_counts, dequantize_int8, make_layout, open_group, read_whole
-from .damage import scan_cache
 from .checkpoint import load_checkpoint
+from .damage import scan_cache
 from .data.manifest import Manifest
 from .data.shards import content_hash, decode_image, read_shard
 from .losses import teacher_target
 from .runtime import Runtime
-from .views import VIEW_FIELDS, ViewSpec, derive_views, replay
+from .views import ViewSpec, derive_views, replay
 from .workdir import Location, exists, file_sha256
 
 
