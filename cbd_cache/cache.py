@@ -43,7 +43,7 @@ from __future__ import annotations
 import datetime
 import shlex
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import zarr
@@ -288,6 +288,17 @@ def chunk_key(name: str, spec: ArraySpec, chunk: int) -> str:
     return f"{name}/c/{chunk}" + "/0" * (len(spec.shape) - 1)
 
 
+def read_chunks(arr: zarr.Array, lo: int, hi: int) -> Iterator[tuple[int, np.ndarray | ValueError]]:
+    """[lo, hi) along axis 0 one chunk at a time: (chunk index, its data or the error reading it raised).
+    What names the chunk that made a multi-chunk read fail, or that reads as holes."""
+    step = arr.chunks[0]
+    for start in range(lo - lo % step, hi, step):
+        try:
+            yield start // step, arr[max(start, lo):min(start + step, hi)]
+        except ValueError as e:
+            yield start // step, e
+
+
 def why(e: ValueError) -> str:
     """What zarr's error on reading a chunk means, in a few words."""
     text = str(e)
@@ -436,13 +447,11 @@ def read_whole(group: zarr.Group, path: Location, name: str) -> np.ndarray:
         x = group[name][:]
     except KeyError:
         raise damaged(path, name, "its metadata (zarr.json) is missing") from None
-    except ValueError as e:
+    except ValueError:
         arr = group[name]
-        for c in range(-(-arr.shape[0] // arr.chunks[0])):     # which chunk (one per shard for the done marks)
-            try:
-                arr[c * arr.chunks[0]:(c + 1) * arr.chunks[0]]
-            except ValueError:
-                raise CacheDamaged(f"{join(path, f'{name}/c/{c}')} {why(e)}; {REPAIR}") from None
+        for c, x in read_chunks(arr, 0, arr.shape[0]):     # which chunk (one per shard for the done marks)
+            if isinstance(x, ValueError):
+                raise CacheDamaged(f"{join(path, f'{name}/c/{c}')} {why(x)}; {REPAIR}") from None
         raise
     if name in PER_ROW and len(holes(x, FILL[str(x.dtype)])):
         raise damaged(path, name, "its chunk is missing")
@@ -561,23 +570,21 @@ class CacheReader:
         """Flat views [lo, hi) of one array; a chunk that fails its check, or is missing, raises CacheDamaged."""
         cv = self.layout.chunk_views
 
-        def chunk_damaged(flat: int, what: str) -> CacheDamaged:
-            shard = int(np.searchsorted(self.layout.blocks[:, 1], flat, side="right"))
-            return CacheDamaged(f"{join(self.path, chunk_key(name, self.specs[name], flat // cv))} (shard {shard}) "
+        def chunk_damaged(chunk: int, what: str) -> CacheDamaged:
+            shard = int(np.searchsorted(self.layout.blocks[:, 1], chunk * cv, side="right"))
+            return CacheDamaged(f"{join(self.path, chunk_key(name, self.specs[name], chunk))} (shard {shard}) "
                                 f"{what}; {REPAIR}")
 
         try:
             x = self.array(name)[lo:hi]
-        except ValueError as e:
-            for start in range(lo - lo % cv, hi, cv):     # which chunk: read them one by one
-                try:
-                    self.array(name)[max(start, lo):min(start + cv, hi)]
-                except ValueError:
-                    raise chunk_damaged(start, why(e)) from None
+        except ValueError:
+            for c, part in read_chunks(self.array(name), lo, hi):     # which chunk
+                if isinstance(part, ValueError):
+                    raise chunk_damaged(c, why(part)) from None
             raise
         bad = holes(x, self.specs[name].fill)
         if len(bad):
-            raise chunk_damaged(lo + int(bad[0]), "is missing")
+            raise chunk_damaged((lo + int(bad[0])) // cv, "is missing")
         return x
 
 

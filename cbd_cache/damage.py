@@ -14,7 +14,8 @@ from typing import Any, Callable
 import numpy as np
 import zarr
 
-from .cache import PER_ROW, ArraySpec, Layout, array_specs, create_array, holes, metadata_problems, why
+from .cache import (PER_ROW, ArraySpec, Layout, array_specs, create_array, holes, metadata_problems, read_chunks,
+                    why)
 from .logs import Progress
 from .workdir import Location, exists, join, remove
 
@@ -120,14 +121,10 @@ def _read_block(arr: zarr.Array, spec: ArraySpec, start: int, stop: int, chunk_v
     if block is not None:
         return block, _chunks_missing([start // chunk_views + int(i) for i in holes(block[::chunk_views], spec.fill)])
     failed, missing = [], []
-    for lo in range(start, stop, chunk_views):     # name the chunks that fail
-        c = lo // chunk_views
-        try:
-            x = arr[lo:min(lo + chunk_views, stop)]
-        except ValueError as e:
-            failed.append(f"chunk {c} {why(e)}")
-            continue
-        if len(holes(x[:1], spec.fill)):
+    for c, x in read_chunks(arr, start, stop):     # name the chunks that fail
+        if isinstance(x, ValueError):
+            failed.append(f"chunk {c} {why(x)}")
+        elif len(holes(x[:1], spec.fill)):
             missing.append(c)
     return None, failed + _chunks_missing(missing)
 

@@ -57,6 +57,10 @@ def test_parse_value():
     ("data.format=csv", "data.format='csv': must be one of"),
     ("export.min_views=0", "export.min_views=0: must be >= 1"),
     ("export.allocation=draw", "export.allocation='draw': must be one of uniform, draws"),
+    # your own teachers (tests/test_external.py)
+    ("teacher.arch=timm:hf-hub:org/model", "hf-hub: names fetch weights or configs at run time"),
+    ("teacher.source=elsewhere", "teacher.source='elsewhere': must be one of trained, imported"),
+    ("teacher.mean=[0.5,0.5]", "give both, one value per channel"),
 ])
 def test_bad_overrides_raise_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError) as e:
