@@ -7,6 +7,7 @@ from itertools import islice
 
 import numpy as np
 import pytest
+import zarr
 
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare
@@ -46,6 +47,24 @@ def test_ranks_read_disjoint_equal_slices_and_stay_balanced_together(smoke_workd
     np.testing.assert_allclose(hist, 0.1, atol=0.035)
 
 
+def assert_same_cache(a, b) -> None:
+    """The same arrays, views and layout bit for bit, and the same descriptors to float16 rounding.
+
+    The two exports ran the same teachers on the same batches, but torchrun gives each rank one thread
+    and this process has its own count; a convolution's float32 sums may then round differently in the
+    last bit, which float16 storage turns into one unit in the last place now and then (about 1e-4)."""
+    ga, gb = (zarr.open_group(str(x), mode="r") for x in (a, b))
+    hashes_a, hashes_b = array_hashes(a), array_hashes(b)
+    assert hashes_a.keys() == hashes_b.keys()
+    for name in hashes_a:
+        if name.startswith("descriptors/"):
+            x, y = ga[name][:], gb[name][:]
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=0, atol=1e-3, err_msg=name)
+        else:
+            assert hashes_a[name] == hashes_b[name], name
+
+
 def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """docs/cluster.md's command line: torchrun --nproc_per_node=N --no-python cbd-cache ..."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
@@ -58,7 +77,7 @@ def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_two_process_smoke_pipeline_with_uneven_shards(tmp_path):
     """torchrun --nproc_per_node=2 (gloo) for teacher, export and student on 5 uneven shards: every stage
-    finishes with the same step count on both ranks, and the 2-rank cache equals a 1-process export."""
+    finishes with the same step count on both ranks, and the 2-rank cache is a 1-process export's."""
     overrides = ["data.shard_size=48", "teacher.epochs=1"]   # the student keeps its 2 epochs
     cfg = smoke_config(*overrides)
     wd = Workdir(tmp_path / "wd")
@@ -80,7 +99,7 @@ def test_two_process_smoke_pipeline_with_uneven_shards(tmp_path):
     single = Workdir(tmp_path / "single")
     shutil.copytree(wd.root, single.root, ignore=shutil.ignore_patterns("cache.zarr"))
     export_cache(cfg, single, make_runtime(cfg.pipeline))
-    assert array_hashes(wd.cache) == array_hashes(single.cache)
+    assert_same_cache(wd.cache, single.cache)
 
     out = torchrun("train-student", *common).stderr
     name = "student_data.shard_size=48_teacher.epochs=1"   # named by its data and teacher settings too
