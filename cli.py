@@ -13,32 +13,36 @@ from pathlib import Path
 
 import click
 
-from cbd_cache import __version__, distributed, stage2
-from cbd_cache.allocator import keep_freed_memory
-from cbd_cache.cache import CacheDamaged, CacheError, cache_info
-from cbd_cache.config import DEFAULT_PIPELINE, Config, ConfigError, load_config
+from cbd_cache import __version__
+from cbd_cache import pipeline as stage2
+from cbd_cache.cache.info import cache_info
+from cbd_cache.config import DEFAULT_PIPELINE, Config, load_config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare as run_prepare
-from cbd_cache.data.shards import ShardDamaged
-from cbd_cache.dryrun import dry_run as plan_dry_run
-from cbd_cache.engine import NonFiniteLoss
-from cbd_cache.evaluation import evaluate_workdir, results_table
-from cbd_cache.experiments.paper_table import SECTION_KEYS, paper_table as run_paper_table
+from cbd_cache.errors import Busy, CacheDamaged, CacheError, ConfigError, JobsFailed, NonFiniteLoss, ShardDamaged
+from cbd_cache.experiments.paper_design import SECTION_KEYS
+from cbd_cache.experiments.paper_table import paper_table as run_paper_table
 from cbd_cache.experiments.sweep import parse_grid, parse_seeds, run_sweep
-from cbd_cache.export import export_cache
-from cbd_cache.external import import_teacher as run_import
-from cbd_cache.jobs import JobsFailed, gpus_for, run_parallel
-from cbd_cache.locks import Busy, cache_lock, hold
-from cbd_cache.logs import log
-from cbd_cache.ncm import ncm_report
-from cbd_cache.portable import export_model
-from cbd_cache.predict import list_inputs, model_checkpoint, predict_files, predictions_csv
-from cbd_cache.runtime import make_runtime
-from cbd_cache.summaries import logs_csv, run_logs
-from cbd_cache.teachers import train_teacher as run_teacher
-from cbd_cache.verify import verify_cache
+from cbd_cache.stages.evaluate import evaluate_workdir
+from cbd_cache.stages.export import export_cache
+from cbd_cache.stages.imported import import_teacher as run_import
+from cbd_cache.stages.ncm import ncm_report
+from cbd_cache.stages.teachers import train_teacher as run_teacher
+from cbd_cache.system import distributed
+from cbd_cache.system.allocator import keep_freed_memory
+from cbd_cache.system.jobs import gpus_for, run_parallel
+from cbd_cache.system.locks import cache_lock, hold
+from cbd_cache.system.logs import log
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.system.storage import atomic_write_bytes, is_url, upload
+from cbd_cache.tools.dryrun import dry_run as plan_dry_run
+from cbd_cache.tools.portable import export_model
+from cbd_cache.tools.predict import list_inputs, model_checkpoint, predict_files, predictions_csv
+from cbd_cache.tools.training_logs import logs_csv, run_logs
+from cbd_cache.tools.verify import verify_cache
+from cbd_cache.train.evaluation import results_table
 from cbd_cache.views import ViewSpec
-from cbd_cache.workdir import Workdir, atomic_write_bytes, is_url, upload
+from cbd_cache.workdir import Workdir
 
 
 class Context:

@@ -32,20 +32,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from common import Timer, bench_config, bench_workdir, runtime_info, write_results
 
-from cbd_cache.cache import CacheReader, CacheWriter, TeacherRecord, cache_info, provenance
+from cbd_cache.cache.info import cache_info
+from cbd_cache.cache.reader import CacheReader
+from cbd_cache.cache.schema import TeacherRecord, provenance
+from cbd_cache.cache.writer import CacheWriter
 from cbd_cache.config import TrainCfg
 from cbd_cache.data.manifest import Manifest, ShardInfo, SplitInfo
 from cbd_cache.data.sampling import copies, repeat_factors
 from cbd_cache.data.stream import ExportStream
-from cbd_cache.engine import make_optimizer
-from cbd_cache.export import export_cache, load_teachers
-from cbd_cache.losses import cbd_loss, normalize_per_teacher
-from cbd_cache.models import Network, descriptor_dim, projection_dim
-from cbd_cache.logs import log
-from cbd_cache.runtime import Runtime, make_runtime
+from cbd_cache.models.losses import cbd_loss, normalize_per_teacher
+from cbd_cache.models.networks import Network, descriptor_dim, projection_dim
+from cbd_cache.stages.export import export_cache, load_teachers
+from cbd_cache.system.logs import log
+from cbd_cache.system.runtime import Runtime, make_runtime
+from cbd_cache.train.engine import make_optimizer
 from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir
 

@@ -23,13 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-
 from common import ROOT, write_results
 
-from cbd_cache.cache import CacheReader, cache_info, dequantize_int8
+from cbd_cache.cache.codec import dequantize_int8
+from cbd_cache.cache.info import cache_info
+from cbd_cache.cache.reader import CacheReader
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.logs import log
-from cbd_cache.workdir import Workdir, read_json
+from cbd_cache.system.logs import log
+from cbd_cache.system.storage import read_json
+from cbd_cache.workdir import Workdir
 
 DTYPES = ("float32", "float16", "int8")
 CLI = [sys.executable, "-m", "cli"]

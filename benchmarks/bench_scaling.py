@@ -21,24 +21,34 @@ import json
 from pathlib import Path
 
 import numpy as np
+from common import (
+    RESULTS,
+    ROOT,
+    Timer,
+    bench_config,
+    runtime_info,
+    train_images_per_s,
+    untrained_teachers,
+    write_results,
+)
 from torch.utils.data import DataLoader
 
-from common import RESULTS, ROOT, Timer, bench_config, runtime_info, train_images_per_s, untrained_teachers, write_results
-
-from cbd_cache.cache import CacheReader, cache_info, default_chunk_views, make_layout
+from cbd_cache.cache.info import cache_info
+from cbd_cache.cache.reader import CacheReader
+from cbd_cache.cache.schema import default_chunk_views, make_layout
 from cbd_cache.config import load_config
-from cbd_cache.dryrun import projected_cache_bytes
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare
 from cbd_cache.data.shards import read_labels
 from cbd_cache.data.stream import CacheSpec, TrainStream
-from cbd_cache.engine import cosine_schedule, make_optimizer
-from cbd_cache.export import export_cache
-from cbd_cache.models import Network, descriptor_dim, projection_dim
-from cbd_cache.logs import log
-from cbd_cache.runtime import make_runtime
-from cbd_cache.seeding import seed_everything
-from cbd_cache.student import distillation_step
+from cbd_cache.models.networks import Network, descriptor_dim, projection_dim
+from cbd_cache.stages.export import export_cache
+from cbd_cache.system.logs import log
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.system.seeding import seed_everything
+from cbd_cache.tools.dryrun import projected_cache_bytes
+from cbd_cache.train.engine import cosine_schedule, make_optimizer
+from cbd_cache.train.steps import distillation_step
 from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir
 

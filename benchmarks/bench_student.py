@@ -26,22 +26,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import Timer, bench_config, bench_workdir, runtime_info, train_images_per_s, write_results
 from torch.utils.data import DataLoader
 
-from common import Timer, bench_config, bench_workdir, runtime_info, train_images_per_s, write_results
-
-from cbd_cache.cache import CacheReader
+from cbd_cache.cache.reader import CacheReader
 from cbd_cache.config import Config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.stream import CacheSpec, TrainStream
-from cbd_cache.engine import cosine_schedule, cross_entropy_step, make_optimizer
-from cbd_cache.export import export_cache, load_teachers
-from cbd_cache.logs import log
-from cbd_cache.models import Network, descriptor_dim, projection_dim
-from cbd_cache.runtime import Runtime, make_runtime
-from cbd_cache.online import online_step
-from cbd_cache.seeding import seed_everything
-from cbd_cache.student import distillation_step
+from cbd_cache.models.networks import Network, descriptor_dim, projection_dim
+from cbd_cache.stages.export import export_cache, load_teachers
+from cbd_cache.system.logs import log
+from cbd_cache.system.runtime import Runtime, make_runtime
+from cbd_cache.system.seeding import seed_everything
+from cbd_cache.train.engine import cosine_schedule, make_optimizer
+from cbd_cache.train.steps import cross_entropy_step, distillation_step, online_step
 from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir
 

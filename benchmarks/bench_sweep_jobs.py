@@ -21,8 +21,8 @@ from common import ROOT, untrained_teachers, write_results
 
 from cbd_cache.config import load_config
 from cbd_cache.data.prepare import prepare
-from cbd_cache.export import export_cache
-from cbd_cache.runtime import cpu_count, make_runtime
+from cbd_cache.stages.export import export_cache
+from cbd_cache.system.runtime import cpu_count, make_runtime
 from cbd_cache.workdir import Workdir
 
 SMOKE = ROOT / "pipelines" / "smoke.toml"

@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from cbd_cache import distributed
+from cbd_cache.system import distributed
 
 
 def main(backend: str) -> None:

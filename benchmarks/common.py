@@ -24,17 +24,17 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cbd_cache.allocator import keep_freed_memory  # noqa: E402
-from cbd_cache.checkpoint import network_spec, save_checkpoint  # noqa: E402
-from cbd_cache.config import Config, DataCfg, load_config  # noqa: E402
-from cbd_cache.data.manifest import Manifest  # noqa: E402
-from cbd_cache.data.prepare import prepare  # noqa: E402
-from cbd_cache.data.sources import Record, Synthetic  # noqa: E402
-from cbd_cache.engine import train_step  # noqa: E402
-from cbd_cache.logs import log  # noqa: E402
-from cbd_cache.models import Network  # noqa: E402
-from cbd_cache.runtime import Runtime, cpu_count  # noqa: E402
-from cbd_cache.workdir import Workdir  # noqa: E402
+from cbd_cache.config import Config, DataCfg, load_config
+from cbd_cache.data.manifest import Manifest
+from cbd_cache.data.prepare import prepare
+from cbd_cache.data.sources import Record, Synthetic
+from cbd_cache.models.checkpoints import network_spec, save_checkpoint
+from cbd_cache.models.networks import Network
+from cbd_cache.system.allocator import keep_freed_memory
+from cbd_cache.system.logs import log
+from cbd_cache.system.runtime import Runtime, cpu_count
+from cbd_cache.train.engine import train_step
+from cbd_cache.workdir import Workdir
 
 RESULTS = Path(os.environ.get("CBD_RESULTS", ROOT / "results"))   # a test points it elsewhere
 keep_freed_memory()   # the benchmarks time what the CLI runs, and the CLI applies it (allocator.py)

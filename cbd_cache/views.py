@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from .config import TeacherCfg, ViewsCfg
+from cbd_cache.config import TeacherCfg, ViewsCfg
 
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
 CROP_ATTEMPTS = 10   # as torchvision's RandomResizedCrop

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cbd_cache.config import load_config
-from cbd_cache.runtime import make_runtime
+from cbd_cache.system.runtime import make_runtime
 from cbd_cache.workdir import Workdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +22,8 @@ def smoke_config(*overrides: str):
 def smoke_workdir(tmp_path_factory) -> Workdir:
     """A finished smoke workdir up to the cache (prepare, 2 teachers, export). Tests must not modify it."""
     from cbd_cache.data.prepare import prepare
-    from cbd_cache.export import export_cache
-    from cbd_cache.teachers import train_teacher
+    from cbd_cache.stages.export import export_cache
+    from cbd_cache.stages.teachers import train_teacher
 
     cfg = smoke_config()
     wd = Workdir(tmp_path_factory.mktemp("smoke"))

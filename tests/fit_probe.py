@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cbd_cache import distributed
 from cbd_cache.config import load_config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.stream import TrainStream
-from cbd_cache.engine import fit
-from cbd_cache.models import Network
-from cbd_cache.runtime import make_runtime
-from cbd_cache.seeding import seed_everything
+from cbd_cache.models.networks import Network
+from cbd_cache.system import distributed
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.system.seeding import seed_everything
+from cbd_cache.train.engine import fit
 from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir
 

@@ -7,13 +7,16 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from cbd_cache.cache import CacheDamaged, CacheError, CacheReader, cache_info, make_layout
-from cbd_cache.checkpoint import load_checkpoint
+from cbd_cache.cache.info import cache_info
+from cbd_cache.cache.reader import CacheReader
+from cbd_cache.cache.schema import make_layout
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import decode_image, read_shard
-from cbd_cache.export import export_cache
-from cbd_cache.runtime import make_runtime
-from cbd_cache.verify import verify_cache
+from cbd_cache.errors import CacheDamaged, CacheError
+from cbd_cache.models.checkpoints import load_checkpoint
+from cbd_cache.stages.export import export_cache
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.tools.verify import verify_cache
 from cbd_cache.views import ViewSpec, replay, to_unit
 
 from .conftest import smoke_config
@@ -79,9 +82,9 @@ def test_layout_pads_each_shard_block_to_whole_chunks():
 def test_a_draws_cache_puts_views_where_the_student_draws_and_serves_smaller_budgets_as_prefixes(smoke_copy):
     import shutil
 
-    from cbd_cache.dryrun import projected_cache_bytes
     from cbd_cache.data.sampling import view_counts
     from cbd_cache.data.shards import read_labels
+    from cbd_cache.tools.dryrun import projected_cache_bytes
 
     cfg = smoke_config("export.allocation=draws", "export.views=4")
     manifest = Manifest.load(smoke_copy.manifest)
@@ -193,7 +196,7 @@ def test_export_refuses_to_resume_a_cache_made_with_other_settings(smoke_copy):
 
 
 def test_int8_round_trip_is_exact_on_the_grid_and_close_on_unit_vectors():
-    from cbd_cache.cache import dequantize_int8, quantize_int8
+    from cbd_cache.cache.codec import dequantize_int8, quantize_int8
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50, 3, 64)).astype(np.float32)
@@ -243,7 +246,7 @@ def test_export_refuses_a_teacher_with_non_finite_outputs(smoke_copy, monkeypatc
 
     import torch
 
-    from cbd_cache import export
+    from cbd_cache.stages import export
 
     cfg = smoke_config()
     shutil.rmtree(smoke_copy.cache)

@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from cbd_cache.data.sources.imagefolder import ImageFolder
 from cbd_cache.config import load_config
+from cbd_cache.data.sources.imagefolder import ImageFolder
 
 from .conftest import SMOKE
 from .image_fixtures import data_overrides, good_items, write_dataset

@@ -4,8 +4,10 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from cbd_cache.config import ConfigError, load_config, parse_value
-from cbd_cache.runs import student_run_name
+from cbd_cache.config import load_config
+from cbd_cache.config.load import parse_value
+from cbd_cache.errors import ConfigError
+from cbd_cache.train.runs import student_run_name
 from cli import main
 
 from .conftest import ROOT, SMOKE, smoke_config

@@ -21,9 +21,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import main
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import iter_shard
+from cli import main
 
 from .conftest import ROOT, SMOKE
 from .image_fixtures import data_overrides, good_items, write_dataset
@@ -127,7 +127,8 @@ def test_a_png_that_kills_libpng_is_reported_unreadable_and_training_runs(tmp_pa
 
 
 def test_a_decode_failure_names_the_shard_and_key(tmp_path):
-    from cbd_cache.data.shards import Sample, ShardDamaged, decode_sample
+    from cbd_cache.data.shards import Sample, decode_sample
+    from cbd_cache.errors import ShardDamaged
 
     sample = Sample("train/cat/x", 0, 5, b"not an image", "png", shard=str(tmp_path / "train-000000.tar"))
     with pytest.raises(ShardDamaged, match=r"train-000000\.tar: sample train/cat/x \(row 5\) cannot be decoded"):

@@ -12,9 +12,9 @@ import zarr
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare
 from cbd_cache.data.stream import TrainStream
-from cbd_cache.engine import steps_per_epoch
-from cbd_cache.export import export_cache
-from cbd_cache.runtime import make_runtime
+from cbd_cache.stages.export import export_cache
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.train.engine import steps_per_epoch
 from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir
 

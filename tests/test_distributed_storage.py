@@ -6,13 +6,15 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from cbd_cache.cache import CacheError, CacheReader
-from cbd_cache.verify import verify_cache
+from cbd_cache.cache.reader import CacheReader
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.export import export_cache
-from cbd_cache.runtime import make_runtime
-from cbd_cache.stage2 import train as train_student
-from cbd_cache.workdir import Workdir, location
+from cbd_cache.errors import CacheError
+from cbd_cache.pipeline import train as train_student
+from cbd_cache.stages.export import export_cache
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.system.storage import location
+from cbd_cache.tools.verify import verify_cache
+from cbd_cache.workdir import Workdir
 from cli import main
 
 from .conftest import SMOKE, smoke_config

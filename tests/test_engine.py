@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from cbd_cache.config import TrainCfg
-from cbd_cache.engine import cosine_schedule, make_optimizer, train_step
-from cbd_cache.models import Network
-from cbd_cache.runtime import make_runtime
+from cbd_cache.models.networks import Network
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.train.engine import cosine_schedule, make_optimizer, train_step
 
 from .conftest import smoke_config
 

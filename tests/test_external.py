@@ -12,15 +12,24 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from cbd_cache.checkpoint import load_checkpoint, network_spec, save_checkpoint
-from cbd_cache.config import ConfigError, load_config
+from cbd_cache.config import load_config
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.external import (chance_warning, checkpoint_class_names, class_order, load_backbone, load_file,
-                                read_state_dict, split_classifier)
-from cbd_cache.models import Network, arch_error, descriptor_dim
-from cbd_cache.runtime import make_runtime
-from cbd_cache.teachers import train_teacher
-from cbd_cache.workdir import file_sha256, read_json
+from cbd_cache.errors import ConfigError
+from cbd_cache.models.checkpoints import load_checkpoint, network_spec, save_checkpoint
+from cbd_cache.models.networks import Network, arch_error, descriptor_dim
+from cbd_cache.stages.imported import (
+    chance_warning,
+    checkpoint_class_names,
+    class_order,
+    load_backbone,
+    load_file,
+    read_state_dict,
+    split_classifier,
+)
+from cbd_cache.stages.teachers import train_teacher
+from cbd_cache.system.digests import file_sha256
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.system.storage import read_json
 from cli import main
 
 from .conftest import SMOKE, smoke_config
@@ -81,7 +90,7 @@ def test_no_model_is_built_with_downloaded_weights(monkeypatch):
     for arch in ("resnet18", "resnext50_32x4d"):
         Network(arch, 3, 10, 20.0)
     try:
-        import timm   # optional dependency: the timm half runs only where it is installed
+        import timm  # optional dependency: the timm half runs only where it is installed
     except ImportError:
         return
     monkeypatch.setattr(timm.models._builder, "load_pretrained", no_network)

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from cbd_cache.data.prepare import prepare
-from cbd_cache.engine import micro_batch
-from cbd_cache.config import ConfigError
+from cbd_cache.errors import ConfigError
+from cbd_cache.train.engine import micro_batch
 from cbd_cache.workdir import Workdir
 
 from .conftest import ROOT, smoke_config

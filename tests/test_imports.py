@@ -12,8 +12,9 @@ from .conftest import ROOT, SMOKE
 
 PACKAGE = ROOT / "cbd_cache"
 # what a cached student must never import: teacher training, teacher loading, teacher runs
-TEACHER_CODE = ("cbd_cache.teachers", "cbd_cache.external", "cbd_cache.export", "cbd_cache.online", "cbd_cache.verify", "cbd_cache.crt",
-                "cbd_cache.stage2", "cbd_cache.experiments")
+TEACHER_CODE = ("cbd_cache.stages.teachers", "cbd_cache.stages.imported", "cbd_cache.stages.export",
+                "cbd_cache.stages.online", "cbd_cache.stages.crt", "cbd_cache.tools.verify", "cbd_cache.pipeline",
+                "cbd_cache.experiments")
 
 
 def module_name(path: Path) -> str:
@@ -85,7 +86,7 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 def test_cbd_cache_has_no_import_cycle():
     graph = import_graph()
-    assert "cbd_cache.student" in graph and "cbd_cache.cache" in graph["cbd_cache.data.stream"]   # the walk sees edges
+    assert "cbd_cache.stages.student" in graph and "cbd_cache.cache.reader" in graph["cbd_cache.data.stream"]   # the walk sees edges
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
@@ -112,8 +113,8 @@ def test_the_library_never_imports_the_cli():
 CACHED_STUDENT = """
 import json, sys
 from cbd_cache.config import load_config
-from cbd_cache.runtime import make_runtime
-from cbd_cache.student import train_student
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.stages.student import train_student
 from cbd_cache.workdir import Workdir
 cfg = load_config(sys.argv[1], ["student.epochs=1", "student.name=boundary"])
 ckpt = train_student(cfg, Workdir(__import__("pathlib").Path(sys.argv[2])), make_runtime(cfg.pipeline))
@@ -126,6 +127,6 @@ def test_a_cached_student_run_imports_no_teacher_code(smoke_copy):
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert Path(result["checkpoint"]).is_file()                  # it really trained
-    assert "cbd_cache.student" in result["modules"] and "cbd_cache.cache" in result["modules"]
+    assert "cbd_cache.stages.student" in result["modules"] and "cbd_cache.cache.reader" in result["modules"]
     loaded = [m for m in result["modules"] if m.startswith(TEACHER_CODE)]
     assert not loaded, f"a cached student imported {loaded}"

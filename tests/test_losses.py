@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from cbd_cache.losses import cbd_loss, normalize_per_teacher
+from cbd_cache.models.losses import cbd_loss, normalize_per_teacher
 
 
 def test_cbd_loss_matches_hand_computation():
@@ -42,7 +42,7 @@ def test_each_teacher_is_normalised_separately():
 
 
 def test_logit_kd_matches_hand_computation_and_averages_teachers():
-    from cbd_cache.losses import logit_kd
+    from cbd_cache.models.losses import logit_kd
 
     z = torch.tensor([[1.0, 0.0]])
     t1, t2 = torch.tensor([[0.0, 2.0]]), torch.tensor([[2.0, 0.0]])
@@ -56,7 +56,7 @@ def test_logit_kd_matches_hand_computation_and_averages_teachers():
 
 
 def test_distillation_loss_variants():
-    from cbd_cache.losses import distillation_loss, logit_kd
+    from cbd_cache.models.losses import distillation_loss, logit_kd
 
     torch.manual_seed(0)
     logits, labels = torch.randn(8, 5), torch.randint(0, 5, (8,))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cbd_cache.ncm import ncm_fit, ncm_predict
+from cbd_cache.stages.ncm import ncm_fit, ncm_predict
 
 
 def clusters(rng, n=60, d=8, offset=5.0):
@@ -32,8 +32,8 @@ def test_ncm_ignores_feature_scale_and_never_predicts_an_empty_class():
 
 @pytest.mark.slow
 def test_ncm_on_cached_descriptors_decodes_no_training_image(smoke_copy, monkeypatch):
-    from cbd_cache import ncm
-    from cbd_cache.runtime import make_runtime
+    from cbd_cache.stages import ncm
+    from cbd_cache.system.runtime import make_runtime
 
     from .conftest import smoke_config
 

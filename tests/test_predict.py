@@ -4,12 +4,11 @@ import io
 import numpy as np
 from click.testing import CliRunner
 
-from cbd_cache.checkpoint import load_checkpoint
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import read_shard
-from cbd_cache.engine import predict
-from cbd_cache.evaluation import eval_loader
-from cbd_cache.runtime import make_runtime
+from cbd_cache.models.checkpoints import load_checkpoint
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.train.evaluation import eval_loader, predict
 from cbd_cache.views import ViewSpec
 from cli import main
 

@@ -19,12 +19,22 @@ from cbd_cache.data.prepare import JOURNAL, Journal, prepare
 from cbd_cache.data.shards import iter_shard
 from cbd_cache.data.sources import DataError
 from cbd_cache.data.sources.files import path_key
-from cbd_cache.workdir import Workdir, file_sha256, write_json
+from cbd_cache.system.digests import file_sha256
+from cbd_cache.system.storage import write_json
+from cbd_cache.workdir import Workdir
 from cli import main
 
 from .conftest import ROOT, SMOKE
-from .image_fixtures import (CLASSES, CORRUPT, FORMATS, MUST_SHOW_CORRUPT, corrupt_items, data_overrides, good_items,
-                             write_dataset)
+from .image_fixtures import (
+    CLASSES,
+    CORRUPT,
+    FORMATS,
+    MUST_SHOW_CORRUPT,
+    corrupt_items,
+    data_overrides,
+    good_items,
+    write_dataset,
+)
 
 
 def cli(*args: str):
@@ -223,7 +233,7 @@ def test_projected_cache_size_matches_an_exported_cache(smoke_workdir):
     import zarr
 
     from cbd_cache.data.shards import read_labels
-    from cbd_cache.dryrun import projected_cache_bytes
+    from cbd_cache.tools.dryrun import projected_cache_bytes
 
     manifest = Manifest.load(smoke_workdir.manifest)
     group = zarr.open_group(str(smoke_workdir.cache), mode="r")
@@ -241,10 +251,10 @@ def test_projected_cache_size_matches_an_exported_cache(smoke_workdir):
 
 def test_evaluation_reports_every_held_out_split(tmp_path):
     """val and test each get top-1 and many / medium / few, with the groups from the training counts."""
-    from cbd_cache.checkpoint import network_spec, save_checkpoint
-    from cbd_cache.evaluation import evaluate_workdir
-    from cbd_cache.models import Network
-    from cbd_cache.runtime import make_runtime
+    from cbd_cache.models.checkpoints import network_spec, save_checkpoint
+    from cbd_cache.models.networks import Network
+    from cbd_cache.stages.evaluate import evaluate_workdir
+    from cbd_cache.system.runtime import make_runtime
 
     root = write_dataset(tmp_path / "src", "imagefolder", {"train": good_items("train", 60),
                                                            "val": good_items("val", 10, seed=1),

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from cbd_cache.cache import CacheError
-from cbd_cache.checkpoint import load_checkpoint
-from cbd_cache.config import ConfigError
-from cbd_cache.cache import ViewBlock
-from cbd_cache.crt import DescriptorStream
-from cbd_cache.runtime import make_runtime
-from cbd_cache.workdir import read_json
+from cbd_cache.cache.reader import ViewBlock
+from cbd_cache.data.stream import DescriptorStream
+from cbd_cache.errors import CacheError, ConfigError
+from cbd_cache.models.checkpoints import load_checkpoint
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.system.storage import read_json
 
 from .conftest import smoke_config
 
@@ -33,7 +32,7 @@ def test_method_settings_are_validated_with_one_line(overrides, message):
 
 
 def test_a_data_aug_student_shares_the_teachers_augmentation():
-    from cbd_cache.student import data_aug
+    from cbd_cache.stages.student import data_aug
 
     cfg = smoke_config("student.type=data_aug", "student.targets=none", "teacher.jitter=0.3")
     aug = data_aug(cfg)
@@ -42,8 +41,8 @@ def test_a_data_aug_student_shares_the_teachers_augmentation():
 
 
 def test_fine_tuning_starts_from_the_whole_stage1_network(smoke_workdir):
-    from cbd_cache.models import Network
-    from cbd_cache.student import load_init
+    from cbd_cache.models.networks import Network
+    from cbd_cache.stages.student import load_init
 
     ckpt = smoke_workdir.teacher_checkpoint("std0")
     teacher, _ = load_checkpoint(ckpt)
@@ -56,7 +55,7 @@ def test_fine_tuning_starts_from_the_whole_stage1_network(smoke_workdir):
 
 
 def test_logit_distillation_needs_a_cache_with_logits(smoke_workdir):
-    from cbd_cache.student import plan_student
+    from cbd_cache.stages.student import plan_student
 
     with pytest.raises(CacheError, match="export with --set export.logits=true"):
         plan_student(smoke_config("student.distill=hybrid"), smoke_workdir)
@@ -65,9 +64,10 @@ def test_logit_distillation_needs_a_cache_with_logits(smoke_workdir):
 @pytest.mark.slow
 def test_crt_trains_a_classifier_from_cached_descriptors_only(smoke_copy, monkeypatch):
     """No image is decoded and no backbone runs while training; the backbone is the teacher's, frozen."""
-    from cbd_cache import crt, models
     from cbd_cache.data import stream
-    from cbd_cache.stage2 import train as train_student
+    from cbd_cache.models import networks as models
+    from cbd_cache.pipeline import train as train_student
+    from cbd_cache.stages import crt
 
     cfg = smoke_config("student.init=teachers/std0", "student.classifier_only=true", "student.targets=none",
                        "student.epochs=3")
@@ -100,8 +100,8 @@ def test_crt_trains_a_classifier_from_cached_descriptors_only(smoke_copy, monkey
 
 @pytest.mark.slow
 def test_logit_and_hybrid_distillation_from_the_cache_and_online(smoke_copy):
-    from cbd_cache.export import export_cache
-    from cbd_cache.stage2 import train as train_student
+    from cbd_cache.pipeline import train as train_student
+    from cbd_cache.stages.export import export_cache
 
     shutil.rmtree(smoke_copy.cache)
     base = ("export.logits=true", "student.epochs=1")

@@ -161,7 +161,7 @@ def test_missing_inat_image_is_a_label_problem(tmp_path):
 
 
 def test_format_errors_name_the_key(tmp_path):
-    from cbd_cache.config import ConfigError
+    from cbd_cache.errors import ConfigError
 
     for fmt, word in (("imagenet_lt", "_train.txt"), ("inat", "train<year>.json"), ("imagefolder", "train/")):
         with pytest.raises(ConfigError, match=f"data.root=.*{word}"):

@@ -3,9 +3,11 @@ import shutil
 from pathlib import Path
 
 from cbd_cache.config import load_config
-from cbd_cache.experiments.paper_table import (SEEDS, Timing, all_runs, fifth_teacher, sections, teacher_mixes,
-                                               training_order, write_paper_table)
-from cbd_cache.workdir import Workdir, write_json
+from cbd_cache.experiments.paper_design import SEEDS, all_runs, fifth_teacher, sections, teacher_mixes, training_order
+from cbd_cache.experiments.paper_report import write_paper_table
+from cbd_cache.experiments.paper_table import Timing
+from cbd_cache.system.storage import write_json
+from cbd_cache.workdir import Workdir
 
 from .conftest import ROOT, SMOKE
 

@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader
 
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.stream import CacheSpec, TrainStream
-from cbd_cache.engine import NonFiniteLoss, fit
-from cbd_cache.models import Network
-from cbd_cache.runtime import make_runtime
-from cbd_cache.engine import cross_entropy_step
+from cbd_cache.errors import NonFiniteLoss
+from cbd_cache.models.networks import Network
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.train.engine import fit
+from cbd_cache.train.steps import cross_entropy_step
 from cbd_cache.views import ViewSpec
 from cli import main
 
@@ -31,7 +32,7 @@ from .conftest import ROOT, SMOKE, smoke_config
 KILLER = r"""
 import os, signal, sys
 import torch
-from cbd_cache.cache import CacheWriter
+from cbd_cache.cache.writer import CacheWriter
 
 kill_at, count = int(os.environ["KILL_AT"]), [0]
 

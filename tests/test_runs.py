@@ -7,13 +7,16 @@ import sys
 
 import pytest
 
-from cbd_cache import evaluation, runs
-from cbd_cache.checkpoint import run_finished
+from cbd_cache.errors import Busy
 from cbd_cache.experiments.sweep import make_runs
-from cbd_cache.locks import Busy, hold, run_lock
-from cbd_cache.runtime import make_runtime
-from cbd_cache.stage2 import train
-from cbd_cache.workdir import Workdir, read_json, write_json
+from cbd_cache.models.checkpoints import run_finished
+from cbd_cache.pipeline import train
+from cbd_cache.stages import evaluate as evaluation
+from cbd_cache.system.locks import hold, run_lock
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.system.storage import read_json, write_json
+from cbd_cache.train import runs
+from cbd_cache.workdir import Workdir
 
 from .conftest import ROOT, SMOKE, smoke_config
 
@@ -107,7 +110,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     lock = run_lock(tmp_path / "students" / "run")
     with hold(lock, "students/run"):
         probe = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
-                                "from cbd_cache.locks import hold\n"
+                                "from cbd_cache.system.locks import hold\n"
                                 "with hold(Path(sys.argv[1]), 'students/run'): pass", str(lock)],
                                cwd=ROOT, capture_output=True, text=True)
         assert probe.returncode != 0 and f"students/run is in use by process {__import__('os').getpid()}" in probe.stderr

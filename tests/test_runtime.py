@@ -6,11 +6,11 @@ import numpy as np
 import torch
 
 import cli
-from cbd_cache import allocator
-from cbd_cache.cache import CacheReader
+from cbd_cache.cache.reader import CacheReader
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.export import export_cache
-from cbd_cache.runtime import loader_workers, make_runtime
+from cbd_cache.stages.export import export_cache
+from cbd_cache.system import allocator
+from cbd_cache.system.runtime import loader_workers, make_runtime
 
 from .conftest import smoke_config
 

@@ -74,7 +74,7 @@ def test_stream_is_deterministic_and_emits_quota(smoke_workdir):
 
 def test_draws_allocation_follows_the_class_balanced_draws_with_the_same_budget():
     """The embedded default's span (1280 -> 5 images a class, N = 2,773): a 5-image class gets 444 views, a 1,280 one 2."""
-    from cbd_cache.data.sampling import view_counts   # (imported here: the tests above pin the samplers alone)
+    from cbd_cache.data.sampling import view_counts
 
     class_counts = exponential_profile(1280, 256, 10)
     assert sum(class_counts) == 2773

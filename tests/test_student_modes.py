@@ -5,13 +5,13 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 
-from cbd_cache.checkpoint import load_checkpoint
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.stream import CacheSpec, TrainStream
+from cbd_cache.models.checkpoints import load_checkpoint
+from cbd_cache.pipeline import train as train_student
+from cbd_cache.system.runtime import make_runtime
+from cbd_cache.system.storage import read_json
 from cbd_cache.views import ViewSpec, to_unit
-from cbd_cache.runtime import make_runtime
-from cbd_cache.stage2 import train as train_student
-from cbd_cache.workdir import read_json
 
 from .conftest import smoke_config
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from cbd_cache.config import ConfigError
+from cbd_cache.errors import ConfigError
 from cbd_cache.experiments.sweep import grid_points, make_runs, parse_grid, parse_seeds, split_values
 from cli import main
 

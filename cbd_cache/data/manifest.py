@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..workdir import Location, exists, join, parent, read_json, write_json
+from cbd_cache.system.storage import Location, exists, join, parent, read_json, write_json
 
 MANIFEST_SCHEMA = 1
 EVAL_SPLITS = ("val", "test")

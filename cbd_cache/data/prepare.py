@@ -32,14 +32,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..config import Config
-from ..logs import Progress, log
-from ..runtime import cpu_count
-from ..workdir import Workdir, atomic_write_bytes
-from .longtail import longtail_subset
-from .manifest import EVAL_SPLITS, Manifest, ShardInfo, SplitInfo
-from .shards import Sample, ShardWriter, content_hash, decode_image, shard_intact, shard_name
-from .sources import DataError, Record, Source, Unreadable, open_source
+from cbd_cache.config import Config
+from cbd_cache.data.longtail import longtail_subset
+from cbd_cache.data.manifest import EVAL_SPLITS, Manifest, ShardInfo, SplitInfo
+from cbd_cache.data.shards import Sample, ShardWriter, content_hash, decode_image, shard_intact, shard_name
+from cbd_cache.data.sources import DataError, Record, Source, Unreadable, open_source
+from cbd_cache.system.logs import Progress, log
+from cbd_cache.system.runtime import cpu_count
+from cbd_cache.system.storage import atomic_write_bytes
+from cbd_cache.workdir import Workdir
 
 JOURNAL = "prepare.journal"
 REPORT = "report.md"

@@ -19,7 +19,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from ..workdir import open_file
+from cbd_cache.errors import ShardDamaged
+from cbd_cache.system.storage import open_file
 
 try:  # torchvision 0.29 deprecates its decoders (for torchcodec); PIL takes over where they are gone
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
@@ -29,12 +30,11 @@ try:  # torchvision 0.29 deprecates its decoders (for torchcodec); PIL takes ove
 except ImportError:  # pragma: no cover
     decode_tv = None
 
+
 IMAGE_EXTS = ("jpg", "png")
+
+
 REPAIR = "run `cbd-cache prepare` (same --pipeline and --workdir) to rebuild it"
-
-
-class ShardDamaged(RuntimeError):
-    """A shard that no longer holds what prepare wrote, or an image in it that does not decode. The CLI exits 1."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +22,16 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..cache import CacheReader
-from ..config import TeacherCfg
-from ..views import ViewSpec, derive_views, eval_view, photometric, replay, replay_flat, sample_view
-from .manifest import Manifest
-from .sampling import copies, repeat_factors, walk_order, walk_start
-from .shards import Sample, decode_sample, read_shard
+from cbd_cache.cache.reader import CacheReader, ViewBlock
+from cbd_cache.config import TeacherCfg
+from cbd_cache.data.manifest import Manifest
+from cbd_cache.data.sampling import copies, repeat_factors, walk_order, walk_start
+from cbd_cache.data.shards import Sample, decode_sample, read_shard
+from cbd_cache.views import ViewSpec, derive_views, eval_view, photometric, replay, replay_flat, sample_view
 
 EMPTY = torch.empty(0)
+
+
 REPLAY_WINDOW_BYTES = 16 << 20   # export replays up to this many bytes of views at once
 
 
@@ -279,3 +282,47 @@ class ExportStream(IterableDataset):
                     v0, v1 = first[b0 - lo], first[b1 - lo]
                     yield (s, rows[b0 - lo:b1 - lo], row_counts[b0 - lo:b1 - lo], torch.from_numpy(views[v0:v1]),
                            pixels[v0:v1])
+
+
+class DescriptorStream(IterableDataset):
+    """Endless (descriptor, label) copies: the sampler's copies of each image, each its next stored view.
+
+    Like `TrainStream` (same repeat factors, N samples an epoch, the same walk without replacement
+    over each image's views) but over an in-memory `ViewBlock` of every row, so the shuffle is a full
+    permutation, and the walk counts every earlier draw exactly: the sequence is global and replayed
+    from its start.
+    """
+
+    def __init__(self, block: ViewBlock, labels: np.ndarray, class_counts: list[int], sampling: str, seed: int):
+        self.block, self.labels = block, labels
+        self.factors = repeat_factors(class_counts, sampling)
+        self.seed = seed
+        self.samples_per_epoch = len(labels)
+        self.rank, self.world, self.skip = 0, 1, 0
+
+    def place(self, rank: int, world: int, batches_done: int = 0, batch_size: int = 1) -> "DescriptorStream":
+        """Rank `rank` takes every `world`-th copy of the one global sequence, after `batches_done` batches."""
+        placed = copy.copy(self)
+        placed.rank, placed.world, placed.skip = rank, world, batches_done * batch_size * world
+        return placed
+
+    def sequence(self) -> Iterator[tuple[int, int]]:
+        """The global, endless (row, flat view index) sequence: a fresh permutation of the sampler's copies per pass."""
+        epoch, drawn = 0, np.zeros(len(self.labels), dtype=np.int64)
+        offset, count = self.block.offset, self.block.count
+        orders: dict[tuple[int, int], np.ndarray] = {}
+        while True:
+            rng = np.random.default_rng([self.seed, epoch, 0xC27])
+            n = [copies(self.factors[y], u) for y, u in zip(self.labels, rng.random(len(self.labels)))]
+            for r in rng.permutation(np.repeat(np.arange(len(self.labels)), n)).tolist():
+                lap, step = divmod(int(drawn[r]), int(count[r]))
+                drawn[r] += 1
+                if (r, lap) not in orders:
+                    orders[(r, lap)] = walk_order(self.seed, r, lap, int(count[r]))
+                yield r, int(offset[r]) + int(orders[(r, lap)][step])
+            orders.clear()
+            epoch += 1
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        for r, v in itertools.islice(self.sequence(), self.skip + self.rank, None, self.world):
+            yield torch.from_numpy(self.block.targets[v]), int(self.labels[r])

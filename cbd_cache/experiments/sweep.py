@@ -12,26 +12,29 @@ the others, the table is written from those that finished, and the next sweep re
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .. import distributed, stage2
-from ..config import Config, ConfigError, load_config
-from ..data.longtail import SHOT_GROUPS
-from ..jobs import JobsFailed, gpus_for, run_parallel
-from ..logs import format_seconds, log
-from ..runs import run_is_done, student_run_name
-from ..runtime import Runtime
-from ..student import plan_student
-from ..tables import markdown_table, pm
-from ..workdir import Workdir, read_json, write_json
+from cbd_cache import pipeline as stage2
+from cbd_cache.config import Config, load_config
+from cbd_cache.data.longtail import SHOT_GROUPS
+from cbd_cache.errors import ConfigError, JobsFailed
+from cbd_cache.stages.student import plan_student
+from cbd_cache.system import distributed
+from cbd_cache.system.jobs import gpus_for, run_parallel
+from cbd_cache.system.logs import format_seconds, log
+from cbd_cache.system.runtime import Runtime
+from cbd_cache.system.storage import read_json, write_json
+from cbd_cache.system.tables import markdown_table, pm
+from cbd_cache.train.runs import run_is_done, student_run_name
+from cbd_cache.workdir import Workdir
 
 METRICS = ("top1", *SHOT_GROUPS)
 

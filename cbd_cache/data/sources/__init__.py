@@ -12,13 +12,14 @@ format down to two methods: `records(split)` and `read(record)`. `data.format` p
 """
 from __future__ import annotations
 
-from ...config import ConfigError, DataCfg
-from .base import SPLITS, DataError, Record, Source, Unreadable, encode_png
-from .fashion_mnist import FashionMNIST
-from .imagefolder import ImageFolder
-from .imagenet_lt import SplitLists
-from .inat import INaturalist
-from .synthetic import Synthetic
+from cbd_cache.config import DataCfg
+from cbd_cache.data.sources.base import SPLITS, Record, Source, Unreadable, encode_png
+from cbd_cache.data.sources.fashion_mnist import FashionMNIST
+from cbd_cache.data.sources.imagefolder import ImageFolder
+from cbd_cache.data.sources.imagenet_lt import SplitLists
+from cbd_cache.data.sources.inat import INaturalist
+from cbd_cache.data.sources.synthetic import Synthetic
+from cbd_cache.errors import ConfigError, DataError
 
 __all__ = ["SPLITS", "DataError", "Record", "Source", "Unreadable", "encode_png", "open_source"]
 

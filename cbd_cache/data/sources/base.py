@@ -9,13 +9,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ...config import ConfigError
+from cbd_cache.errors import DataError
 
 SPLITS = ("train", "val", "test")   # in this order; a format has train and any of the others
-
-
-class DataError(ConfigError):
-    """A problem in the dataset's own files (a bad label line, a missing image): exit 2 with the offending line."""
 
 
 class Unreadable(Exception):

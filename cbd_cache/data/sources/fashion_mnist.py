@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import ConfigError
-from .base import Record, Source, encode_png
+from cbd_cache.data.sources.base import Record, Source, encode_png
+from cbd_cache.errors import ConfigError
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

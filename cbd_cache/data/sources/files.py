@@ -12,9 +12,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ...config import ConfigError, DataCfg
-from .base import LabelCheck, Record, Source, Unreadable
-from .images import shard_image
+from cbd_cache.config import DataCfg
+from cbd_cache.data.sources.base import LabelCheck, Record, Source, Unreadable
+from cbd_cache.data.sources.images import shard_image
+from cbd_cache.errors import ConfigError
 
 
 def path_key(rel: str) -> str:

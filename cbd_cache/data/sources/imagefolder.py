@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ...config import ConfigError, DataCfg
-from .base import SPLITS, Record
-from .files import FileSource
+from cbd_cache.config import DataCfg
+from cbd_cache.data.sources.base import SPLITS, Record
+from cbd_cache.data.sources.files import FileSource
+from cbd_cache.errors import ConfigError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")   # torchvision 0.29
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import posixpath
 
-from ...config import ConfigError, DataCfg
-from .base import SPLITS, Record
-from .files import FileSource, clean_relpath
+from cbd_cache.config import DataCfg
+from cbd_cache.data.sources.base import SPLITS, Record
+from cbd_cache.data.sources.files import FileSource, clean_relpath
+from cbd_cache.errors import ConfigError
 
 LIST_SUFFIX = "_train.txt"
 

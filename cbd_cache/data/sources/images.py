@@ -12,7 +12,7 @@ import io
 
 from PIL import Image, ImageFile
 
-from .base import Unreadable
+from cbd_cache.data.sources.base import Unreadable
 
 JPEG_FORMATS = ("JPEG", "MPO")
 JPEG_MODES = ("L", "RGB", "CMYK")                       # what libjpeg gives; CMYK converts to RGB at decode

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ...config import ConfigError, DataCfg
-from .base import Record
-from .files import FileSource
+from cbd_cache.config import DataCfg
+from cbd_cache.data.sources.base import Record
+from cbd_cache.data.sources.files import FileSource
+from cbd_cache.errors import ConfigError
 
 
 class INaturalist(FileSource):

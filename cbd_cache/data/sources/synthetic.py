@@ -5,8 +5,8 @@ import colorsys
 
 import numpy as np
 
-from ...config import DataCfg
-from .base import Record, Source, encode_png
+from cbd_cache.config import DataCfg
+from cbd_cache.data.sources.base import Record, Source, encode_png
 
 
 class Synthetic(Source):

@@ -1,0 +1,25 @@
+"""Pipeline configs: dataclasses loaded from the TOML recipes in `pipelines/`, plus `--set` overrides.
+
+A pipeline is one whole experiment. `schema` names every field once, `load` reads a file and its
+overrides, `checks` validates the values. Loading one imports no torch.
+"""
+from cbd_cache.config.load import load_config
+from cbd_cache.config.schema import (
+           CHOICES,
+           DEFAULT_PIPELINE,
+           NAME_RE,
+           SECTIONS,
+           Config,
+           DataCfg,
+           EvalCfg,
+           ExportCfg,
+           PipelineCfg,
+           StudentCfg,
+           TeacherCfg,
+           TrainCfg,
+           ViewsCfg,
+)
+from cbd_cache.errors import ConfigError
+
+__all__ = ["CHOICES", "DEFAULT_PIPELINE", "NAME_RE", "SECTIONS", "Config", "ConfigError", "DataCfg", "EvalCfg",
+           "ExportCfg", "PipelineCfg", "StudentCfg", "TeacherCfg", "TrainCfg", "ViewsCfg", "load_config"]

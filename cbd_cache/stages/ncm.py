@@ -1,0 +1,106 @@
+"""NCM (nearest class mean): how good a model's features are, without its classifier.
+
+Features are L2-normalised (the cache stores them so), centred on the training mean and
+L2-normalised again; each class is the mean of its training features; a test image goes to the nearest class mean (L2). The training
+features come either from the cache (a teacher's stored descriptors, every stored view of every
+image: no training image is decoded; under a "draws" allocation a class's images all have the same
+number of views, so each class mean still weighs its images equally) or from running any trained model over the training images
+(evaluation view). Test features always come from the model, on the evaluation view.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cbd_cache.cache.reader import CacheReader
+from cbd_cache.config import Config
+from cbd_cache.data.manifest import Manifest
+from cbd_cache.data.shards import read_labels
+from cbd_cache.models.checkpoints import load_checkpoint
+from cbd_cache.system.digests import file_sha256
+from cbd_cache.system.logs import log
+from cbd_cache.system.runtime import Runtime
+from cbd_cache.system.storage import read_json, write_json
+from cbd_cache.train.evaluation import accuracy_report, eval_loader, predict
+from cbd_cache.views import ViewSpec
+from cbd_cache.workdir import Workdir
+
+SOURCES = ("images", "cache")
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def ncm_fit(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(centre, class means): the training mean, and per class the mean of centred, L2-normalised features."""
+    features = _normalize(np.asarray(features, dtype=np.float64))
+    center = features.mean(axis=0)
+    f = _normalize(features - center)
+    means = np.zeros((num_classes, f.shape[1]))
+    for c in range(num_classes):
+        if (labels == c).any():
+            means[c] = f[labels == c].mean(axis=0)
+        else:
+            means[c] = np.inf       # a class with no training image is never the nearest
+    return center, means
+
+
+def ncm_predict(features: np.ndarray, center: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """The index of the nearest class mean (L2) of each centred, normalised feature."""
+    f = _normalize(_normalize(np.asarray(features, dtype=np.float64)) - center)
+    empty = ~np.isfinite(means).all(axis=1)
+    m = np.where(empty[:, None], 0.0, means)
+    # |f - m|^2 less the per-row constant |f|^2, by one matmul: no (images x classes x d) array at ImageNet scale
+    distances = (m ** 2).sum(axis=1)[None, :] - 2.0 * f @ m.T
+    distances[:, empty] = np.inf
+    return distances.argmin(axis=1)
+
+
+def _model_features(net, manifest: Manifest, split: str, cfg: Config, runtime: Runtime) -> dict[str, np.ndarray]:
+    loader = eval_loader(manifest, split, ViewSpec.from_cfg(cfg.views), cfg.eval.batch_size, runtime)
+    return predict(runtime.prepare_model(net), loader, runtime, features=True)
+
+
+def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str = "images") -> dict[str, Any]:
+    """NCM test accuracy (top-1, many / medium / few, per class) of the model `ref` (teachers/<name>, students/<run>).
+
+    Written to `<model>/ncm_<source>.json` and reused while the checkpoint, data and cache are unchanged.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"NCM features from {source!r}; expected one of {SOURCES}")
+    if source == "cache" and not ref.startswith("teachers/"):
+        raise FileNotFoundError(f"{ref}: only teachers have cached descriptors; use --features images")
+    folder = wd.model_dir(ref)
+    ckpt = folder / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ref}: no checkpoint at {ckpt}")
+    manifest = Manifest.load(wd.manifest)
+    key = {"checkpoint_sha256": file_sha256(ckpt), "manifest_fingerprint": manifest.fingerprint, "source": source}
+    reader = None
+    if source == "cache":
+        name = ref.split("/", 1)[1]
+        reader = CacheReader(wd.cache, manifest, [name], checkpoint_hashes={name: key["checkpoint_sha256"]})
+        key["views_per_image"] = reader.views
+        key["allocation"] = reader.prov["allocation"]
+    out = folder / f"ncm_{source}.json"
+    if out.is_file():
+        report = read_json(out)
+        if all(report.get(k) == v for k, v in key.items()):
+            return report
+    net, _ = load_checkpoint(ckpt)
+    if reader is not None:
+        block = reader.read(0, manifest.train.num_samples)
+        train = block.targets[block.every_view()]
+        train_labels = np.repeat(read_labels(manifest, "train"), block.count)
+    else:
+        out_train = _model_features(net, manifest, "train", cfg, runtime)
+        train, train_labels = out_train["features"], out_train["labels"]
+    center, means = ncm_fit(train, train_labels, manifest.num_classes)
+    test = _model_features(net, manifest, manifest.eval_split, cfg, runtime)
+    preds = ncm_predict(test["features"], center, means)
+    report = {**accuracy_report(test["labels"], preds, manifest.train.class_counts), **key, "model": ref}
+    write_json(out, report)
+    log(f"[ncm] {ref} ({source} features): top-1 {report['top1']:.2f}")
+    return report

@@ -1,0 +1,201 @@
+"""Stage 2: the student, and the paper's second-stage baselines, trained into `W/students/<run>`.
+
+targets = "cache"  reads each view's targets from the cache and replays that view: no teacher runs.
+targets = "none"   cross-entropy only: the single-stage baselines, and fine-tuning with `init`.
+distill            what is distilled: descriptors (feature, Eq. 2/4), logits (Eq. 3) or both (hybrid).
+The other second-stage trainers build on this module: `online.py` (targets = "online": the teachers
+run every step on fresh views; targets = "replay": they run on the cache's stored views, a fidelity
+check of the cache that must train like "cache" up to float16 rounding) and `crt.py`
+(classifier_only); `stage2.py` picks one. This module never imports
+teacher code: a cached student runs no teacher and loads none (tests/test_imports.py checks it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cbd_cache.cache.reader import CacheReader
+from cbd_cache.config import Config, StudentCfg
+from cbd_cache.data.manifest import Manifest
+from cbd_cache.data.stream import CacheSpec, TrainStream
+from cbd_cache.errors import ConfigError
+from cbd_cache.models.checkpoints import load_checkpoint, network_spec
+from cbd_cache.models.networks import Network, descriptor_dim, projection_dim
+from cbd_cache.system.digests import digest, file_sha256
+from cbd_cache.system.logs import log
+from cbd_cache.system.runtime import Runtime
+from cbd_cache.system.seeding import seed_everything
+from cbd_cache.train.engine import fit
+from cbd_cache.train.evaluation import evaluate_network
+from cbd_cache.train.runs import flat_config, run_is_done, run_settings, save_run, student_run_name
+from cbd_cache.train.steps import LossFn, cross_entropy_step, distillation_step
+from cbd_cache.train.summaries import Summaries, write_evaluation
+from cbd_cache.views import ViewSpec
+from cbd_cache.workdir import Workdir
+
+
+@dataclass
+class StudentPlan:
+    """What a student run needs before it trains, and the identity that says whether it already has."""
+
+    name: str
+    folder: Path
+    recipe: dict                 # what the run depends on; a resumed run must agree with it
+    kind: str
+    teachers: list[str]          # the teachers it distils ([] for cross-entropy only)
+    dims: list[int]              # their descriptor sizes when descriptors are distilled, else []
+    cache: CacheSpec | None      # where cached targets come from (targets = "cache")
+    provenance: dict             # teacher name -> checkpoint SHA-256
+
+    @property
+    def identity(self) -> str:
+        return digest(self.recipe)
+
+
+def student_kind(cfg: Config) -> str:
+    s = cfg.student
+    if s.classifier_only:
+        return f"cRT ({s.init})"
+    if s.targets == "none":
+        if s.init:
+            return f"fine-tuning ({s.init}, {s.sampling})"
+        return f"single-stage ({s.sampling})" if s.type == "standard" else f"single-stage (data_aug, {s.sampling})"
+    method = "CBD" if s.distill == "feature" else f"{s.distill} distillation"
+    return f"{method} K={len(cfg.student_teachers())} ({s.targets})"
+
+
+def init_checkpoint(wd: Workdir, s: StudentCfg) -> Path:
+    ckpt = wd.model_dir(s.init) / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"student.init={s.init}: no checkpoint at {ckpt}; train that model first")
+    return ckpt
+
+
+def data_aug(cfg: Config):
+    """The data-augmentation settings a `type = data_aug` student shares with the pipeline's teachers."""
+    return dataclasses.replace(cfg.teacher, type="data_aug") if cfg.student.type == "data_aug" else None
+
+
+def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
+    """Checks the inputs (manifest, cache, teachers, init) and derives the run's name and identity."""
+    s = cfg.student
+    name = student_run_name(cfg)
+    manifest = Manifest.load(wd.manifest)
+    teachers = cfg.student_teachers() if s.targets != "none" else []
+    logits = s.distill != "feature"
+    cache, provenance, dims, reader = None, {}, [], None
+    if s.classifier_only:
+        teacher = s.init.split("/", 1)[1]
+        hashes = {teacher: file_sha256(ckpt)} if (ckpt := wd.teacher_checkpoint(teacher)).is_file() else {}
+        reader = CacheReader(wd.cache, manifest, [teacher], s.views, checkpoint_hashes=hashes)
+        provenance = {teacher: reader.prov["teachers"][teacher]["checkpoint_sha256"]}
+        cache = CacheSpec(wd.cache, (teacher,), reader.views)
+    elif s.targets in ("cache", "replay"):
+        hashes = {t: file_sha256(wd.teacher_checkpoint(t)) for t in teachers if wd.teacher_checkpoint(t).is_file()}
+        if s.targets == "replay" and len(hashes) < len(teachers):
+            raise FileNotFoundError(f"student.targets=replay runs the teachers {teachers}; train them first")
+        reader = CacheReader(wd.cache, manifest, teachers, s.views, checkpoint_hashes=hashes,
+                             with_logits=logits and s.targets == "cache")
+        dims = reader.dims
+        cache = CacheSpec(wd.cache, tuple(teachers), reader.views, with_logits=logits and s.targets == "cache")
+        provenance = {t: reader.prov["teachers"][t]["checkpoint_sha256"] for t in teachers}
+    elif s.targets == "online":
+        for t in teachers:
+            if not wd.teacher_checkpoint(t).is_file():
+                raise FileNotFoundError(f"teacher {t!r} has no checkpoint at {wd.teacher_checkpoint(t)}; "
+                                        "online targets need the teachers")
+        provenance = {t: file_sha256(wd.teacher_checkpoint(t)) for t in teachers}
+        dims = [descriptor_dim(cfg.teacher_by_name(t).arch) for t in teachers]
+    if cache is not None:
+        check_cache_settings(cfg, reader.prov, wd.cache)
+    if s.distill == "logit":
+        dims = []
+    recipe = {"settings": run_settings(cfg), "manifest": manifest.fingerprint, "teachers": provenance,
+              "init": file_sha256(init_checkpoint(wd, s)) if s.init else None,
+              "cache_schema": reader.prov["schema_version"] if reader else None}
+    return StudentPlan(name, wd.student_dir(name), recipe, student_kind(cfg), teachers, dims, cache, provenance)
+
+
+def finished(plan: StudentPlan) -> bool:
+    """True (and says so) when the run folder already holds this plan's finished run."""
+    done = run_is_done(plan.folder, plan.identity)
+    if done:
+        log(f"[student {plan.name}] already trained with this config ({plan.folder}); skipping")
+    return done
+
+
+def check_cache_settings(cfg: Config, prov: dict, path) -> None:
+    """The cache's views win: a student whose view or export settings differ from what the cache
+    recorded would train on crops, or under a name, that the teachers' targets do not belong to."""
+    recorded = {f"views.{k}": v for k, v in prov["view_spec"].items() if k != "eval_resize_px"}   # (evaluation only)
+    recorded.update({"pipeline.seed": prov["view_seed"], "export.views": prov["views_per_image"],
+                     "export.allocation": prov["allocation"], "export.min_views": prov["min_views"],
+                     "export.dtype": prov["dtype"], "export.logits": prov["logits"]})
+    mine = json.loads(json.dumps(flat_config(cfg)))   # as the cache's JSON attributes hold them (lists, not tuples)
+    for key, value in recorded.items():
+        if mine[key] != value:
+            raise ConfigError(f"{key}={mine[key]}: the cache {path} was exported with {key}={value}; drop that "
+                              "--set, or export a cache with it (under another pipeline.cache_url or workdir)")
+
+
+def load_init(net: Network, ckpt: Path, ref: str) -> None:
+    """Fine-tuning starts from the whole stage-1 network: backbone, projection and classifier."""
+    source, _ = load_checkpoint(ckpt)
+    try:
+        net.load_state_dict(source.state_dict())
+    except RuntimeError:
+        raise ConfigError(f"student.init={ref}: that network's architecture or projection differs from "
+                          "this student's (fine-tuning starts from a cross-entropy model: targets=none)") from None
+
+
+def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
+    """A student with cached targets, or cross-entropy only (targets = "none")."""
+    plan = plan_student(cfg, wd)
+    if cfg.student.targets in ("online", "replay") or cfg.student.classifier_only:
+        raise ConfigError(f"[student {plan.name}] online or replayed targets and cRT train through stage2.train")
+    if finished(plan):
+        return plan.folder / "checkpoint.pt"
+    step_fn = (cross_entropy_step(runtime) if cfg.student.targets == "none"
+               else distillation_step(runtime, plan.dims, cfg.student))
+    return train_network(cfg, wd, runtime, plan, step_fn)
+
+
+def train_network(cfg: Config, wd: Workdir, runtime: Runtime, plan: StudentPlan, step_fn: LossFn) -> Path:
+    """Build the student network, train it with `step_fn` on the student's stream, evaluate and save it."""
+    s = cfg.student
+    name, folder = plan.name, plan.folder
+    manifest = Manifest.load(wd.manifest)
+    seed_everything(s.seed)
+    proj = projection_dim(descriptor_dim(s.arch), plan.dims)
+    net = Network(s.arch, manifest.channels, manifest.num_classes, s.gamma, proj)
+    if s.init:
+        load_init(net, init_checkpoint(wd, s), s.init)
+    net = runtime.prepare_model(net)
+    stream = TrainStream(manifest, ViewSpec.from_cfg(cfg.views), sampling=s.sampling, seed=s.seed,
+                         samples_per_epoch=manifest.train.num_samples, shuffle_buffer=s.shuffle_buffer,
+                         cache=plan.cache, augment=data_aug(cfg))
+    log(f"[student {name}] {plan.kind}, {s.sampling} sampling, alpha {s.alpha}, beta {s.beta}, "
+        f"teachers {plan.teachers or '-'}{', init ' + s.init if s.init else ''}")
+    summaries = Summaries(folder, cfg.pipeline.tensorboard)
+    history, wall_s = fit(net, stream, s, step_fn, runtime, f"student {name}", folder, plan.recipe, summaries.epoch)
+    summaries.close()
+    if not runtime.dist.main:   # under torchrun rank 0 evaluates and writes the run folder
+        return folder / "checkpoint.pt"
+    test = evaluate_network(net, manifest, cfg, runtime, manifest.eval_split)
+    spec = network_spec(net, s.arch, manifest.channels, manifest.num_classes, s.gamma)
+    return finish_run(cfg, plan, net, spec, history, wall_s, test, manifest)
+
+
+def finish_run(cfg: Config, plan: StudentPlan, net: Network, spec: dict, history: list[dict], wall_s: float,
+               test: dict, manifest: Manifest) -> Path:
+    """save_run with the student's metadata; shared by every second-stage method."""
+    s = cfg.student
+    meta = {"kind": plan.kind, "name": plan.name, "seed": s.seed, "config": dataclasses.asdict(s),
+            "teachers": plan.provenance, "overrides": cfg.overrides, "manifest_fingerprint": manifest.fingerprint,
+            "test_top1": test["top1"], "train_wall_s": wall_s}
+    ckpt = save_run(plan.folder, net, spec, meta, plan.identity, history, test, manifest.class_names)
+    write_evaluation(plan.folder, cfg.pipeline.tensorboard, {test["split"]: test}, history[-1]["step"])
+    log(f"[student {plan.name}] done in {wall_s:.0f}s: test top-1 {test['top1']:.2f}")
+    return ckpt

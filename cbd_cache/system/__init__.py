@@ -1,0 +1,1 @@
+"""Small system helpers, one job each: storage, digests, logs, seeding, locks, malloc, torchrun, runtime, jobs, tables."""

@@ -1,0 +1,1 @@
+"""Tools around the stages: cache verify, predict, export-model, the dry run, training logs."""

@@ -1,0 +1,35 @@
+"""`cbd-cache logs`: every run's log.jsonl, as the last epoch per run or as one CSV."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+RUN_KINDS = ("teachers", "students")
+
+
+def run_logs(root: Path) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(`teachers/<name>` or `students/<run>`, its log.jsonl lines) for every run folder under workdir `root`."""
+    runs = []
+    for kind in RUN_KINDS:
+        for path in sorted((root / kind).glob("*/log.jsonl")):
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            runs.append((f"{kind}/{path.parent.name}", lines))
+    return runs
+
+
+def logs_csv(root: Path) -> str:
+    """One row per epoch per run: run, epoch, step, then every other key any log.jsonl holds (blank where absent)."""
+    runs = run_logs(root)
+    keys = ["epoch", "step"]
+    for _, lines in runs:
+        keys += [k for line in lines for k in line if k not in keys]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, ["run", *keys], restval="", lineterminator="\n")
+    writer.writeheader()
+    for run, lines in runs:
+        for line in lines:
+            writer.writerow({"run": run, **line})
+    return out.getvalue()

@@ -1,0 +1,150 @@
+"""`cbd-cache cache verify`: a cache checked end to end, against its data and, where present, its teachers.
+
+The one place near the cache that runs teacher code: it recomputes a sample of stored targets with
+the teachers' checkpoints (`losses.teacher_target`, as export computed them).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cbd_cache.cache.codec import dequantize_int8
+from cbd_cache.cache.integrity import scan_cache
+from cbd_cache.cache.schema import Layout, cache_counts, make_layout
+from cbd_cache.cache.store import open_group, read_whole
+from cbd_cache.data.manifest import Manifest
+from cbd_cache.data.shards import content_hash, decode_image, read_shard
+from cbd_cache.errors import CacheDamaged
+from cbd_cache.models.checkpoints import load_checkpoint
+from cbd_cache.models.losses import teacher_target
+from cbd_cache.system.digests import file_sha256
+from cbd_cache.system.runtime import Runtime
+from cbd_cache.system.storage import Location, exists
+from cbd_cache.views import ViewSpec, derive_views, replay
+
+
+def verify_cache(path: Location, manifest: Manifest, checkpoints: dict[str, Any], runtime: Runtime, rows: int = 64,
+                 seed: int = 0, tolerance: float = 5e-3) -> dict[str, Any]:
+    """Check a cache end to end; `problems` lists every mismatch (empty: the cache is sound).
+
+    - completeness (every shard done), the manifest fingerprint and shard row ranges;
+    - every chunk of every array (`damage.scan_cache`): its checksum, its size, its presence, and each
+      array's metadata; every stored descriptor is unit-norm and every view box sane;
+    - `rows` random rows (seeded) of sound shards: their shards' content hashes match the manifest,
+      their views are the ones derived from (seed, key, view), and, for each teacher whose
+      checkpoint is in `checkpoints` (name -> path) with the hash the cache recorded, a fresh
+      forward pass gives the stored descriptor up to `tolerance` in cosine error (1 - cos).
+    """
+    group = open_group(path)
+    prov = dict(group.attrs)["provenance"]
+    problems: list[str] = []
+    same_data = prov["manifest_fingerprint"] == manifest.fingerprint
+    if not same_data:
+        problems.append(f"manifest fingerprint {prov['manifest_fingerprint'][:12]} in the cache, "
+                        f"{manifest.fingerprint[:12]} in the manifest")
+    if prov["shards"] != [[s.start, s.stop] for s in manifest.train.shards]:
+        problems.append("shard row ranges differ from the manifest's")
+        same_data = False
+    if same_data:    # the layout the data's allocation gives: a damaged view_count cannot mislead the scan
+        counts = cache_counts(manifest, prov["views_per_image"], prov["allocation"], prov["min_views"])
+    else:
+        try:
+            counts = read_whole(group, path, "view_count")
+        except CacheDamaged as e:
+            return _report(path, problems + [str(e)])
+    layout = make_layout(prov["shards"], counts, prov["chunk_views"])
+    norms = StoredViews(prov["dtype"] == "int8", problems, prov["shards"], layout)
+    scan = scan_cache(group, prov, layout, norms)
+    problems += [str(d) for d in scan.damage]
+    if not scan.done.all():
+        problems.insert(0, f"incomplete: {int(scan.done.sum())}/{len(scan.done)} shards exported")
+    n, counts, offsets = prov["num_rows"], layout.counts, layout.offsets
+    sound = scan.sound_shards()
+
+    # a random sample of rows: data fingerprint, views, and the teachers' descriptors recomputed
+    spec = ViewSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in prov["view_spec"].items()})
+    nets = {}
+    errors: dict[str, float] = {}
+    for name, t in prov["teachers"].items():
+        ckpt = checkpoints.get(name)
+        if ckpt is None or not exists(ckpt):
+            continue
+        if file_sha256(ckpt) != t["checkpoint_sha256"]:
+            problems.append(f"teacher {name}: its checkpoint changed since the export (re-run `cbd-cache export`)")
+            continue
+        nets[name] = runtime.prepare_model(load_checkpoint(ckpt)[0].eval())
+        errors[name] = 0.0
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
+    sample = sample[[bool(sound[_shard_of(prov["shards"], r)]) for r in sample]]   # rows of sound, finished shards
+    by_shard: dict[int, list[int]] = {}
+    for row in sample.tolist():
+        by_shard.setdefault(_shard_of(prov["shards"], row), []).append(row)
+    for index, chosen in by_shard.items():
+        info = manifest.train.shards[index]
+        samples = read_shard(manifest.shard_path(info), info.start, info.stop)
+        if content_hash(samples) != info.sha256:
+            problems.append(f"shard {info.name}: its content no longer matches the manifest's hash")
+        picked = [samples[row - info.start] for row in chosen]
+        flat = np.concatenate([np.arange(offsets[r], offsets[r] + counts[r]) for r in chosen])
+        stored = np.split(group["views"].oindex[flat], np.cumsum(counts[chosen])[:-1])
+        images = [decode_image(s.data, manifest.channels) for s in picked]
+        for s, image, views in zip(picked, images, stored):
+            derived = derive_views(prov["view_seed"], s.key, len(views), image.shape[1], image.shape[2], spec)
+            if not np.array_equal(derived, views):
+                problems.append(f"row {s.row}: stored views differ from the views derived from its key")
+        x = torch.stack([replay(image, v, spec.image_px) for image, views in zip(images, stored) for v in views])
+        for name, net in nets.items():
+            with torch.no_grad(), runtime.autocast():
+                fresh = teacher_target(net.features(runtime.to_device(x))).cpu()
+            cached = torch.from_numpy(group[f"descriptors/{name}"].oindex[flat].astype(np.float32))
+            err = float((1.0 - F.cosine_similarity(fresh, cached, dim=1)).max())
+            errors[name] = max(errors[name], err)
+    for name, err in errors.items():
+        if err > tolerance:
+            problems.append(f"descriptors/{name}: recomputed rows differ from the cache by cosine error {err:.2e} "
+                            f"(tolerance {tolerance:.0e})")
+    return _report(path, problems, int(len(sample)), errors, sorted(nets), tolerance)
+
+
+def _report(path: Location, problems: list[str], rows_checked: int = 0, errors: dict[str, float] | None = None,
+            recomputed: list[str] | None = None, tolerance: float | None = None) -> dict[str, Any]:
+    return {"path": str(path), "problems": problems, "rows_checked": rows_checked, "max_cosine_error": errors or {},
+            "teachers_recomputed": recomputed or [], "tolerance": tolerance}
+
+
+class StoredViews:
+    """`scan_cache`'s inspection of every sound block: descriptors unit-norm (int8 ones once their scales
+    arrive), view boxes of positive size and flips of 0 or 1. Findings go into `problems`."""
+
+    def __init__(self, int8: bool, problems: list[str], shards: list[list[int]], layout: Layout):
+        self.int8, self.problems, self.shards, self.layout = int8, problems, shards, layout
+        self.quantized: dict[tuple[str, int], np.ndarray] = {}
+
+    def __call__(self, name: str, shard: int, block: np.ndarray) -> None:
+        kind, _, teacher = name.partition("/")
+        if kind == "views":
+            if (block[:, 2] < 1).any() or (block[:, 3] < 1).any() or not np.isin(block[:, 4], (0, 1)).all():
+                start, stop = self.shards[shard]
+                self.problems.append(f"shard {shard} (rows {start}..{stop - 1}): invalid view boxes")
+        elif kind == "descriptors" and self.int8:
+            self.quantized[(teacher, shard)] = block
+        elif kind == "descriptors":
+            self.unit_norm(teacher, shard, block.astype(np.float32))
+        elif kind == "scales" and (teacher, shard) in self.quantized:
+            self.unit_norm(teacher, shard, dequantize_int8(self.quantized.pop((teacher, shard)), block))
+
+    def unit_norm(self, teacher: str, shard: int, d: np.ndarray) -> None:
+        bad = np.flatnonzero(np.abs(np.linalg.norm(d, axis=-1) - 1.0) > 1e-2)
+        if len(bad):
+            start, stop = self.shards[shard]
+            row_of = start + np.repeat(np.arange(stop - start), self.layout.counts[start:stop])
+            rows_bad = np.unique(row_of[bad])
+            self.problems.append(f"descriptors/{teacher}: {len(rows_bad)} rows of shard {shard} are not unit-norm "
+                                 f"(first: row {int(rows_bad[0])})")
+
+
+def _shard_of(shards: list[list[int]], row: int) -> int:
+    return next(i for i, (start, stop) in enumerate(shards) if start <= row < stop)

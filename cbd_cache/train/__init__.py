@@ -1,0 +1,1 @@
+"""Training: the engine, resume, step functions, the one train-one-model skeleton, evaluation, run folders."""
