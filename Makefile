@@ -19,7 +19,7 @@ ARGS = --pipeline $(PIPELINE) $(if $(WORKDIR),--workdir $(WORKDIR)) \
 PAPER_LIMIT_MIN ?= 0
 # e.g. PAPER_SECTIONS=views: only the view-budget study (empty: every section)
 PAPER_SECTIONS ?=
-.PHONY: install data demo test teachers paper-table clean
+.PHONY: install data demo test test-fast teachers paper-table clean
 
 install: $(BIN)/.installed
 
@@ -50,6 +50,10 @@ demo: install data
 
 test: install data
 	$(BIN)/pytest -q
+
+# The developer's loop: every test but the end-to-end ones marked slow (about a minute on 2 cores).
+test-fast: install data
+	$(BIN)/pytest -q -m "not slow"
 
 teachers: install data
 	$(CBD) prepare $(ARGS)

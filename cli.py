@@ -1,45 +1,35 @@
 """`cbd-cache`: the command line. Every command takes --pipeline, --workdir and any number of --set key=value."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import functools
 import json
 import logging
-import shlex
 import sys
 from pathlib import Path
 
 import click
 
-from cbd_cache import __version__
-from cbd_cache import pipeline as stage2
-from cbd_cache.cache.info import cache_info
+from cbd_cache import __version__, pipeline
+from cbd_cache.cache.info import cache_info, info_text
 from cbd_cache.config import DEFAULT_PIPELINE, Config, load_config
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.prepare import prepare as run_prepare
-from cbd_cache.errors import Busy, CacheDamaged, CacheError, ConfigError, JobsFailed, NonFiniteLoss, ShardDamaged
+from cbd_cache.errors import TRAINING, ConfigError, exit_line
 from cbd_cache.experiments.paper_design import SECTION_KEYS
 from cbd_cache.experiments.paper_table import paper_table as run_paper_table
 from cbd_cache.experiments.sweep import parse_grid, parse_seeds, run_sweep
-from cbd_cache.stages.evaluate import evaluate_workdir
-from cbd_cache.stages.export import export_cache
 from cbd_cache.stages.imported import import_teacher as run_import
-from cbd_cache.stages.ncm import ncm_report
-from cbd_cache.stages.teachers import train_teacher as run_teacher
+from cbd_cache.stages.ncm import SOURCES, ncm_report
 from cbd_cache.system import distributed
 from cbd_cache.system.allocator import keep_freed_memory
-from cbd_cache.system.jobs import gpus_for, run_parallel
-from cbd_cache.system.locks import cache_lock, hold
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import make_runtime
-from cbd_cache.system.storage import atomic_write_bytes, is_url, upload
+from cbd_cache.system.storage import atomic_write_bytes
 from cbd_cache.tools.dryrun import dry_run as plan_dry_run
 from cbd_cache.tools.portable import export_model
 from cbd_cache.tools.predict import list_inputs, model_checkpoint, predict_files, predictions_csv
-from cbd_cache.tools.training_logs import logs_csv, run_logs
-from cbd_cache.tools.verify import verify_cache
+from cbd_cache.tools.training_logs import last_epochs_text, logs_csv
+from cbd_cache.tools.verify import verify_cache, verify_text
 from cbd_cache.train.evaluation import results_table
 from cbd_cache.views import ViewSpec
 from cbd_cache.workdir import Workdir
@@ -101,35 +91,6 @@ def pipeline_options(fn=None, *, workdir_default: str = "runs/{name}"):
     return wrapper
 
 
-BAD_INPUT = (ConfigError, CacheError, FileNotFoundError)                        # exit 2
-FAILED_STAGE = (NonFiniteLoss, JobsFailed, Busy, ShardDamaged, CacheDamaged)    # exit 1
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)                                          # exit 1: free space, run again
-NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)                          # exit 2: another --workdir
-TRAINING = ("train-teacher", "train-student", "run", "sweep", "paper-table")
-
-
-def one_line(e: BaseException) -> str:
-    """The message; for an exception a DataLoader worker re-raised (its text holds the worker's
-    traceback), the original message, from the traceback's last line."""
-    text = str(e)
-    if "Original Traceback" in text:
-        last = text.strip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text
-
-
-def os_error_line(e: OSError, command: str) -> tuple[str, int] | None:
-    """(one line, exit code) for the OS errors a user can fix (a full disk, a read-only workdir), else None."""
-    where = shlex.quote(str(e.filename)) if e.filename else "the workdir"
-    if e.errno in NO_SPACE:
-        again = " (with --resume to continue training)" if command in TRAINING else ""
-        return (f"no space left on the device writing {where}: free some space, then run the same command "
-                f"again{again}; what was finished is kept"), 1
-    if e.errno in NOT_WRITABLE:
-        return f"cannot write {where} ({e.strerror}): choose a writable --workdir, or make it writable", 2
-    return None
-
-
 class CLI(click.Group):
     """Turns expected failures into one line on stderr: exit 2 for bad input, 1 for a failed stage, 130
     when interrupted. Anything else is a bug and keeps its traceback; `--debug` keeps every traceback."""
@@ -145,9 +106,8 @@ class CLI(click.Group):
             click.echo(f"cbd-cache: interrupted: {command} stopped before it finished; run the same command "
                        f"again{again} to continue", err=True)
             sys.exit(130)
-        except (*BAD_INPUT, *FAILED_STAGE, OSError) as e:
-            line = os_error_line(e, ctx.invoked_subcommand) if isinstance(e, OSError) and \
-                not isinstance(e, FileNotFoundError) else (one_line(e), 2 if isinstance(e, BAD_INPUT) else 1)
+        except Exception as e:
+            line = exit_line(e, ctx.invoked_subcommand)
             if line is None or ctx.params.get("debug"):
                 raise
             click.echo(f"cbd-cache: error: {line[0]}", err=True)
@@ -178,22 +138,7 @@ def prepare(ctx: Context, dry_run: bool):
     if dry_run:
         click.echo(plan_dry_run(ctx.cfg, ctx.runtime))
         return
-    prepare_data(ctx)
-
-
-def prepare_data(ctx: Context) -> None:
-    """Rank 0 prepares; with a remote `pipeline.data_url` it prepares W/data, then uploads it there."""
-    if distributed.from_env().main:   # (prepare needs no process group, so it joins none when run alone)
-        if is_url(ctx.wd.data):
-            local = dataclasses.replace(ctx.wd, data_url="")
-            run_prepare(ctx.cfg, local)
-            log(f"[prepare] uploading {local.data} to {ctx.wd.data}")
-            upload(local.data, ctx.wd.data)
-        else:
-            run_prepare(ctx.cfg, ctx.wd)
-    if distributed.from_env().world > 1:
-        ctx.runtime   # join the group to wait for rank 0
-        distributed.barrier()
+    pipeline.prepare_data(ctx.cfg, ctx.wd, ctx.runtime)
 
 
 @main.command("train-teacher")
@@ -204,20 +149,8 @@ def prepare_data(ctx: Context) -> None:
 @resume_option
 def train_teacher(ctx: Context, names: tuple[str, ...], jobs: int):
     """Stage 1: train teachers with instance sampling; skips teachers already trained with the same config."""
-    teachers = [ctx.cfg.teacher_by_name(n) for n in names] if names else ctx.cfg.teachers
-    if jobs > 1 and len(teachers) > 1:
-        return train_teachers_in_parallel(ctx, [t.name for t in teachers], jobs)
-    for t in teachers:
-        run_teacher(ctx.cfg, t, ctx.wd, ctx.runtime)
-
-
-def train_teachers_in_parallel(ctx: Context, names: list[str], jobs: int) -> None:
-    """One `cbd-cache train-teacher --name N` process per teacher, `jobs` at a time."""
-    if distributed.from_env().world > 1:
-        raise ConfigError("--jobs trains one teacher per process; under torchrun train them one after another")
-    common = ["train-teacher", "--pipeline", ctx.cfg.source, "--workdir", str(ctx.wd.root),
-              *[x for o in ctx.cfg.overrides for x in ("--set", o)], *(["--resume"] if ctx.resume else [])]
-    run_parallel([[sys.executable, "-m", "cli", *common, "--name", n] for n in names], jobs, gpus_for(ctx.cfg.pipeline.device))
+    teachers = [ctx.cfg.teacher_by_name(n) for n in names] if names else None
+    pipeline.train_teachers(ctx.cfg, ctx.wd, ctx.runtime, teachers, jobs)
 
 
 @main.command("import-teacher")
@@ -243,14 +176,7 @@ def import_teacher(ctx: Context, name: str, path: str, arch: str, keys: tuple[st
 @pipeline_options
 def export(ctx: Context, repair: bool):
     """Run every teacher over A views of every training image into the Zarr cache (resumable)."""
-    export_locked(ctx, repair)
-
-
-def export_locked(ctx: Context, repair: bool = False) -> None:
-    """export_cache under the cache folder's lock (rank 0's, a local cache's): one exporting process per cache."""
-    local = ctx.main and not is_url(ctx.wd.cache)
-    with hold(cache_lock(Path(ctx.wd.cache)), str(ctx.wd.cache)) if local else contextlib.nullcontext():
-        export_cache(ctx.cfg, ctx.wd, ctx.runtime, repair)
+    pipeline.export(ctx.cfg, ctx.wd, ctx.runtime, repair)
 
 
 @main.command("train-student")
@@ -258,20 +184,19 @@ def export_locked(ctx: Context, repair: bool = False) -> None:
 @resume_option
 def train_student(ctx: Context):
     """Stage 2: train the student from the cache (no teacher runs), class-balanced."""
-    stage2.train(ctx.cfg, ctx.wd, ctx.runtime)
+    pipeline.train_student(ctx.cfg, ctx.wd, ctx.runtime)
 
 
 @main.command()
 @pipeline_options
 def evaluate(ctx: Context):
     """Evaluate every teacher and student in the workdir; write results.md and results.json."""
-    evaluate_all(ctx)
+    pipeline.evaluate(ctx.cfg, ctx.wd, ctx.runtime)
+    print_results(ctx)
 
 
-def evaluate_all(ctx: Context) -> None:
-    """Rank 0 evaluates (the others wait at the command's closing barrier)."""
+def print_results(ctx: Context) -> None:
     if ctx.main:
-        evaluate_workdir(ctx.cfg, ctx.wd, ctx.runtime)
         click.echo(ctx.wd.results_md.read_text())
 
 
@@ -280,14 +205,8 @@ def evaluate_all(ctx: Context) -> None:
 @resume_option
 def run(ctx: Context):
     """Every stage in order, skipping what is already done; prints the results table."""
-    prepare_data(ctx)
-    for t in ctx.cfg.teachers:
-        run_teacher(ctx.cfg, t, ctx.wd, ctx.runtime)
-        distributed.barrier()   # rank 0 has written the teacher before anyone reads it
-    export_locked(ctx)
-    stage2.train(ctx.cfg, ctx.wd, ctx.runtime)
-    distributed.barrier()
-    evaluate_all(ctx)
+    pipeline.run(ctx.cfg, ctx.wd, ctx.runtime)
+    print_results(ctx)
 
 
 @main.command()
@@ -306,7 +225,7 @@ def sweep(ctx: Context, grids: tuple[str, ...], seeds: str, name: str, jobs: int
 
 @main.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--features", type=click.Choice(["images", "cache"]), default="images", show_default=True,
+@click.option("--features", type=click.Choice(SOURCES), default="images", show_default=True,
               help="Class means from the model run over the training images, or from its cached descriptors.")
 @pipeline_options
 def ncm(ctx: Context, models: tuple[str, ...], features: str):
@@ -366,13 +285,7 @@ def logs(ctx: Context, folder: Path | None, as_csv: bool):
     if as_csv:
         click.echo(logs_csv(workdir), nl=False)
         return
-    runs = run_logs(workdir)
-    if not runs:
-        raise FileNotFoundError(f"{workdir}: no teachers/*/log.jsonl or students/*/log.jsonl; train a model first")
-    for run, lines in runs:
-        last = lines[-1] if lines else {}
-        terms = "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("epoch", "step"))
-        click.echo(f"{run}: epoch {last.get('epoch', 0)}, step {last.get('step', 0)}  {terms}")
+    click.echo(last_epochs_text(workdir))
 
 
 @main.command("paper-table")
@@ -413,14 +326,7 @@ def verify(ctx: Context, rows: int, seed: int, tolerance: float, as_json: bool):
     manifest = Manifest.load(ctx.wd.manifest)
     checkpoints = {t.name: ctx.wd.teacher_checkpoint(t.name) for t in ctx.cfg.teachers}
     report = verify_cache(ctx.wd.cache, manifest, checkpoints, ctx.runtime, rows, seed, tolerance)
-    if as_json:
-        click.echo(json.dumps(report, indent=1))
-    else:
-        errors = ", ".join(f"{k} {v:.2e}" for k, v in report["max_cosine_error"].items()) or "no teacher present"
-        click.echo(f"{report['path']}: {report['rows_checked']} rows recomputed; max cosine error: {errors}")
-        for problem in report["problems"]:
-            click.echo(f"  MISMATCH {problem}")
-        click.echo("OK" if not report["problems"] else f"FAILED: {len(report['problems'])} problem(s)")
+    click.echo(json.dumps(report, indent=1) if as_json else verify_text(report))
     if report["problems"]:
         sys.exit(1)
 
@@ -431,20 +337,7 @@ def verify(ctx: Context, rows: int, seed: int, tolerance: float, as_json: bool):
 def info(ctx: Context, as_json: bool):
     """Arrays, shapes, dtypes, chunking, fingerprint, completeness and bytes on disk."""
     d = cache_info(ctx.wd.cache)
-    if as_json:
-        click.echo(json.dumps(d, indent=1))
-        return
-    click.echo(f"{d['path']}: schema {d['schema_version']}, {'complete' if d['complete'] else 'INCOMPLETE'} "
-               f"({d['shards_done']}/{d['shards_total']} shards), {d['bytes_on_disk'] / 2**20:.1f} MiB on disk")
-    lo, hi = d["views_min_max"]
-    click.echo(f"manifest fingerprint {d['manifest_fingerprint']}, view seed {d['view_seed']}; {d['allocation']} "
-               f"allocation of A = {d['views_per_image']}: {lo}..{hi} views per image, {d['views_stored']} stored "
-               f"({d['views_total']} with chunk padding, chunks of {d['chunk_views']} views)")
-    for name, a in d["arrays"].items():
-        click.echo(f"  {name:<28} {str(a['shape']):<20} {a['dtype']:<8} chunks {a['chunks']}  "
-                   f"{a['bytes_stored'] / 2**20:.2f} MiB")
-    for name, t in d["teachers"].items():
-        click.echo(f"  teacher {name}: {t['type']} {t['arch']} seed {t['seed']} sha256 {t['checkpoint_sha256'][:12]}")
+    click.echo(json.dumps(d, indent=1) if as_json else info_text(d))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The collectives the stages use (cbd_cache.distributed), once over a real process group, for run_gpu.sh.
+"""The collectives the stages use (cbd_cache.system.distributed), once over a real process group, for run_gpu.sh.
 
 torchrun with one process is a world of one, where `distributed.init` opens no group; this opens one
 with the backend given (nccl on a GPU, gloo on CPU) and checks sum, max and all_gather_int on it.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: the first person with a CUDA device runs this (about 5 minutes on one H100 / H200).
 #   1. the smoke pipeline end to end (prepare, teachers, export, student, evaluate) on CUDA, bf16, channels_last;
-#   2. torchrun --nproc_per_node 1: NCCL collectives through cbd_cache.distributed, then a student under torchrun;
+#   2. torchrun --nproc_per_node 1: NCCL collectives through cbd_cache.system.distributed, then a student under torchrun;
 #   3. the student benchmark (none / cache / online) on the 224 px ResNet-50 case.
 # Writes results/gpu_check_cuda.md (each check's status, seconds and key lines) and
 # results/bench_student_cuda.{md,json}. Not yet run on a GPU: no session so far had one.

@@ -7,6 +7,9 @@ and keeps its traceback.
 """
 from __future__ import annotations
 
+import errno
+import shlex
+
 
 class ConfigError(ValueError):
     """A bad pipeline file, key or value. The CLI prints it on one line and exits 2."""
@@ -26,7 +29,7 @@ class ShardDamaged(RuntimeError):
 
 
 class NonFiniteLoss(FloatingPointError):
-    pass
+    """Training went non-finite: the step, and the last good resume checkpoint. The CLI exits 1."""
 
 
 class Busy(RuntimeError):
@@ -39,3 +42,43 @@ class JobsFailed(RuntimeError):
 
 class DataError(ConfigError):
     """A problem in the dataset's own files (a bad label line, a missing image): exit 2 with the offending line."""
+
+
+BAD_INPUT = (ConfigError, CacheError, FileNotFoundError)                        # exit 2
+FAILED_STAGE = (NonFiniteLoss, JobsFailed, Busy, ShardDamaged, CacheDamaged)    # exit 1
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)                                          # exit 1: free space, run again
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)                          # exit 2: another --workdir
+TRAINING = ("train-teacher", "train-student", "run", "sweep", "paper-table")    # commands that --resume continues
+
+
+def one_line(e: BaseException) -> str:
+    """The message; for an exception a DataLoader worker re-raised (its text holds the worker's
+    traceback), the original message, from the traceback's last line."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def os_error_line(e: OSError, command: str) -> tuple[str, int] | None:
+    """(one line, exit code) for the OS errors a user can fix (a full disk, a read-only workdir), else None."""
+    where = shlex.quote(str(e.filename)) if e.filename else "the workdir"
+    if e.errno in NO_SPACE:
+        again = " (with --resume to continue training)" if command in TRAINING else ""
+        return (f"no space left on the device writing {where}: free some space, then run the same command "
+                f"again{again}; what was finished is kept"), 1
+    if e.errno in NOT_WRITABLE:
+        return f"cannot write {where} ({e.strerror}): choose a writable --workdir, or make it writable", 2
+    return None
+
+
+def exit_line(e: BaseException, command: str) -> tuple[str, int] | None:
+    """(one line, exit code) of an expected failure; None for anything else (a bug: keep its traceback)."""
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        return os_error_line(e, command)
+    if isinstance(e, BAD_INPUT):
+        return one_line(e), 2
+    if isinstance(e, FAILED_STAGE):
+        return one_line(e), 1
+    return None

@@ -1,28 +1,114 @@
-"""Stage 2's entry: the one place that picks a second-stage trainer for a config.
+"""The stage order and its safeguards, in one place: `run`, each stage's command, `paper-table`, the sweeps
+and the test fixtures all reach the stages through here.
 
-cRT (`student.classifier_only`) -> crt.py; online or replayed targets -> online.py; cached targets or
-cross-entropy only -> student.py. The CLI's train-student, `run` and the sweeps all go through here.
+    prepare  -> rank 0 (a remote `pipeline.data_url` is prepared locally, then uploaded); the others wait
+    teachers -> each under its run folder's lock (rank 0's), or J at a time in processes of their own
+    export   -> under the cache's lock (rank 0's, a local cache's): one exporting job per cache
+    student  -> planned once (a refused config writes nothing), then trained under its run folder's lock
+                by the method the config picks: cRT, online or replayed targets, or cached targets
+    evaluate -> rank 0
+
+Under torchrun every stage ends at a barrier, so no rank reads what rank 0 has not finished writing.
 """
 from __future__ import annotations
 
+import dataclasses
+import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
-from cbd_cache.config import Config
+from cbd_cache.config import Config, TeacherCfg
+from cbd_cache.data.manifest import Manifest
+from cbd_cache.data.prepare import prepare
+from cbd_cache.errors import ConfigError
 from cbd_cache.stages import crt, online, student
-from cbd_cache.system.locks import hold, run_lock
+from cbd_cache.stages.evaluate import evaluate_workdir
+from cbd_cache.stages.export import export_cache
+from cbd_cache.stages.teachers import train_teacher
+from cbd_cache.system import distributed
+from cbd_cache.system.jobs import gpus_for, run_parallel
+from cbd_cache.system.locks import hold
+from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
-from cbd_cache.workdir import Workdir
+from cbd_cache.system.storage import is_url, upload
+from cbd_cache.workdir import Workdir, cache_lock, run_lock
 
 
-def train(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
-    """Planned first (a refused config writes nothing), then trained under the run folder's lock (rank 0's),
-    so two processes never train one run at once."""
-    folder = student.plan_student(cfg, wd).folder
-    lock = hold(run_lock(folder), f"students/{folder.name}") if runtime.dist.main else nullcontext()
-    with lock:
+def prepare_data(cfg: Config, wd: Workdir, runtime: Runtime) -> Manifest:
+    """Rank 0 prepares; with a remote `pipeline.data_url` it prepares W/data, then uploads it there."""
+    if runtime.dist.main:
+        if is_url(wd.data):
+            local = dataclasses.replace(wd, data_url="")
+            prepare(cfg, local)
+            log(f"[prepare] uploading {local.data} to {wd.data}")
+            upload(local.data, wd.data)
+        else:
+            prepare(cfg, wd)
+    distributed.barrier()
+    return Manifest.load(wd.manifest)
+
+
+def rank0_lock(lock: Path, what: str, runtime: Runtime):
+    """The lock of one writer, held by rank 0 (the others write nothing there)."""
+    return hold(lock, what) if runtime.dist.main else nullcontext()
+
+
+def train_teachers(cfg: Config, wd: Workdir, runtime: Runtime, teachers: list[TeacherCfg] | None = None,
+                   jobs: int = 1) -> None:
+    """Stage 1, every teacher (or `teachers`) in turn, or `jobs` at a time in processes of their own."""
+    teachers = cfg.teachers if teachers is None else teachers
+    if jobs > 1 and len(teachers) > 1:
+        return train_teachers_in_parallel(cfg, wd, [t.name for t in teachers], jobs, runtime.resume)
+    for t in teachers:
+        with rank0_lock(run_lock(wd.teacher_dir(t.name)), f"teachers/{t.name}", runtime):
+            train_teacher(cfg, t, wd, runtime)
+        distributed.barrier()   # rank 0 has written the teacher before anyone reads it
+
+
+def train_teachers_in_parallel(cfg: Config, wd: Workdir, names: list[str], jobs: int, resume: bool) -> None:
+    """One `cbd-cache train-teacher --name N` process per teacher, `jobs` at a time."""
+    if distributed.from_env().world > 1:
+        raise ConfigError("--jobs trains one teacher per process; under torchrun train them one after another")
+    common = ["train-teacher", "--pipeline", cfg.source, "--workdir", str(wd.root),
+              *[x for o in cfg.overrides for x in ("--set", o)], *(["--resume"] if resume else [])]
+    run_parallel([[sys.executable, "-m", "cli", *common, "--name", n] for n in names], jobs,
+                 gpus_for(cfg.pipeline.device))
+
+
+def export(cfg: Config, wd: Workdir, runtime: Runtime, repair: bool = False) -> None:
+    """The cache, under its lock: one exporting job per cache."""
+    local = not is_url(wd.cache)
+    with rank0_lock(cache_lock(Path(wd.cache)), str(wd.cache), runtime) if local else nullcontext():
+        export_cache(cfg, wd, runtime, repair)
+    distributed.barrier()
+
+
+def train_student(cfg: Config, wd: Workdir, runtime: Runtime, plan: student.StudentPlan | None = None) -> Path:
+    """Stage 2 by the method the config picks, planned once (here, unless the caller planned it)."""
+    plan = plan or student.plan_student(cfg, wd)
+    with rank0_lock(run_lock(plan.folder), f"students/{plan.name}", runtime):
         if cfg.student.classifier_only:
-            return crt.train_crt(cfg, wd, runtime)
-        if cfg.student.targets in ("online", "replay"):   # the teachers run: on fresh views, or on the cache's
-            return online.train_online(cfg, wd, runtime)
-        return student.train_student(cfg, wd, runtime)
+            ckpt = crt.train_crt(cfg, wd, runtime, plan)
+        elif cfg.student.targets in ("online", "replay"):   # the teachers run: on fresh views, or on the cache's
+            ckpt = online.train_online(cfg, wd, runtime, plan)
+        else:
+            ckpt = student.train_student(cfg, wd, runtime, plan)
+    distributed.barrier()
+    return ckpt
+
+
+def evaluate(cfg: Config, wd: Workdir, runtime: Runtime) -> list[dict[str, Any]]:
+    """Every teacher and student of the workdir, on rank 0 (the others get no rows)."""
+    rows = evaluate_workdir(cfg, wd, runtime) if runtime.dist.main else []
+    distributed.barrier()
+    return rows
+
+
+def run(cfg: Config, wd: Workdir, runtime: Runtime) -> list[dict[str, Any]]:
+    """Every stage in order, each skipping what is already done."""
+    prepare_data(cfg, wd, runtime)
+    train_teachers(cfg, wd, runtime)
+    export(cfg, wd, runtime)
+    train_student(cfg, wd, runtime)
+    return evaluate(cfg, wd, runtime)

@@ -86,10 +86,6 @@ def derive_views(seed: int, key: str, count: int, height: int, width: int, spec:
     return np.stack([sample_view(rng, height, width, spec) for _ in range(count)])
 
 
-def derive_view(seed: int, key: str, index: int, height: int, width: int, spec: ViewSpec) -> np.ndarray:
-    return derive_views(seed, key, index + 1, height, width, spec)[index]
-
-
 def replay(image: torch.Tensor, view: np.ndarray | torch.Tensor, image_px: int) -> torch.Tensor:
     """uint8 (C, H, W) image + view -> uint8 (C, image_px, image_px). Deterministic on CPU.
 
@@ -101,13 +97,6 @@ def replay(image: torch.Tensor, view: np.ndarray | torch.Tensor, image_px: int) 
     top, left, h, w, flip = view.tolist()
     x = resize(image[None, :, top:top + h, left:left + w], image_px)
     return x[0].flip(-1) if flip else x[0]
-
-
-def replay_views(images: torch.Tensor, views: np.ndarray, image_px: int) -> torch.Tensor:
-    """`replay` of every view of a stack of same-sized images, bit for bit: uint8 (n, C, H, W) and
-    int (n, A, 5) -> uint8 (n * A, C, image_px, image_px), image-major."""
-    image_of = np.repeat(np.arange(len(views)), views.shape[1])
-    return replay_flat(images, views.reshape(-1, len(VIEW_FIELDS)), image_of, image_px)
 
 
 def replay_flat(images: torch.Tensor, views: np.ndarray, image_of: np.ndarray, image_px: int) -> torch.Tensor:

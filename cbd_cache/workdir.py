@@ -2,10 +2,21 @@
 
     W/data/manifest.json            prepared dataset: class names, counts, shards, fingerprint
     W/data/{train,test}-NNNNNN.tar  WebDataset shards
-    W/teachers/<name>/checkpoint.pt stage-1 teacher, with its config, seed and accuracies
+    W/teachers/<name>/              a stage-1 teacher's run folder (below)
     W/cache.zarr                    teacher descriptors per (image, view), the view parameters, provenance
-    W/students/<run>/checkpoint.pt  stage-2 students (and baselines)
+    W/cache.zarr.lock               held by the one process exporting into the cache
+    W/students/<run>/               a stage-2 student's (or baseline's) run folder
     W/results.{md,json}             the evaluation table of every model in the workdir
+
+A run folder holds:
+
+    checkpoint.pt       the network: weights, the spec that rebuilds it, its config and accuracies
+    run.json            identity, kind, history, meta and the checkpoint's SHA-256: written last, it
+                        marks the run finished (`train.runs.is_done`)
+    resume.pt           while training: where a killed run continues (`train.resume`)
+    log.jsonl           one line per epoch
+    eval.json, eval.md  the held-out report; ncm_<features>.json the NCM report
+    .lock               held by the one process training the run
 
 The data folder (manifest + shards) and the cache may live elsewhere, on a shared filesystem or on
 any fsspec URL (`s3://bucket/prefix`, `gs://...`, `memory://...`): `pipeline.data_url` and
@@ -18,6 +29,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cbd_cache.system.storage import Location, join, location
+
+CHECKPOINT = "checkpoint.pt"
+RECORD = "run.json"
+RESUME = "resume.pt"
+LOG = "log.jsonl"
+EVAL_JSON = "eval.json"
+EVAL_MD = "eval.md"
+LOCK = ".lock"
+RUN_KINDS = ("teachers", "students")   # the folders of W that hold run folders
+
+
+def ncm_report(folder: Path, features: str) -> Path:
+    return folder / f"ncm_{features}.json"
+
+
+def run_lock(folder: Path) -> Path:
+    """The lock file of a run folder (teachers/<name>, students/<run>)."""
+    return folder / LOCK
+
+
+def cache_lock(cache: Path) -> Path:
+    """The lock file beside a cache folder (a zarr store holds only its own files)."""
+    return cache.with_name(cache.name + LOCK)
 
 
 @dataclass(frozen=True)
@@ -42,7 +76,7 @@ class Workdir:
         return self.root / "teachers" / name
 
     def teacher_checkpoint(self, name: str) -> Path:
-        return self.teacher_dir(name) / "checkpoint.pt"
+        return self.teacher_dir(name) / CHECKPOINT
 
     def student_dir(self, name: str) -> Path:
         return self.root / "students" / name
@@ -53,7 +87,7 @@ class Workdir:
 
     def students(self) -> list[str]:
         folder = self.root / "students"
-        return sorted(p.name for p in folder.iterdir() if (p / "checkpoint.pt").is_file()) if folder.is_dir() else []
+        return sorted(p.name for p in folder.iterdir() if (p / CHECKPOINT).is_file()) if folder.is_dir() else []
 
     @property
     def results_md(self) -> Path:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cbd_cache import pipeline
 from cbd_cache.config import load_config
 from cbd_cache.system.runtime import make_runtime
 from cbd_cache.workdir import Workdir
@@ -20,18 +21,14 @@ def smoke_config(*overrides: str):
 
 @pytest.fixture(scope="session")
 def smoke_workdir(tmp_path_factory) -> Workdir:
-    """A finished smoke workdir up to the cache (prepare, 2 teachers, export). Tests must not modify it."""
-    from cbd_cache.data.prepare import prepare
-    from cbd_cache.stages.export import export_cache
-    from cbd_cache.stages.teachers import train_teacher
-
+    """A finished smoke workdir up to the cache (prepare, 2 teachers, export), made as `cbd-cache run` makes
+    it (through the one orchestrator). Tests must not modify it."""
     cfg = smoke_config()
     wd = Workdir(tmp_path_factory.mktemp("smoke"))
     runtime = make_runtime(cfg.pipeline)
-    prepare(cfg, wd)
-    for t in cfg.teachers:
-        train_teacher(cfg, t, wd, runtime)
-    export_cache(cfg, wd, runtime)
+    pipeline.prepare_data(cfg, wd, runtime)
+    pipeline.train_teachers(cfg, wd, runtime)
+    pipeline.export(cfg, wd, runtime)
     return wd
 
 

@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+from cbd_cache import errors, pipeline
 from cbd_cache.config import load_config
 from cbd_cache.data.sources.imagefolder import ImageFolder
 
@@ -16,7 +17,7 @@ from .image_fixtures import data_overrides, good_items, write_dataset
 def run(monkeypatch, exc, *flags):
     def fail(*args, **kwargs):
         raise exc
-    monkeypatch.setattr(cli, "run_prepare", fail)
+    monkeypatch.setattr(pipeline, "prepare", fail)
     return CliRunner().invoke(cli.main, [*flags, "prepare", "--pipeline", str(SMOKE), "--workdir", "/tmp/my runs/w"])
 
 
@@ -46,9 +47,9 @@ def test_debug_shows_the_traceback_and_a_bug_keeps_it(monkeypatch):
 
 def test_a_worker_reraised_error_prints_its_original_message():
     wrapped = RuntimeError("Caught ShardDamaged in DataLoader worker process 0.\nOriginal Traceback (most recent "
-                           "call last):\n  File \"x.py\", line 1, in f\ncbd_cache.data.shards.ShardDamaged: "
+                           "call last):\n  File \"x.py\", line 1, in f\ncbd_cache.errors.ShardDamaged: "
                            "W/data/train-000001.tar: the shard is missing; run `cbd-cache prepare`\n")
-    assert cli.one_line(wrapped) == "W/data/train-000001.tar: the shard is missing; run `cbd-cache prepare`"
+    assert errors.one_line(wrapped) == "W/data/train-000001.tar: the shard is missing; run `cbd-cache prepare`"
 
 
 def test_imagefolder_follows_torchvision_and_reads_each_folder_once(tmp_path):

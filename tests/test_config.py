@@ -1,5 +1,7 @@
 
 import re
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -59,7 +61,7 @@ def test_parse_value():
     ("data.format=csv", "data.format='csv': must be one of"),
     ("export.min_views=0", "export.min_views=0: must be >= 1"),
     ("export.allocation=draw", "export.allocation='draw': must be one of uniform, draws"),
-    # your own teachers (tests/test_external.py)
+    # your own teachers (tests/test_imported.py)
     ("teacher.arch=timm:hf-hub:org/model", "hf-hub: names fetch weights or configs at run time"),
     ("teacher.source=elsewhere", "teacher.source='elsewhere': must be one of trained, imported"),
     ("teacher.mean=[0.5,0.5]", "give both, one value per channel"),
@@ -116,3 +118,13 @@ def test_student_run_names_follow_the_overrides():
         "student_teachers=std0"
     assert student_run_name(smoke_config("student.teachers=[std0,aug0]")) == "student_teachers=std0+aug0"
     assert student_run_name(smoke_config("student.alpha=0.2", "student.name=mine")) == "mine"
+
+
+def test_loading_a_pipeline_imports_no_torch():
+    """A TOML is checked (and a typo refused) in milliseconds, on a machine or job without torch."""
+    code = ("import sys; import cbd_cache.config as c; c.load_config(sys.argv[1], ['student.alpha=0.2']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm')))")
+    for name in ("smoke", "fashion_mnist_lt", "imagenet_lt"):
+        out = subprocess.run([sys.executable, "-c", code, str(ROOT / "pipelines" / f"{name}.toml")], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "[]", f"{name}: loading it imported {out.strip()}"

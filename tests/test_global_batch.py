@@ -83,6 +83,7 @@ def assert_same_training(a: dict, b: dict) -> None:
             torch.testing.assert_close(a[when][k], b[when][k], atol=WEIGHT_ATOL, rtol=0, msg=f"{when} {k}")
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_steps_lrs_and_global_batch_of_one(prepared, tmp_path):
     one = probe(prepared, tmp_path / "one", 1)
     two = probe(prepared, tmp_path / "two", 2)

@@ -32,8 +32,14 @@ def imports_of(name: str, path: Path, known: set[str]) -> list[tuple[str, int, b
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     in_function = {id(inner) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                    for inner in ast.walk(node)}
+    # `if TYPE_CHECKING:` imports never run: they name types for the reader, they are no edge of the graph
+    typing_only = {id(inner) for node in tree.body
+                   if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+                   for inner in ast.walk(node)}
     found = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -114,10 +120,11 @@ CACHED_STUDENT = """
 import json, sys
 from cbd_cache.config import load_config
 from cbd_cache.system.runtime import make_runtime
-from cbd_cache.stages.student import train_student
+from cbd_cache.stages.student import plan_student, train_student
 from cbd_cache.workdir import Workdir
 cfg = load_config(sys.argv[1], ["student.epochs=1", "student.name=boundary"])
-ckpt = train_student(cfg, Workdir(__import__("pathlib").Path(sys.argv[2])), make_runtime(cfg.pipeline))
+wd = Workdir(__import__("pathlib").Path(sys.argv[2]))
+ckpt = train_student(cfg, wd, make_runtime(cfg.pipeline), plan_student(cfg, wd))
 print(json.dumps({"checkpoint": str(ckpt), "modules": sorted(m for m in sys.modules if m.startswith("cbd_cache"))}))
 """
 

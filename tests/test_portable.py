@@ -13,7 +13,7 @@ from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.stream import EvalStream
 from cbd_cache.models.checkpoints import load_checkpoint, network_spec, save_checkpoint
 from cbd_cache.models.networks import Network
-from cbd_cache.stages.student import train_student
+from cbd_cache.pipeline import train_student
 from cbd_cache.system.runtime import make_runtime
 from cbd_cache.tools.portable import portable_name
 from cbd_cache.views import ViewSpec, to_unit

@@ -102,6 +102,7 @@ def test_stream_restarts_at_any_batch_on_the_same_items(smoke_workdir):
         assert not torch.equal(full[8][2], resumed[0][2])
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(smoke_workdir, tmp_path):
     cfg = smoke_config("pipeline.checkpoint_steps=4")
     manifest = Manifest.load(smoke_workdir.manifest)

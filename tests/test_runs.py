@@ -9,14 +9,13 @@ import pytest
 
 from cbd_cache.errors import Busy
 from cbd_cache.experiments.sweep import make_runs
-from cbd_cache.models.checkpoints import run_finished
-from cbd_cache.pipeline import train
+from cbd_cache.pipeline import train_student as train
 from cbd_cache.stages import evaluate as evaluation
-from cbd_cache.system.locks import hold, run_lock
+from cbd_cache.system.locks import hold
 from cbd_cache.system.runtime import make_runtime
 from cbd_cache.system.storage import read_json, write_json
 from cbd_cache.train import runs
-from cbd_cache.workdir import Workdir
+from cbd_cache.workdir import Workdir, run_lock
 
 from .conftest import ROOT, SMOKE, smoke_config
 
@@ -69,13 +68,13 @@ def test_the_same_config_trains_once_whoever_asks(wd, capfd):
 
 def test_a_checkpoint_run_json_does_not_vouch_for_is_no_finished_run(wd):
     folder = wd.student_dir("student")
-    assert run_finished(folder)
+    assert runs.is_done(folder)
     record = read_json(folder / "run.json")
     write_json(folder / "run.json", {**record, "checkpoint_sha256": "0" * 64})   # new weights, old record
-    assert not run_finished(folder) and not runs.run_is_done(folder, record["identity"])
+    assert not runs.is_done(folder) and not runs.is_done(folder, record["identity"])
     del record["checkpoint_sha256"]
     write_json(folder / "run.json", record)
-    assert not run_finished(folder)
+    assert not runs.is_done(folder)
 
 
 @pytest.mark.slow
@@ -93,7 +92,7 @@ def test_a_crash_between_checkpoint_and_run_json_retrains_and_is_not_evaluated(w
     with pytest.raises(RuntimeError, match="injected crash"):
         train(cfg, wd, runtime)
     assert (folder / "checkpoint.pt").read_bytes() != old   # the new weights are there...
-    assert not run_finished(folder)                          # ...and nothing vouches for them
+    assert not runs.is_done(folder)                          # ...and nothing vouches for them
 
     rows = evaluation.evaluate_workdir(cfg, wd, runtime)
     assert [r["model"] for r in rows] == ["std0", "aug0"]
@@ -102,7 +101,7 @@ def test_a_crash_between_checkpoint_and_run_json_retrains_and_is_not_evaluated(w
     monkeypatch.undo()
     train(cfg, wd, runtime)
     assert "already trained" not in capfd.readouterr().err
-    assert run_finished(folder) and runs.run_is_done(folder, runs.read_json(folder / "run.json")["identity"])
+    assert runs.is_done(folder) and runs.is_done(folder, runs.read_json(folder / "run.json")["identity"])
     assert [r["model"] for r in evaluation.evaluate_workdir(cfg, wd, runtime)] == ["std0", "aug0", "student"]
 
 

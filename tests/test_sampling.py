@@ -89,13 +89,14 @@ def test_draws_allocation_follows_the_class_balanced_draws_with_the_same_budget(
 
 
 def test_the_walk_visits_every_view_once_per_lap_in_a_seeded_order():
-    from cbd_cache.data.sampling import walk_start, walk_view
+    from cbd_cache.data.sampling import ViewWalk, walk_start
 
-    laps = [[walk_view(7, 42, lap * 5 + k, 5) for k in range(5)] for lap in range(3)]
+    walk_view = ViewWalk(7).view
+    laps = [[walk_view(42, lap * 5 + k, 5) for k in range(5)] for lap in range(3)]
     assert all(sorted(lap) == [0, 1, 2, 3, 4] for lap in laps) and laps[0] != laps[1]
-    assert laps[0] == [walk_view(7, 42, k, 5) for k in range(5)]      # pure: the same every time
+    assert laps[0] == [ViewWalk(7).view(42, k, 5) for k in range(5)]   # pure: the same every time
     assert laps == [[0, 4, 2, 1, 3], [0, 1, 3, 4, 2], [3, 0, 1, 4, 2]]   # pinned
-    assert walk_view(7, 43, 0, 1) == 0
+    assert walk_view(43, 0, 1) == 0
     assert [walk_start(e, 55.0, 3) for e in range(3)] == [0, 55, 110]
     # images drawn less than once an epoch step to their next view in different epochs
     assert len({walk_start(1, 0.25, row) for row in range(8)}) == 2

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from cbd_cache.config import load_config
 from cbd_cache.data.prepare import prepare
-from cbd_cache.stages.student import train_student
+from cbd_cache.pipeline import train_student
 from cbd_cache.stages.teachers import train_teacher
 from cbd_cache.system.runtime import make_runtime
 from cbd_cache.train.summaries import Summaries, curve_name

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from cbd_cache.data import stream as stream_module
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.stream import CacheSpec, ExportStream, TrainStream
-from cbd_cache.views import ViewSpec, derive_view, derive_views, eval_view, replay, replay_views, to_unit
+from cbd_cache.views import ViewSpec, derive_views, eval_view, replay, replay_flat, to_unit
 
 from .conftest import smoke_config
 
@@ -18,10 +18,10 @@ SPEC = ViewSpec(image_px=16, scale=(0.35, 1.0), ratio=(0.75, 4 / 3), flip=True, 
 
 
 def test_view_is_a_pure_function_of_seed_key_and_index():
-    a = derive_view(0, "train-00042", 3, 28, 28, SPEC)
-    assert np.array_equal(a, derive_view(0, "train-00042", 3, 28, 28, SPEC))
-    assert not np.array_equal(a, derive_view(1, "train-00042", 3, 28, 28, SPEC))
-    assert not np.array_equal(a, derive_view(0, "train-00043", 3, 28, 28, SPEC))
+    a = derive_views(0, "train-00042", 4, 28, 28, SPEC)[3]
+    assert np.array_equal(a, derive_views(0, "train-00042", 4, 28, 28, SPEC)[3])
+    assert not np.array_equal(a, derive_views(1, "train-00042", 4, 28, 28, SPEC)[3])
+    assert not np.array_equal(a, derive_views(0, "train-00043", 4, 28, 28, SPEC)[3])
     # view a does not depend on how many views are exported: the first 4 of 16 are the 4 of an A=4 export
     assert np.array_equal(derive_views(0, "k", 16, 28, 28, SPEC)[:4], derive_views(0, "k", 4, 28, 28, SPEC))
 
@@ -37,7 +37,7 @@ def test_views_are_the_same_in_every_version():
 
 
 def test_views_respect_the_spec():
-    views = np.stack([derive_view(0, f"img{i}", a, 28, 32, SPEC) for i in range(200) for a in range(4)])
+    views = np.concatenate([derive_views(0, f"img{i}", 4, 28, 32, SPEC) for i in range(200)])
     top, left, h, w, flip = views.T
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 28).all() and (left + w <= 32).all()
     area = h * w / (28 * 32)
@@ -55,7 +55,7 @@ def test_replay_crops_resizes_and_flips():
 
 
 @pytest.mark.parametrize("channels,height,width,px", [(1, 28, 28, 28), (3, 40, 37, 32), (3, 64, 64, 24), (4, 30, 30, 16)])
-def test_replay_views_is_replay_of_each_view(channels, height, width, px):
+def test_batched_replay_is_replay_of_each_view(channels, height, width, px):
     """Export's batched replay gives the student's per-view pixels bit for bit (downscales, upscales, identity crops, flips)."""
     g = torch.Generator().manual_seed(channels * 1000 + height)
     images = torch.randint(0, 256, (12, channels, height, width), dtype=torch.uint8, generator=g)
@@ -64,14 +64,14 @@ def test_replay_views_is_replay_of_each_view(channels, height, width, px):
     views[0, 0] = [0, 0, height, width, 1]                  # the whole image, flipped
     top, left = (height - px) // 2, (width - px) // 2
     views[1, :2] = [[top, left, px, px, 0], [top, left, px, px, 1]]   # crops of the output size: no resize
-    batched = replay_views(images, views, px)
+    batched = replay_flat(images, views.reshape(-1, 5), np.repeat(np.arange(12), 8), px)
     assert batched.dtype == torch.uint8 and batched.shape == (12 * 8, channels, px, px)
     assert torch.equal(batched, torch.stack([replay(images[i], views[i, a], px) for i in range(12) for a in range(8)]))
 
 
 @pytest.mark.parametrize("sizes", [[(20, 24), (20, 24), (20, 24)], [(20, 24), (31, 18), (20, 24)]])
 def test_export_replays_same_sized_and_mixed_photos_alike(sizes):
-    """Export batches same-sized images (`replay_views`) and replays photos of many sizes one view at a time."""
+    """Export batches same-sized images (`replay_flat`) and replays photos of many sizes one view at a time."""
     import io
     from types import SimpleNamespace
 

@@ -51,3 +51,18 @@ def cache_info(path: Location) -> dict[str, Any]:
 def _array_info(arr: zarr.Array) -> dict[str, Any]:
     return {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
             "bytes_stored": int(arr.nbytes_stored())}
+
+
+def info_text(d: dict[str, Any]) -> str:
+    """What `cache info` prints: completeness and size, the allocation, every array, every teacher."""
+    lo, hi = d["views_min_max"]
+    lines = [f"{d['path']}: schema {d['schema_version']}, {'complete' if d['complete'] else 'INCOMPLETE'} "
+             f"({d['shards_done']}/{d['shards_total']} shards), {d['bytes_on_disk'] / 2**20:.1f} MiB on disk",
+             f"manifest fingerprint {d['manifest_fingerprint']}, view seed {d['view_seed']}; {d['allocation']} "
+             f"allocation of A = {d['views_per_image']}: {lo}..{hi} views per image, {d['views_stored']} stored "
+             f"({d['views_total']} with chunk padding, chunks of {d['chunk_views']} views)"]
+    lines += [f"  {name:<28} {str(a['shape']):<20} {a['dtype']:<8} chunks {a['chunks']}  "
+              f"{a['bytes_stored'] / 2**20:.2f} MiB" for name, a in d["arrays"].items()]
+    lines += [f"  teacher {name}: {t['type']} {t['arch']} seed {t['seed']} sha256 {t['checkpoint_sha256'][:12]}"
+              for name, t in d["teachers"].items()]
+    return "\n".join(lines)

@@ -42,7 +42,7 @@ class Scan:
         if any(d.shard is None for d in self.damage):
             return np.zeros_like(self.done)
         ok = self.done.copy()
-        ok[damaged_shards(self.damage)] = False
+        ok[shards_to_rewrite(self.damage)] = False
         return ok
 
 
@@ -76,7 +76,7 @@ def scan_cache(group: zarr.Group, prov: dict[str, Any], layout: Layout, inspect:
     return Scan(damage, done)
 
 
-def damaged_shards(damage: list[Damage]) -> list[int]:
+def shards_to_rewrite(damage: list[Damage]) -> list[int]:
     """The shards a repair rewrites."""
     return sorted({d.shard for d in damage if d.shard is not None})
 
@@ -156,6 +156,6 @@ def mend(group: zarr.Group, path: Location, prov: dict[str, Any], layout: Layout
     for d in scan.damage:
         if d.array in rows:
             group[d.array][:] = rows[d.array]
-    for s in damaged_shards(scan.damage):
+    for s in shards_to_rewrite(scan.damage):
         group["shard_done"][s] = 0
     return Scan([*whole, *scan.damage], scan.done)

@@ -108,10 +108,6 @@ class CacheReader:
             self._arrays[name] = self.group[name]
         return self._arrays[name]
 
-    @property
-    def target_dim(self) -> int:
-        return sum(self.dims)
-
     def read(self, start: int, stop: int) -> ViewBlock:
         """Rows [start, stop) (a shard, or several in a row): each array one contiguous slice, no per-sample reads."""
         lo = int(self.layout.offsets[start])

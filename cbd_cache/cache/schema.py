@@ -176,6 +176,12 @@ def provenance(manifest: Manifest, view_seed: int, view_spec: dict, views: int, 
     }
 
 
+# The settings a cache's content depends on: config key -> the provenance key that records it. A student's
+# name and identity include them, and a student whose settings differ from the cache's is refused.
+CACHE_SETTINGS = {"pipeline.seed": "view_seed", "export.views": "views_per_image", "export.allocation": "allocation",
+                  "export.min_views": "min_views", "export.dtype": "dtype", "export.logits": "logits"}
+
+
 PER_ROW = ("view_count", "view_offset")     # one value per image, one chunk each; "shard_done" one per shard
 
 

@@ -5,21 +5,24 @@ overrides, `checks` validates the values. Loading one imports no torch.
 """
 from cbd_cache.config.load import load_config
 from cbd_cache.config.schema import (
-           CHOICES,
-           DEFAULT_PIPELINE,
-           NAME_RE,
-           SECTIONS,
-           Config,
-           DataCfg,
-           EvalCfg,
-           ExportCfg,
-           PipelineCfg,
-           StudentCfg,
-           TeacherCfg,
-           TrainCfg,
-           ViewsCfg,
+                                     CHOICES,
+                                     DEFAULT_PIPELINE,
+                                     DISTILL,
+                                     NAME_RE,
+                                     SECTIONS,
+                                     TABLES,
+                                     Config,
+                                     DataCfg,
+                                     EvalCfg,
+                                     ExportCfg,
+                                     PipelineCfg,
+                                     StudentCfg,
+                                     TeacherCfg,
+                                     TrainCfg,
+                                     ViewsCfg,
 )
 from cbd_cache.errors import ConfigError
 
-__all__ = ["CHOICES", "DEFAULT_PIPELINE", "NAME_RE", "SECTIONS", "Config", "ConfigError", "DataCfg", "EvalCfg",
-           "ExportCfg", "PipelineCfg", "StudentCfg", "TeacherCfg", "TrainCfg", "ViewsCfg", "load_config"]
+__all__ = ["CHOICES", "DEFAULT_PIPELINE", "DISTILL", "NAME_RE", "SECTIONS", "TABLES", "Config", "ConfigError",
+           "DataCfg", "EvalCfg", "ExportCfg", "PipelineCfg", "StudentCfg", "TeacherCfg", "TrainCfg", "ViewsCfg",
+           "load_config"]

@@ -7,9 +7,9 @@ import re
 import typing
 from typing import Any
 
-from cbd_cache.config.schema import CHOICES, NAME_RE, Config, TrainCfg
+from cbd_cache.config.schema import CHOICES, NAME_RE, TABLES, Config, TrainCfg
 from cbd_cache.errors import ConfigError
-from cbd_cache.models.networks import arch_error
+from cbd_cache.models.archs import arch_error
 
 
 def _require(ok: bool, message: str) -> None:
@@ -27,7 +27,7 @@ def _floats(obj: Any, prefix: str) -> typing.Iterator[tuple[str, Any]]:
 
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express. Each message names the key."""
-    sections = [(name, getattr(cfg, name)) for name in ("pipeline", "data", "views", "teacher", "export", "student", "eval")]
+    sections = [(name, getattr(cfg, name)) for name in TABLES]
     for prefix, obj in sections + [(f"teachers.{t.name}", t) for t in cfg.teachers]:
         for key, value in _floats(obj, prefix):   # inf and nan pass most range checks below
             _require(all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cbd_cache.config.checks import validate
-from cbd_cache.config.schema import DEFAULT_PIPELINE, SECTIONS, Config, TeacherCfg
+from cbd_cache.config.schema import DEFAULT_PIPELINE, SECTIONS, TABLES, Config, TeacherCfg
 from cbd_cache.errors import ConfigError
 
 
@@ -144,7 +144,7 @@ def load_config(path: str | Path = DEFAULT_PIPELINE, overrides: typing.Sequence[
         if k not in SECTIONS:
             raise ConfigError(f"unknown config key {k!r} in {path}{_suggest(k, SECTIONS)}")
     cfg = Config(source=str(path), overrides=list(overrides))
-    for name in ("pipeline", "data", "views", "teacher", "export", "student", "eval"):
+    for name in TABLES:
         setattr(cfg, name, _build(type(getattr(cfg, name)), raw.get(name, {}), name))
     teachers = raw.get("teachers", [])
     if not isinstance(teachers, list):

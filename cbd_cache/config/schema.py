@@ -1,6 +1,6 @@
 """The pipeline's settings: one dataclass per TOML section, every field named once with its type and default.
 
-`SECTIONS` is the one list of section names and `CHOICES` the one list of each choice-valued key's
+`SECTIONS` (and `TABLES`, those that are one table) is the one list of section names and `CHOICES` the one list of each choice-valued key's
 options (taken from the registry that implements them where that registry needs no torch).
 """
 from __future__ import annotations
@@ -10,6 +10,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from cbd_cache.cache.codec import DTYPES
+from cbd_cache.data.longtail import PROFILES
+from cbd_cache.data.sampling import ALLOCATIONS, SAMPLINGS
+from cbd_cache.data.sources import READERS
 from cbd_cache.errors import ConfigError
 
 DEFAULT_PIPELINE = "pipelines/fashion_mnist_lt.toml"
@@ -34,7 +38,7 @@ class PipelineCfg:
 
 @dataclass
 class DataCfg:
-    format: str = "fashion_mnist"  # fashion_mnist | synthetic | imagenet_lt | inat | imagefolder
+    format: str = "fashion_mnist"  # a reader of data/sources (READERS): fashion_mnist, synthetic, imagenet_lt, ...
     root: str = "/usr/share/datasets/fashion-mnist"
     profile: str = "exponential"   # exponential: cut a balanced source to n_i = floor(n_max * IF^(-i/(C-1))); none: keep
     n_max: int = 1280
@@ -150,23 +154,29 @@ class Config:
         return list(self.student.teachers) or [t.name for t in self.teachers]
 
 
-SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("source", "overrides")}
+# The TOML sections, in file order; every one is a table but `teachers`, a list of [[teachers]] tables.
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("source", "overrides"))
+TABLES = tuple(s for s in SECTIONS if s != "teachers")
 
 
+DISTILL = ("feature", "logit", "hybrid")   # what a student distils: `models.losses.distillation_loss` implements each
+
+# Every choice-valued key's options: from the registry that implements them where it needs no torch
+# (readers, long-tail profiles, samplers, view allocations, storage dtypes), else named here.
 CHOICES = {
     "pipeline.amp": ("auto", "bf16", "off"),
     "pipeline.channels_last": ("auto", "on", "off"),
-    "data.format": ("fashion_mnist", "synthetic", "imagenet_lt", "inat", "imagefolder"),
-    "data.profile": ("exponential", "none"),
+    "data.format": tuple(READERS),
+    "data.profile": PROFILES,
     "data.on_error": ("stop", "skip"),
     "teacher.type": ("standard", "data_aug"),
     "teacher.aug_style": ("paper", "official"),
     "teacher.source": ("trained", "imported"),
-    "export.dtype": ("float16", "float32", "int8"),
-    "export.allocation": ("uniform", "draws"),
+    "export.dtype": DTYPES,
+    "export.allocation": ALLOCATIONS,
     "student.targets": ("cache", "replay", "online", "none"),
-    "student.sampling": ("class_balanced", "instance"),
-    "student.distill": ("feature", "logit", "hybrid"),
+    "student.sampling": SAMPLINGS,
+    "student.distill": DISTILL,
     "student.type": ("standard", "data_aug"),
 }
 

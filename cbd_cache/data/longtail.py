@@ -9,6 +9,8 @@ import numpy as np
 MANY_SHOT_ABOVE = 100
 FEW_SHOT_BELOW = 20
 SHOT_GROUPS = ("many", "medium", "few")
+# data.profile: "exponential" cuts a balanced source to `exponential_profile`; "none" keeps a long-tailed one
+PROFILES = ("exponential", "none")
 
 
 def shot_group(train_count: int) -> str:

@@ -260,7 +260,7 @@ def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
         existing = Manifest.load(wd.manifest)
         if existing.data_config == data_config:
             (wd.data / JOURNAL).unlink(missing_ok=True)   # left by a prepare killed after its manifest
-            damaged = damaged_shards(existing)
+            damaged = shards_to_rebuild(existing)
             if not damaged:
                 log(f"[prepare] {wd.manifest} is up to date ({existing.train.num_samples} training images, "
                     "every shard intact); skipping")
@@ -334,7 +334,7 @@ def class_warnings(manifest: Manifest) -> list[str]:
     return warnings
 
 
-def damaged_shards(manifest: Manifest) -> list[tuple[str, ShardInfo]]:
+def shards_to_rebuild(manifest: Manifest) -> list[tuple[str, ShardInfo]]:
     """(split, shard) of every shard that is missing, truncated or no longer matches its hash (reads them all)."""
     return [(split, info) for split, s in manifest.splits.items() for info in s.shards
             if not shard_intact(manifest.shard_path(info), info.start, info.stop, info.sha256)]

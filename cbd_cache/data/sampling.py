@@ -56,15 +56,27 @@ def view_counts(labels: np.ndarray, class_counts: list[int] | np.ndarray, views:
     return np.maximum(min_views, np.rint(views * r)).astype(np.int64)
 
 
-def walk_view(seed: int, row: int, position: int, count: int) -> int:
-    """The stored view the `position`-th draw of image `row` uses (0-based) among its `count` views.
+class ViewWalk:
+    """Which stored view each draw of an image takes: a seeded walk without replacement over its views.
 
-    A seeded walk without replacement: draws k*count .. (k+1)*count - 1 visit every view once, in
-    the order of a permutation seeded by (seed, row, k). Drawing with replacement instead leaves
-    A * (1 - 1/A)^k of A views unseen after k draws, and repeats some while others wait.
+    Draws k*count .. (k+1)*count - 1 of image `row` (its lap k) visit every one of its `count` views
+    once, in the order of a permutation seeded by (seed, row, k). Drawing with replacement instead
+    leaves A * (1 - 1/A)^k of A views unseen after k draws, and repeats some while others wait. The
+    walk is a pure function of (seed, row, position, count); this object only keeps the laps it has
+    met, so a stream that walks many images does not draw each permutation again.
     """
-    lap, step = divmod(int(position), int(count))
-    return int(walk_order(seed, row, lap, count)[step])
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.orders: dict[tuple[int, int], np.ndarray] = {}
+
+    def view(self, row: int, position: int, count: int) -> int:
+        """The view (0-based, among `count`) that the `position`-th draw of image `row` uses."""
+        lap, step = divmod(int(position), int(count))
+        key = (int(row), lap)
+        if key not in self.orders:
+            self.orders[key] = walk_order(self.seed, row, lap, count)
+        return int(self.orders[key][step])
 
 
 def walk_order(seed: int, row: int, lap: int, count: int) -> np.ndarray:

@@ -4,7 +4,7 @@
   slot reads whole shards, expands each sample into copies with the sampler, pushes the copies
   through a shuffle buffer and emits a fixed quota per epoch, so every rank takes the same number of
   steps whatever the shard count. With a cache, each draw of an image takes its next stored view
-  on a seeded walk without replacement (`sampling.walk_view`), and its targets come from the same
+  on a seeded walk without replacement (`sampling.ViewWalk`), and its targets come from the same
   contiguous block read of the cache as the shard's rows.
 - `EvalStream`: a split in order, evaluation view, for accuracy and features.
 - `ExportStream`: every view of every image of the given shards, for the teachers at export.
@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from cbd_cache.cache.reader import CacheReader, ViewBlock
 from cbd_cache.config import TeacherCfg
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.sampling import copies, repeat_factors, walk_order, walk_start
+from cbd_cache.data.sampling import ViewWalk, copies, repeat_factors, walk_start
 from cbd_cache.data.shards import Sample, decode_sample, read_shard
 from cbd_cache.views import ViewSpec, derive_views, eval_view, photometric, replay, replay_flat, sample_view
 
@@ -149,7 +149,7 @@ class TrainStream(IterableDataset):
         source = self.expand(slot, slots, epoch, rng, reader, memo)
         buffer: list[tuple] = []
         drawn: dict[int, int] = {}                          # row -> its draws so far this epoch
-        orders: dict[tuple[int, int], np.ndarray] = {}      # (row, lap) -> that lap's walk order
+        walk = ViewWalk(self.seed)
         for _ in range(self.samples_per_epoch // slots):
             while len(buffer) < self.shuffle_buffer:
                 buffer.append(next(source))
@@ -163,10 +163,7 @@ class TrainStream(IterableDataset):
             k = drawn.get(sample.row, 0)
             drawn[sample.row] = k + 1
             count = int(block.count[i])
-            lap, step = divmod(walk_start(epoch, self.factors[sample.label], sample.row) + k, count)
-            if (sample.row, lap) not in orders:
-                orders[(sample.row, lap)] = walk_order(self.seed, sample.row, lap, count)
-            a = int(orders[(sample.row, lap)][step])
+            a = walk.view(sample.row, walk_start(epoch, self.factors[sample.label], sample.row) + k, count)
             v = int(block.offset[i]) + a
             yield sample, block.views[v], a, block.targets[v], None if block.logits is None else block.logits[v]
 
@@ -310,17 +307,13 @@ class DescriptorStream(IterableDataset):
         """The global, endless (row, flat view index) sequence: a fresh permutation of the sampler's copies per pass."""
         epoch, drawn = 0, np.zeros(len(self.labels), dtype=np.int64)
         offset, count = self.block.offset, self.block.count
-        orders: dict[tuple[int, int], np.ndarray] = {}
         while True:
             rng = np.random.default_rng([self.seed, epoch, 0xC27])
             n = [copies(self.factors[y], u) for y, u in zip(self.labels, rng.random(len(self.labels)))]
+            walk = ViewWalk(self.seed)
             for r in rng.permutation(np.repeat(np.arange(len(self.labels)), n)).tolist():
-                lap, step = divmod(int(drawn[r]), int(count[r]))
                 drawn[r] += 1
-                if (r, lap) not in orders:
-                    orders[(r, lap)] = walk_order(self.seed, r, lap, int(count[r]))
-                yield r, int(offset[r]) + int(orders[(r, lap)][step])
-            orders.clear()
+                yield r, int(offset[r]) + walk.view(r, int(drawn[r]) - 1, int(count[r]))
             epoch += 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from cbd_cache.config import Config
+from cbd_cache.config import DISTILL, Config
 from cbd_cache.data.sampling import ALLOCATIONS
 from cbd_cache.experiments.sweep import Run, make_runs
 
@@ -29,7 +29,6 @@ ALPHAS = (0.2, 0.4, 0.8)
 VIEWS = (1, 2, 4, 8, 16)
 
 
-DISTILL = ("feature", "logit", "hybrid")
 
 
 # The paper's ImageNet-LT test numbers, ResNet-50 (many, medium, few, all).

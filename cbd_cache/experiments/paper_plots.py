@@ -5,9 +5,10 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no GUI backend
 
+from cbd_cache.config import DISTILL
 from cbd_cache.data.sampling import ALLOCATIONS
 from cbd_cache.experiments.paper_checks import _row
-from cbd_cache.experiments.paper_design import ALPHAS, DISTILL, PER_CLASS, VIEWS
+from cbd_cache.experiments.paper_design import ALPHAS, PER_CLASS, VIEWS
 
 
 # --------------------------------------------------------------------------------------------- plots

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from cbd_cache import pipeline
 from cbd_cache.config import Config, load_config
-from cbd_cache.data.prepare import prepare
 from cbd_cache.data.sampling import ALLOCATIONS
 from cbd_cache.errors import JobsFailed
 from cbd_cache.experiments.paper_design import (
@@ -31,11 +31,10 @@ from cbd_cache.experiments.paper_design import (
 )
 from cbd_cache.experiments.paper_report import Timing, write_paper_table
 from cbd_cache.experiments.sweep import METRICS, Run, execute, run_workdir, stats
-from cbd_cache.stages.export import export_cache
 from cbd_cache.stages.ncm import ncm_report
-from cbd_cache.stages.teachers import train_teacher
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
+from cbd_cache.train.runs import is_done
 from cbd_cache.workdir import Workdir
 
 
@@ -47,30 +46,30 @@ def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limi
     True when complete. If parallel runs failed, the table is written from the others before JobsFailed is raised.
     """
     deadline = time.time() + 60 * time_limit_min if time_limit_min > 0 else None
-    pipeline, base = cfg.source, (*BASE, *fifth_teacher(cfg), *cfg.overrides)
-    base_cfg = load_config(pipeline, base)
+    source, base = cfg.source, (*BASE, *fifth_teacher(cfg), *cfg.overrides)
+    base_cfg = load_config(source, base)
     timing = Timing(wd.root / "paper_table_timing.json")
     with timing("prepare"):
-        prepare(base_cfg, wd)
+        pipeline.prepare_data(base_cfg, wd, runtime)
     for t in base_cfg.teachers:
         if deadline is not None and time.time() >= deadline:
             log("[paper-table] time limit reached; run the same command again to continue")
             return False
         with timing(f"teacher {t.name}"):
-            train_teacher(base_cfg, t, wd, runtime)
+            pipeline.train_teachers(base_cfg, wd, runtime, [t])
     with timing("export"):
-        export_cache(base_cfg, wd, runtime)
+        pipeline.export(base_cfg, wd, runtime)
     runs = all_runs(base_cfg, base, wd.root)
     chosen = {k: rs for k, rs in runs.items() if not only or k in only}
     if "views" in chosen:
         for alloc in ALLOCATIONS:
             if sets := allocation_sets(base_cfg, wd.root, alloc):
-                other = load_config(pipeline, (*base, *sets))
+                other = load_config(source, (*base, *sets))
                 with timing(f"export {alloc}"):
-                    export_cache(other, run_workdir(wd, other), runtime)
+                    pipeline.export(other, run_workdir(wd, other), runtime)
     failed = None
     try:
-        complete = execute(training_order(chosen), pipeline, wd, runtime, deadline,
+        complete = execute(training_order(chosen), source, wd, runtime, deadline,
                            on_trained=lambda r, s: timing.record(f"student {r.name}", s), jobs=jobs)
     except JobsFailed as e:
         complete, failed = False, e
@@ -92,7 +91,7 @@ def ncm_rows(cfg: Config, wd: Workdir, runtime: Runtime, runs: dict[str, list[Ru
     for method in NCM_METHODS:
         mine = [r for r in runs["table2"] if r.label == method]
         reps = []
-        for r in [r for r in mine if (wd.student_dir(r.name) / "run.json").is_file()]:
+        for r in [r for r in mine if is_done(wd.student_dir(r.name))]:
             with timing(f"ncm students/{r.name} images"):
                 reps.append(ncm_report(cfg, wd, runtime, f"students/{r.name}", "images"))
         rows.append({"label": method, "runs": [f"students/{r.name}" for r in mine], "complete": len(reps) == len(mine),

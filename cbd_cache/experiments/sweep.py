@@ -1,6 +1,6 @@
 """`cbd-cache sweep`: a grid of student settings x seeds, against one prepared dataset and one cache.
 
-Every run is an ordinary second-stage run (`stage2.train`) under `W/students/<run>`, named by the
+Every run is an ordinary second-stage run (`pipeline.train_student`) under `W/students/<run>`, named by the
 student settings that differ from the pipeline file's (`runs.student_run_name`); so a run is trained once
 whichever sweep (or table) asks for it, and a finished run is skipped when a sweep is re-run. Only
 `student.*` keys may vary: the teachers and the export are never touched, they must already exist
@@ -22,10 +22,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cbd_cache import pipeline as stage2
 from cbd_cache.config import Config, load_config
 from cbd_cache.data.longtail import SHOT_GROUPS
 from cbd_cache.errors import ConfigError, JobsFailed
+from cbd_cache.pipeline import train_student
 from cbd_cache.stages.student import plan_student
 from cbd_cache.system import distributed
 from cbd_cache.system.jobs import gpus_for, run_parallel
@@ -33,8 +33,8 @@ from cbd_cache.system.logs import format_seconds, log
 from cbd_cache.system.runtime import Runtime
 from cbd_cache.system.storage import read_json, write_json
 from cbd_cache.system.tables import markdown_table, pm
-from cbd_cache.train.runs import run_is_done, student_run_name
-from cbd_cache.workdir import Workdir
+from cbd_cache.train.runs import is_done, student_run_name
+from cbd_cache.workdir import EVAL_JSON, Workdir
 
 METRICS = ("top1", *SHOT_GROUPS)
 
@@ -130,20 +130,21 @@ def execute(runs: Sequence[Run], pipeline: str | Path, wd: Workdir, runtime: Run
     todo = []
     for r in unique(runs):
         cfg = load_config(pipeline, r.overrides)
-        if not run_is_done(wd.student_dir(r.name), plan_student(cfg, run_workdir(wd, cfg)).identity):
-            todo.append((r, cfg))
+        plan = plan_student(cfg, run_workdir(wd, cfg))
+        if not is_done(plan.folder, plan.identity):
+            todo.append((r, cfg, plan))
     total = len(unique(runs))
     log(f"[sweep] {total} runs: {total - len(todo)} finished, {len(todo)} to train")
     if jobs > 1 and len(todo) > 1:
-        return execute_parallel([r for r, _ in todo], pipeline, wd, jobs, gpus_for(todo[0][1].pipeline.device),
+        return execute_parallel([r for r, _, _ in todo], pipeline, wd, jobs, gpus_for(todo[0][1].pipeline.device),
                                 deadline, on_trained)
     started = time.perf_counter()
-    for i, (r, cfg) in enumerate(todo):
+    for i, (r, cfg, plan) in enumerate(todo):
         if deadline is not None and time.time() >= deadline:
             log(f"[sweep] time limit reached: {len(todo) - i} runs left; run the same command again to continue")
             return False
         t0 = time.perf_counter()
-        stage2.train(cfg, run_workdir(wd, cfg), runtime)
+        train_student(cfg, run_workdir(wd, cfg), runtime, plan)
         if on_trained is not None:
             on_trained(r, time.perf_counter() - t0)
         log(f"[sweep] {i + 1}/{len(todo)} trained ({r.name}); elapsed {format_seconds(time.perf_counter() - started)}")
@@ -183,7 +184,7 @@ def run_workdir(wd: Workdir, cfg: Config) -> Workdir:
 
 
 def load_report(wd: Workdir, run: Run) -> dict[str, Any] | None:
-    path = wd.student_dir(run.name) / "eval.json"
+    path = wd.student_dir(run.name) / EVAL_JSON
     return read_json(path) if path.is_file() else None
 
 

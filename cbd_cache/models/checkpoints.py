@@ -8,10 +8,7 @@ from typing import Any
 import torch
 
 from cbd_cache.models.networks import Network
-from cbd_cache.system.digests import file_sha256
-from cbd_cache.system.storage import atomic_write_bytes, read_json
-
-RUN_JSON = "run.json"   # a run folder's record, written last; see runs.save_run
+from cbd_cache.system.storage import atomic_write_bytes
 
 
 def network_spec(net: Network, arch: str, in_channels: int, num_classes: int, gamma: float) -> dict[str, Any]:
@@ -38,20 +35,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
         raise FileNotFoundError(f"{path}: no checkpoint")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     spec = ckpt["network"]
-    # head, mean and std: absent from checkpoints written before imported teachers, which were all cosine, unnormalised
     net = Network(spec["arch"], spec["in_channels"], spec["num_classes"], spec["gamma"], spec["projection_dim"],
-                  spec.get("head", "cosine"), spec.get("mean"), spec.get("std"))
+                  spec["head"], spec["mean"], spec["std"])
     net.load_state_dict(ckpt["state_dict"])
     return net, {**ckpt["meta"], "network": spec}
-
-
-def run_finished(folder: Path) -> bool:
-    """The folder's run.json vouches for its checkpoint.pt (records its SHA-256): the run finished saving."""
-    ckpt, record = folder / "checkpoint.pt", folder / RUN_JSON
-    if not (ckpt.is_file() and record.is_file()):
-        return False
-    sha = read_json(record).get("checkpoint_sha256")
-    return sha is not None and sha == file_sha256(ckpt)
 
 
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:

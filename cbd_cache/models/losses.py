@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DISTILL = ("feature", "logit", "hybrid")
+from cbd_cache.config import DISTILL
 
 
 def teacher_target(v: torch.Tensor) -> torch.Tensor:

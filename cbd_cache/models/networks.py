@@ -17,26 +17,12 @@ the online student normalise a teacher's view the same way without knowing about
 """
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-SMALL_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet56": 56}
-
-
-TORCHVISION = tuple(sorted((m for m in torchvision.models.list_models(module=torchvision.models)
-                            if m.startswith(("resnet", "resnext", "wide_resnet"))),   # resnet18 .. wide_resnet101_2
-                           key=lambda m: (re.sub(r"\d.*", "", m), int(re.search(r"\d+", m)[0]), m)))
-
-
-ARCHS = tuple(SMALL_DEPTHS) + TORCHVISION   # plus "timm:<name>" for any timm model
-
-
-TIMM = "timm:"
-
+from cbd_cache.models.archs import SMALL_DEPTHS, TIMM, TORCHVISION, _timm, arch_error
 
 HEADS = ("cosine", "linear")   # cosine: this tool's classifier; linear: an imported model's own fc (with bias)
 
@@ -74,30 +60,6 @@ class SmallResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(self.stem(x)).mean(dim=(2, 3))
-
-
-def arch_error(arch: str) -> str | None:
-    """Why `arch` names no architecture this tool can build (None when it does)."""
-    if not arch.startswith(TIMM):
-        return None if arch in ARCHS else f"must be one of {', '.join(ARCHS)}, or timm:<name>"
-    name = arch[len(TIMM):]
-    if ":" in name:
-        return (f"{name.split(':')[0]}: names fetch weights or configs at run time; use a timm model name "
-                "and bring the weights as a local file (cbd-cache import-teacher)")
-    try:
-        timm = _timm()
-    except ImportError as e:
-        return str(e)
-    return None if timm.is_model(name) else f"timm has no model {name!r} (see timm.list_models())"
-
-
-def _timm():
-    """The timm module, or ImportError with the one line that says how to get it."""
-    try:
-        import timm  # optional dependency: only `timm:<name>` architectures need it
-    except ImportError:
-        raise ImportError("timm is not installed: pip install 'cbd-cache[timm]'") from None
-    return timm
 
 
 class TimmBackbone(nn.Module):

@@ -6,23 +6,24 @@ from typing import Any
 
 from cbd_cache.config import Config
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.models.checkpoints import RUN_JSON, load_checkpoint, run_finished
+from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.system.digests import file_sha256
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
 from cbd_cache.system.storage import read_json, write_json
 from cbd_cache.system.tables import fmt
 from cbd_cache.train.evaluation import evaluate_splits, results_table, split_reports, write_report
+from cbd_cache.train.runs import is_done
 from cbd_cache.train.summaries import write_evaluation
-from cbd_cache.workdir import Workdir
+from cbd_cache.workdir import CHECKPOINT, EVAL_JSON, RECORD, Workdir
 
 
 def evaluate_checkpoint(folder: Path, name: str, kind: str, manifest: Manifest, cfg: Config,
                         runtime: Runtime) -> dict[str, Any]:
     """The test report of the checkpoint in `folder`, reusing eval.json while the checkpoint is unchanged."""
-    ckpt = folder / "checkpoint.pt"
+    ckpt = folder / CHECKPOINT
     sha = file_sha256(ckpt)
-    eval_json = folder / "eval.json"
+    eval_json = folder / EVAL_JSON
     if eval_json.is_file():
         report = read_json(eval_json)
         if (report.get("checkpoint_sha256") == sha and report.get("manifest_fingerprint") == manifest.fingerprint
@@ -32,7 +33,7 @@ def evaluate_checkpoint(folder: Path, name: str, kind: str, manifest: Manifest, 
     report = evaluate_splits(net, manifest, cfg, runtime)
     report.update(checkpoint_sha256=sha, manifest_fingerprint=manifest.fingerprint)
     write_report(folder, name, kind, report, manifest.class_names)
-    history = read_json(folder / "run.json").get("history") if (folder / "run.json").is_file() else None
+    history = read_json(folder / RECORD).get("history") if (folder / RECORD).is_file() else None
     write_evaluation(folder, cfg.pipeline.tensorboard, report["splits"], history[-1]["step"] if history else 0)
     for split, r in report["splits"].items():
         log(f"[evaluate] {kind} {name} {split}: top-1 {r['top1']:.2f}  many {fmt(r['many'])}  "
@@ -40,11 +41,11 @@ def evaluate_checkpoint(folder: Path, name: str, kind: str, manifest: Manifest, 
     return report
 
 
-def finished(folder: Path, ref: str) -> bool:
-    """A run to report: its run.json vouches for its checkpoint. One that does not is left out, with a warning."""
-    if run_finished(folder):
+def reportable(folder: Path, ref: str) -> bool:
+    """A finished run (`is_done`) is reported; one whose checkpoint no run.json vouches for is left out, with a warning."""
+    if is_done(folder):
         return True
-    if (folder / "checkpoint.pt").is_file():
+    if (folder / CHECKPOINT).is_file():
         log(f"[evaluate] warning: {ref} left out: its checkpoint.pt is not the one its run.json records "
             "(a run cut short while saving); train it again")
     return False
@@ -55,13 +56,13 @@ def evaluate_workdir(cfg: Config, wd: Workdir, runtime: Runtime) -> list[dict[st
     manifest = Manifest.load(wd.manifest)
     rows = []
     for t in cfg.teachers:
-        if finished(wd.teacher_dir(t.name), f"teachers/{t.name}"):
+        if reportable(wd.teacher_dir(t.name), f"teachers/{t.name}"):
             r = evaluate_checkpoint(wd.teacher_dir(t.name), t.name, t.kind(), manifest, cfg, runtime)
             rows.append({"model": t.name, "kind": t.kind(), **r})
     for s in wd.students():
         folder = wd.student_dir(s)
-        if finished(folder, f"students/{s}"):
-            kind = read_json(folder / RUN_JSON)["kind"]
+        if reportable(folder, f"students/{s}"):
+            kind = read_json(folder / RECORD)["kind"]
             rows.append({"model": s, "kind": kind, **evaluate_checkpoint(folder, s, kind, manifest, cfg, runtime)})
     if not rows:
         raise FileNotFoundError(f"{wd.root}: no teacher or student checkpoints to evaluate")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cbd_cache.cache.integrity import damaged_shards, mend
+from cbd_cache.cache.integrity import mend, shards_to_rewrite
 from cbd_cache.cache.schema import TeacherRecord, cache_counts, default_chunk_views, make_layout, provenance
 from cbd_cache.cache.writer import CacheWriter
 from cbd_cache.config import Config
@@ -86,7 +86,7 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime, repair: bool = Fals
         found = mend(writer.group, wd.cache, prov, layout)
         log(f"[export] repair: {len(found.damage) or 'no'} damaged arrays/shards in {wd.cache}"
             + "".join(f"\n  {x}" for x in found.damage)
-            + (f"\nrewriting shards {damaged_shards(found.damage)}" if damaged_shards(found.damage) else ""))
+            + (f"\nrewriting shards {shards_to_rewrite(found.damage)}" if shards_to_rewrite(found.damage) else ""))
     elif d.main:
         writer.check_metadata()
     shards = manifest.train.shards

@@ -21,16 +21,17 @@ import torch
 from cbd_cache.config import Config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.errors import ConfigError
+from cbd_cache.models.archs import TIMM, TORCHVISION
 from cbd_cache.models.checkpoints import network_spec
-from cbd_cache.models.networks import TIMM, TORCHVISION, Network, classifier_prefix
+from cbd_cache.models.networks import Network, classifier_prefix
 from cbd_cache.stages.teachers import imported_identity, teacher_network
 from cbd_cache.system.digests import file_sha256
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
 from cbd_cache.system.tables import fmt
 from cbd_cache.train.evaluation import evaluate_network
-from cbd_cache.train.runs import run_is_done, save_run
-from cbd_cache.workdir import Workdir
+from cbd_cache.train.runs import is_done, save_run
+from cbd_cache.workdir import CHECKPOINT, Workdir
 
 # where a checkpoint file keeps its state dict when it is not bare, in the order they are tried
 # (classifier-balancing: state_dict_best = {"feat_model": ..., "classifier": ...})
@@ -202,9 +203,9 @@ def import_teacher(cfg: Config, wd: Workdir, runtime: Runtime, name: str, path: 
     manifest = Manifest.load(wd.manifest)
     folder, sha = wd.teacher_dir(name), file_sha256(path)
     identity = imported_identity(t, manifest, sha)
-    if run_is_done(folder, identity):
+    if is_done(folder, identity):
         log(f"[import {name}] {path} ({sha[:12]}) is already imported under this entry; skipping")
-        return folder / "checkpoint.pt"
+        return folder / CHECKPOINT
     obj = load_file(path, trust)
     state, used = read_state_dict(obj, list(keys), path)
     net = teacher_network(t, manifest, head="linear")

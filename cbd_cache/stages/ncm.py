@@ -24,7 +24,8 @@ from cbd_cache.system.runtime import Runtime
 from cbd_cache.system.storage import read_json, write_json
 from cbd_cache.train.evaluation import accuracy_report, eval_loader, predict
 from cbd_cache.views import ViewSpec
-from cbd_cache.workdir import Workdir
+from cbd_cache.workdir import CHECKPOINT, Workdir
+from cbd_cache.workdir import ncm_report as ncm_report_path
 
 SOURCES = ("images", "cache")
 
@@ -73,7 +74,7 @@ def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str
     if source == "cache" and not ref.startswith("teachers/"):
         raise FileNotFoundError(f"{ref}: only teachers have cached descriptors; use --features images")
     folder = wd.model_dir(ref)
-    ckpt = folder / "checkpoint.pt"
+    ckpt = folder / CHECKPOINT
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ref}: no checkpoint at {ckpt}")
     manifest = Manifest.load(wd.manifest)
@@ -84,7 +85,7 @@ def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str
         reader = CacheReader(wd.cache, manifest, [name], checkpoint_hashes={name: key["checkpoint_sha256"]})
         key["views_per_image"] = reader.views
         key["allocation"] = reader.prov["allocation"]
-    out = folder / f"ncm_{source}.json"
+    out = ncm_report_path(folder, source)
     if out.is_file():
         report = read_json(out)
         if all(report.get(k) == v for k, v in key.items()):

@@ -11,15 +11,14 @@ from pathlib import Path
 
 from cbd_cache.config import Config
 from cbd_cache.stages.export import load_teachers
-from cbd_cache.stages.student import finished, plan_student, train_network
+from cbd_cache.stages.student import StudentPlan, already_done, train_network
 from cbd_cache.system.runtime import Runtime
 from cbd_cache.train.steps import online_step
 from cbd_cache.workdir import Workdir
 
 
-def train_online(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
-    plan = plan_student(cfg, wd)
-    if finished(plan):
-        return plan.folder / "checkpoint.pt"
+def train_online(cfg: Config, wd: Workdir, runtime: Runtime, plan: StudentPlan) -> Path:
+    if already_done(plan):
+        return plan.checkpoint
     teachers = [runtime.prepare_teacher(n) for n in load_teachers(cfg, wd, plan.teachers)[0]]
     return train_network(cfg, wd, runtime, plan, online_step(runtime, cfg.student, teachers))

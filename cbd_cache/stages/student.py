@@ -6,52 +6,43 @@ distill            what is distilled: descriptors (feature, Eq. 2/4), logits (Eq
 The other second-stage trainers build on this module: `online.py` (targets = "online": the teachers
 run every step on fresh views; targets = "replay": they run on the cache's stored views, a fidelity
 check of the cache that must train like "cache" up to float16 rounding) and `crt.py`
-(classifier_only); `stage2.py` picks one. This module never imports
+(classifier_only); `pipeline.train_student` picks one. This module never imports
 teacher code: a cached student runs no teacher and loads none (tests/test_imports.py checks it).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbd_cache.cache.reader import CacheReader
+from cbd_cache.cache.schema import CACHE_SETTINGS
 from cbd_cache.config import Config, StudentCfg
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.stream import CacheSpec, TrainStream
 from cbd_cache.errors import ConfigError
-from cbd_cache.models.checkpoints import load_checkpoint, network_spec
+from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.models.networks import Network, descriptor_dim, projection_dim
-from cbd_cache.system.digests import digest, file_sha256
+from cbd_cache.system.digests import file_sha256
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
-from cbd_cache.system.seeding import seed_everything
-from cbd_cache.train.engine import fit
-from cbd_cache.train.evaluation import evaluate_network
-from cbd_cache.train.runs import flat_config, run_is_done, run_settings, save_run, student_run_name
+from cbd_cache.train.runs import RunPlan, flat_config, is_done, run_settings, student_run_name
+from cbd_cache.train.skeleton import train_model
 from cbd_cache.train.steps import LossFn, cross_entropy_step, distillation_step
-from cbd_cache.train.summaries import Summaries, write_evaluation
 from cbd_cache.views import ViewSpec
-from cbd_cache.workdir import Workdir
+from cbd_cache.workdir import CHECKPOINT, Workdir
 
 
 @dataclass
-class StudentPlan:
-    """What a student run needs before it trains, and the identity that says whether it already has."""
+class StudentPlan(RunPlan):
+    """What a student run needs before it trains, computed once per run and passed down."""
 
-    name: str
-    folder: Path
-    recipe: dict                 # what the run depends on; a resumed run must agree with it
-    kind: str
-    teachers: list[str]          # the teachers it distils ([] for cross-entropy only)
-    dims: list[int]              # their descriptor sizes when descriptors are distilled, else []
-    cache: CacheSpec | None      # where cached targets come from (targets = "cache")
-    provenance: dict             # teacher name -> checkpoint SHA-256
-
-    @property
-    def identity(self) -> str:
-        return digest(self.recipe)
+    teachers: list[str] = field(default_factory=list)   # the teachers it distils ([] for cross-entropy only)
+    dims: list[int] = field(default_factory=list)       # their descriptor sizes when descriptors are distilled
+    cache: CacheSpec | None = None                      # where cached targets come from
+    provenance: dict = field(default_factory=dict)      # teacher name -> checkpoint SHA-256
+    init: Path | None = None                            # the checkpoint fine-tuning and cRT start from
 
 
 def student_kind(cfg: Config) -> str:
@@ -67,7 +58,7 @@ def student_kind(cfg: Config) -> str:
 
 
 def init_checkpoint(wd: Workdir, s: StudentCfg) -> Path:
-    ckpt = wd.model_dir(s.init) / "checkpoint.pt"
+    ckpt = wd.model_dir(s.init) / CHECKPOINT
     if not ckpt.is_file():
         raise FileNotFoundError(f"student.init={s.init}: no checkpoint at {ckpt}; train that model first")
     return ckpt
@@ -112,15 +103,17 @@ def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
         check_cache_settings(cfg, reader.prov, wd.cache)
     if s.distill == "logit":
         dims = []
+    init = init_checkpoint(wd, s) if s.init else None
     recipe = {"settings": run_settings(cfg), "manifest": manifest.fingerprint, "teachers": provenance,
-              "init": file_sha256(init_checkpoint(wd, s)) if s.init else None,
+              "init": file_sha256(init) if init else None,
               "cache_schema": reader.prov["schema_version"] if reader else None}
-    return StudentPlan(name, wd.student_dir(name), recipe, student_kind(cfg), teachers, dims, cache, provenance)
+    return StudentPlan(name, wd.student_dir(name), recipe, student_kind(cfg), "student", teachers, dims, cache,
+                       provenance, init)
 
 
-def finished(plan: StudentPlan) -> bool:
-    """True (and says so) when the run folder already holds this plan's finished run."""
-    done = run_is_done(plan.folder, plan.identity)
+def already_done(plan: StudentPlan) -> bool:
+    """The run folder holds this plan's finished run (and the log says so): nothing to train."""
+    done = is_done(plan.folder, plan.identity)
     if done:
         log(f"[student {plan.name}] already trained with this config ({plan.folder}); skipping")
     return done
@@ -130,9 +123,7 @@ def check_cache_settings(cfg: Config, prov: dict, path) -> None:
     """The cache's views win: a student whose view or export settings differ from what the cache
     recorded would train on crops, or under a name, that the teachers' targets do not belong to."""
     recorded = {f"views.{k}": v for k, v in prov["view_spec"].items() if k != "eval_resize_px"}   # (evaluation only)
-    recorded.update({"pipeline.seed": prov["view_seed"], "export.views": prov["views_per_image"],
-                     "export.allocation": prov["allocation"], "export.min_views": prov["min_views"],
-                     "export.dtype": prov["dtype"], "export.logits": prov["logits"]})
+    recorded.update({key: prov[name] for key, name in CACHE_SETTINGS.items()})
     mine = json.loads(json.dumps(flat_config(cfg)))   # as the cache's JSON attributes hold them (lists, not tuples)
     for key, value in recorded.items():
         if mine[key] != value:
@@ -150,13 +141,12 @@ def load_init(net: Network, ckpt: Path, ref: str) -> None:
                           "this student's (fine-tuning starts from a cross-entropy model: targets=none)") from None
 
 
-def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
+def train_student(cfg: Config, wd: Workdir, runtime: Runtime, plan: StudentPlan) -> Path:
     """A student with cached targets, or cross-entropy only (targets = "none")."""
-    plan = plan_student(cfg, wd)
     if cfg.student.targets in ("online", "replay") or cfg.student.classifier_only:
-        raise ConfigError(f"[student {plan.name}] online or replayed targets and cRT train through stage2.train")
-    if finished(plan):
-        return plan.folder / "checkpoint.pt"
+        raise ConfigError(f"[student {plan.name}] online or replayed targets and cRT train through pipeline.train_student")
+    if already_done(plan):
+        return plan.checkpoint
     step_fn = (cross_entropy_step(runtime) if cfg.student.targets == "none"
                else distillation_step(runtime, plan.dims, cfg.student))
     return train_network(cfg, wd, runtime, plan, step_fn)
@@ -165,37 +155,24 @@ def train_student(cfg: Config, wd: Workdir, runtime: Runtime) -> Path:
 def train_network(cfg: Config, wd: Workdir, runtime: Runtime, plan: StudentPlan, step_fn: LossFn) -> Path:
     """Build the student network, train it with `step_fn` on the student's stream, evaluate and save it."""
     s = cfg.student
-    name, folder = plan.name, plan.folder
     manifest = Manifest.load(wd.manifest)
-    seed_everything(s.seed)
-    proj = projection_dim(descriptor_dim(s.arch), plan.dims)
-    net = Network(s.arch, manifest.channels, manifest.num_classes, s.gamma, proj)
-    if s.init:
-        load_init(net, init_checkpoint(wd, s), s.init)
-    net = runtime.prepare_model(net)
+
+    def build() -> Network:
+        net = Network(s.arch, manifest.channels, manifest.num_classes, s.gamma,
+                      projection_dim(descriptor_dim(s.arch), plan.dims))
+        if plan.init:
+            load_init(net, plan.init, s.init)
+        return net
     stream = TrainStream(manifest, ViewSpec.from_cfg(cfg.views), sampling=s.sampling, seed=s.seed,
                          samples_per_epoch=manifest.train.num_samples, shuffle_buffer=s.shuffle_buffer,
                          cache=plan.cache, augment=data_aug(cfg))
-    log(f"[student {name}] {plan.kind}, {s.sampling} sampling, alpha {s.alpha}, beta {s.beta}, "
+    log(f"[student {plan.name}] {plan.kind}, {s.sampling} sampling, alpha {s.alpha}, beta {s.beta}, "
         f"teachers {plan.teachers or '-'}{', init ' + s.init if s.init else ''}")
-    summaries = Summaries(folder, cfg.pipeline.tensorboard)
-    history, wall_s = fit(net, stream, s, step_fn, runtime, f"student {name}", folder, plan.recipe, summaries.epoch)
-    summaries.close()
-    if not runtime.dist.main:   # under torchrun rank 0 evaluates and writes the run folder
-        return folder / "checkpoint.pt"
-    test = evaluate_network(net, manifest, cfg, runtime, manifest.eval_split)
-    spec = network_spec(net, s.arch, manifest.channels, manifest.num_classes, s.gamma)
-    return finish_run(cfg, plan, net, spec, history, wall_s, test, manifest)
+    return train_model(plan, s, build, stream, step_fn, runtime, cfg, manifest, student_meta(cfg, plan, manifest))
 
 
-def finish_run(cfg: Config, plan: StudentPlan, net: Network, spec: dict, history: list[dict], wall_s: float,
-               test: dict, manifest: Manifest) -> Path:
-    """save_run with the student's metadata; shared by every second-stage method."""
+def student_meta(cfg: Config, plan: StudentPlan, manifest: Manifest) -> dict:
+    """What a second-stage run's checkpoint and run.json record of it, whatever the method."""
     s = cfg.student
-    meta = {"kind": plan.kind, "name": plan.name, "seed": s.seed, "config": dataclasses.asdict(s),
-            "teachers": plan.provenance, "overrides": cfg.overrides, "manifest_fingerprint": manifest.fingerprint,
-            "test_top1": test["top1"], "train_wall_s": wall_s}
-    ckpt = save_run(plan.folder, net, spec, meta, plan.identity, history, test, manifest.class_names)
-    write_evaluation(plan.folder, cfg.pipeline.tensorboard, {test["split"]: test}, history[-1]["step"])
-    log(f"[student {plan.name}] done in {wall_s:.0f}s: test top-1 {test['top1']:.2f}")
-    return ckpt
+    return {"kind": plan.kind, "name": plan.name, "seed": s.seed, "config": dataclasses.asdict(s),
+            "teachers": plan.provenance, "overrides": cfg.overrides, "manifest_fingerprint": manifest.fingerprint}

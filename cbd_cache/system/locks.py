@@ -37,12 +37,3 @@ def hold(lock: Path, what: str) -> Iterator[None]:
     finally:
         f.close()   # closing releases the lock
 
-
-def run_lock(folder: Path) -> Path:
-    """The lock file of a run folder (teachers/<name>, students/<run>)."""
-    return folder / ".lock"
-
-
-def cache_lock(cache: Path) -> Path:
-    """The lock file beside a cache folder (a zarr store holds only its own files)."""
-    return cache.with_name(cache.name + ".lock")

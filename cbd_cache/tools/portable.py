@@ -14,8 +14,8 @@ from pathlib import Path
 from safetensors.torch import save
 
 from cbd_cache.data.manifest import Manifest
+from cbd_cache.models.archs import SMALL_DEPTHS
 from cbd_cache.models.checkpoints import load_checkpoint
-from cbd_cache.models.networks import SMALL_DEPTHS
 from cbd_cache.system.digests import file_sha256
 from cbd_cache.system.storage import atomic_write_bytes, write_json
 from cbd_cache.views import ViewSpec

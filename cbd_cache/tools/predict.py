@@ -17,14 +17,12 @@ import torch
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import decode_image
 from cbd_cache.data.sources.base import Unreadable
-from cbd_cache.data.sources.images import shard_image
+from cbd_cache.data.sources.images import is_image_file, shard_image
 from cbd_cache.errors import ConfigError
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.system.runtime import Runtime
 from cbd_cache.views import ViewSpec, eval_view
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
+from cbd_cache.workdir import CHECKPOINT
 
 LIST_SUFFIXES = (".txt", ".lst")
 
@@ -35,7 +33,7 @@ def list_inputs(paths: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            out += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f.name))
         elif p.suffix.lower() in LIST_SUFFIXES and p.is_file():
             out += [p.parent / line.strip() for line in p.read_text().splitlines() if line.strip()]
         else:
@@ -50,7 +48,7 @@ def view_of(path: Path, channels: int, spec: ViewSpec) -> torch.Tensor:
 
 
 def model_checkpoint(root: Path, ref: str) -> Path:
-    ckpt = root / ref / "checkpoint.pt"
+    ckpt = root / ref / CHECKPOINT
     if not ref.startswith(("teachers/", "students/")) or not ckpt.is_file():
         raise FileNotFoundError(f"--run {ref}: no checkpoint at {ckpt}; give teachers/<name> or students/<run> "
                                 f"of this workdir (`cbd-cache logs {root}` lists them)")

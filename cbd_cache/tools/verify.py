@@ -148,3 +148,12 @@ class StoredViews:
 
 def _shard_of(shards: list[list[int]], row: int) -> int:
     return next(i for i, (start, stop) in enumerate(shards) if start <= row < stop)
+
+
+def verify_text(report: dict[str, Any]) -> str:
+    """What `cache verify` prints: the rows recomputed, each mismatch, then OK or FAILED."""
+    errors = ", ".join(f"{k} {v:.2e}" for k, v in report["max_cosine_error"].items()) or "no teacher present"
+    lines = [f"{report['path']}: {report['rows_checked']} rows recomputed; max cosine error: {errors}"]
+    lines += [f"  MISMATCH {problem}" for problem in report["problems"]]
+    lines.append("OK" if not report["problems"] else f"FAILED: {len(report['problems'])} problem(s)")
+    return "\n".join(lines)

@@ -30,9 +30,7 @@ from cbd_cache.system.logs import Progress, log
 from cbd_cache.system.runtime import Runtime
 from cbd_cache.train.resume import Checkpoints, TrainState
 from cbd_cache.train.steps import LossFn
-
-RESUME_FILE = "resume.pt"
-
+from cbd_cache.workdir import LOG, RESUME
 
 CONTROL_EVERY = 10   # steps between the ranks' agreement on stopping, reporting and checkpointing
 
@@ -115,7 +113,7 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
     scheduler = cosine_schedule(optimizer, total)
     # the world size and accumulation set what each process reads at each step, so a resume must keep them
     config = {**(config or {"train": dataclasses.asdict(t)}), "world_size": d.world, "accumulate": accumulate}
-    ckpts = Checkpoints(folder / RESUME_FILE, runtime)
+    ckpts = Checkpoints(folder / RESUME, runtime)
     state, workers = TrainState(), runtime.workers
     if runtime.resume:
         restored = ckpts.load(net, optimizer, scheduler, config)
@@ -137,7 +135,7 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
         f"lr {t.lr:g}, seed {t.seed}, on {runtime.device}")
     folder.mkdir(parents=True, exist_ok=True)
     if d.main:
-        (folder / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history))
+        (folder / LOG).write_text("".join(json.dumps(h) + "\n" for h in state.history))
     started = time.perf_counter()
     first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)
     local: dict[str, torch.Tensor] = {}
@@ -178,7 +176,7 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
             state.history.append({"epoch": epoch + 1, "step": state.step, **means})
             state.sums, progress = {}, None
             if d.main:
-                with open(folder / "log.jsonl", "a") as log_file:
+                with open(folder / LOG, "a") as log_file:
                     log_file.write(json.dumps(state.history[-1]) + "\n")
                 if on_epoch is not None:
                     on_epoch(state.history[-1])

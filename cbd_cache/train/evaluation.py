@@ -18,6 +18,7 @@ from cbd_cache.system.runtime import Runtime
 from cbd_cache.system.storage import write_json
 from cbd_cache.system.tables import fmt, markdown_table
 from cbd_cache.views import ViewSpec
+from cbd_cache.workdir import EVAL_JSON, EVAL_MD
 
 
 def accuracy_report(labels: np.ndarray, preds: np.ndarray, train_counts: list[int]) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def evaluate_splits(net: Network, manifest: Manifest, cfg: Config, runtime: Runt
 
 
 def split_reports(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{split: report}; a report written before it had `splits` covers its own split only."""
+    """{split: report}; a run's own report (`save_run`: the held-out split only) has no `splits`."""
     return report.get("splits") or {report.get("split", "test"): report}
 
 
@@ -81,10 +82,10 @@ def per_class_table(report: dict[str, Any], class_names: list[str]) -> str:
 
 def write_report(folder: Path, name: str, kind: str, report: dict[str, Any], class_names: list[str]) -> None:
     """eval.json (keys top1, many, medium, few, per_class, ...) and eval.md beside the checkpoint."""
-    write_json(folder / "eval.json", report)
+    write_json(folder / EVAL_JSON, report)
     md = f"# {kind} {name}\n\n" + results_table([{"model": name, "kind": kind, **report}]) + "\n" + \
         per_class_table(report, class_names)
-    (folder / "eval.md").write_text(md)
+    (folder / EVAL_MD).write_text(md)
 
 
 @torch.no_grad()

@@ -1,26 +1,29 @@
-"""A run folder's life: its name, whether it is done, and saving it.
+"""A run folder's life: its plan (name, folder, recipe), whether it is done, and saving it.
 
-A run folder (`W/teachers/<name>`, `W/students/<run>`) holds checkpoint.pt, eval.json / eval.md
-(the test report), log.jsonl (one line per epoch), run.json (identity, kind, history, meta) and,
-while training, resume.pt (`engine.RESUME_FILE`). The identity hashes everything the result depends
-on, so a finished run with the same identity is not trained again.
+The files of a run folder are named in `workdir.py`. A run's recipe holds everything its result
+depends on; its digest is the run's identity, so a finished run with the same identity is not
+trained again, and a resumed run must agree with the recipe.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cbd_cache.config import Config, load_config
-from cbd_cache.models.checkpoints import RUN_JSON, run_finished, save_checkpoint
+from cbd_cache.cache.schema import CACHE_SETTINGS
+from cbd_cache.config import TABLES, Config, load_config
+from cbd_cache.models.checkpoints import save_checkpoint
 from cbd_cache.models.networks import Network
 from cbd_cache.system.digests import digest, file_sha256
 from cbd_cache.system.storage import read_json, write_json
-from cbd_cache.train.engine import RESUME_FILE
 from cbd_cache.train.evaluation import write_report
+from cbd_cache.workdir import CHECKPOINT, RECORD, RESUME
 
 NAME_CHARS = re.compile(r"[^A-Za-z0-9_.+=-]")   # what config.NAME_RE accepts after the first character
+LOCATIONS = ("data.root",)        # where the data is, not what it is: the manifest's fingerprint covers that
+MAX_NAME = 160                    # longer names end in a digest (file systems take 255 bytes)
 
 
 def _text(value: Any) -> str:
@@ -31,18 +34,9 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-SECTIONS = ("pipeline", "data", "views", "teacher", "export", "student", "eval")
-
-
-LOCATIONS = ("data.root",)        # where the data is, not what it is: the manifest's fingerprint covers that
-
-
-MAX_NAME = 160                    # longer names end in a digest (file systems take 255 bytes)
-
-
 def flat_config(cfg: Config) -> dict[str, Any]:
     """Every setting by its `--set` key: `section.field`, and `teachers.<name>.field` per teacher."""
-    flat = {f"{sec}.{k}": v for sec in SECTIONS for k, v in dataclasses.asdict(getattr(cfg, sec)).items()}
+    flat = {f"{sec}.{k}": v for sec in TABLES for k, v in dataclasses.asdict(getattr(cfg, sec)).items()}
     flat.update({f"teachers.{t.name}.{k}": v for t in cfg.teachers for k, v in dataclasses.asdict(t).items()})
     return flat
 
@@ -63,8 +57,7 @@ def run_settings(cfg: Config) -> dict[str, Any]:
     keys += [f"views.{k}" for k in _fields(cfg.views)]
     keys += [f"data.{k}" for k in _fields(cfg.data) if f"data.{k}" not in LOCATIONS]
     if cached:
-        keys += ["pipeline.seed", "export.views", "export.allocation", "export.min_views", "export.dtype",
-                 "export.logits"]
+        keys += list(CACHE_SETTINGS)
     keys += [f"teachers.{t.name}.{k}" for t in cfg.teachers if t.name in used for k in _fields(t) if k != "name"]
     if s.type == "data_aug":
         keys += ["teacher.aug_style", "teacher.noise_std", "teacher.jitter"]
@@ -110,21 +103,50 @@ def _collapse_teachers(changed: dict[str, Any], keys: list[str], mine: dict[str,
             changed[section] = mine[section]
 
 
-def run_is_done(folder: Path, identity: str) -> bool:
-    """Finished (`run_finished`) with this identity: such a run is not trained again."""
-    return run_finished(folder) and read_json(folder / RUN_JSON).get("identity") == identity
+@dataclass
+class RunPlan:
+    """What one training run is, before it trains: its folder and the recipe its result depends on."""
+
+    name: str
+    folder: Path
+    recipe: dict[str, Any]       # what a resumed run must agree with
+    kind: str                    # how reports name it: "teacher (standard)", "CBD K=4 (cache)", ...
+    role: str                    # "teacher" or "student": how its log lines are tagged
+
+    @property
+    def identity(self) -> str:
+        return digest(self.recipe)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.role} {self.name}"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / CHECKPOINT
+
+
+def is_done(folder: Path, identity: str | None = None) -> bool:
+    """The run finished saving: its run.json vouches for its checkpoint (records its SHA-256), and, when
+    `identity` is given, the run is that one. A finished run is never trained again."""
+    ckpt, record = folder / CHECKPOINT, folder / RECORD
+    if not (ckpt.is_file() and record.is_file()):
+        return False
+    run = read_json(record)
+    return (run.get("checkpoint_sha256") == file_sha256(ckpt)
+            and (identity is None or run.get("identity") == identity))
 
 
 def save_run(folder: Path, net: Network, spec: dict[str, Any], meta: dict[str, Any], identity: str,
              history: list[dict], report: dict[str, Any], class_names: list[str]) -> Path:
     """Checkpoint, test report and run.json, in that order: run.json last, with the checkpoint's
     SHA-256, marks the run finished. A crash in between leaves a checkpoint that no run.json vouches for."""
-    ckpt = folder / "checkpoint.pt"
-    (folder / RUN_JSON).unlink(missing_ok=True)   # the old record must not vouch for the new weights
+    ckpt = folder / CHECKPOINT
+    (folder / RECORD).unlink(missing_ok=True)   # the old record must not vouch for the new weights
     save_checkpoint(ckpt, net, spec, meta)
     sha = file_sha256(ckpt)
     report = {**report, "checkpoint_sha256": sha, "manifest_fingerprint": meta["manifest_fingerprint"]}
     write_report(folder, meta["name"], meta["kind"], report, class_names)
-    write_json(folder / RUN_JSON, {"identity": identity, "checkpoint_sha256": sha, "history": history, **meta})
-    (folder / RESUME_FILE).unlink(missing_ok=True)   # the finished run needs it no more
+    write_json(folder / RECORD, {"identity": identity, "checkpoint_sha256": sha, "history": history, **meta})
+    (folder / RESUME).unlink(missing_ok=True)   # the finished run needs it no more
     return ckpt

@@ -12,7 +12,8 @@ format down to two methods: `records(split)` and `read(record)`. `data.format` p
 """
 from __future__ import annotations
 
-from cbd_cache.config import DataCfg
+from typing import TYPE_CHECKING
+
 from cbd_cache.data.sources.base import SPLITS, Record, Source, Unreadable, encode_png
 from cbd_cache.data.sources.fashion_mnist import FashionMNIST
 from cbd_cache.data.sources.imagefolder import ImageFolder
@@ -20,6 +21,9 @@ from cbd_cache.data.sources.imagenet_lt import SplitLists
 from cbd_cache.data.sources.inat import INaturalist
 from cbd_cache.data.sources.synthetic import Synthetic
 from cbd_cache.errors import ConfigError, DataError
+
+if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+    from cbd_cache.config import DataCfg
 
 __all__ = ["SPLITS", "DataError", "Record", "Source", "Unreadable", "encode_png", "open_source"]
 

@@ -10,12 +10,14 @@ import os
 import posixpath
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cbd_cache.config import DataCfg
 from cbd_cache.data.sources.base import LabelCheck, Record, Source, Unreadable
 from cbd_cache.data.sources.images import shard_image
 from cbd_cache.errors import ConfigError
+
+if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+    from cbd_cache.config import DataCfg
 
 
 def path_key(rel: str) -> str:

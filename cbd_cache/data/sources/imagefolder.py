@@ -2,7 +2,7 @@
 
 As torchvision's `ImageFolder` does, so class indices agree with it: the classes are the folders
 under `train/` in sorted order (hidden ones included), and the images are the files below a class
-folder, nested folders included, whose extension is one of torchvision's (`IMG_EXTENSIONS`, any
+folder, nested folders included, whose extension is one of torchvision's (`images.IMAGE_SUFFIXES`, any
 case). Every other file is left out and listed in the prepare report. Unlike torchvision, a
 symlinked folder is read once: a link back to a folder already read (a loop) is left out and listed.
 """
@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cbd_cache.config import DataCfg
 from cbd_cache.data.sources.base import SPLITS, Record
 from cbd_cache.data.sources.files import FileSource
+from cbd_cache.data.sources.images import IMAGE_SUFFIXES, is_image_file
 from cbd_cache.errors import ConfigError
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")   # torchvision 0.29
+if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+    from cbd_cache.config import DataCfg
 
-
-def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
 
 
 def walk_files(root: Path, top: str) -> tuple[list[str], list[tuple[str, str]]]:
@@ -65,7 +63,7 @@ class ImageFolder(FileSource):
             for rel in files:
                 parts = rel.split("/")
                 if not is_image_file(parts[-1]):
-                    self.ignore(split, rel, f"not an image file: the extension is not one of {' '.join(IMG_EXTENSIONS)}")
+                    self.ignore(split, rel, f"not an image file: the extension is not one of {' '.join(IMAGE_SUFFIXES)}")
                 elif len(parts) < 3:
                     self.check.problem(split, rel, rel, "not inside a class folder")
                 elif parts[1] not in index:

@@ -7,11 +7,14 @@ classes are 0 .. max training label; a class is named after the folder of its fi
 from __future__ import annotations
 
 import posixpath
+from typing import TYPE_CHECKING
 
-from cbd_cache.config import DataCfg
 from cbd_cache.data.sources.base import SPLITS, Record
 from cbd_cache.data.sources.files import FileSource, clean_relpath
 from cbd_cache.errors import ConfigError
+
+if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+    from cbd_cache.config import DataCfg
 
 LIST_SUFFIX = "_train.txt"
 

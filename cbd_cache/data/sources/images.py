@@ -18,6 +18,9 @@ JPEG_FORMATS = ("JPEG", "MPO")
 JPEG_MODES = ("L", "RGB", "CMYK")                       # what libjpeg gives; CMYK converts to RGB at decode
 PNG_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")  # 8 bits or fewer per sample
 HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# What counts as an image file by its name: torchvision's ImageFolder extensions (0.29), case-insensitive.
+# ImageFolder datasets and `predict`'s folders both go by this list.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIFF_BITS_PER_SAMPLE = 258
 
@@ -69,3 +72,7 @@ def _bits_per_sample(img: Image.Image, data: bytes) -> int:
         bits = img.tag_v2.get(TIFF_BITS_PER_SAMPLE, 8)
         return max(bits) if isinstance(bits, tuple) else int(bits)
     return 8
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)

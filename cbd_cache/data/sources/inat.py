@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cbd_cache.config import DataCfg
 from cbd_cache.data.sources.base import Record
 from cbd_cache.data.sources.files import FileSource
 from cbd_cache.errors import ConfigError
+
+if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+    from cbd_cache.config import DataCfg
 
 
 class INaturalist(FileSource):

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import colorsys
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cbd_cache.config import DataCfg
 from cbd_cache.data.sources.base import Record, Source, encode_png
+
+if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+    from cbd_cache.config import DataCfg
 
 
 class Synthetic(Source):

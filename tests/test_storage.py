@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from cbd_cache.cache.reader import CacheReader
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.errors import CacheError
-from cbd_cache.pipeline import train as train_student
+from cbd_cache.pipeline import train_student
 from cbd_cache.stages.export import export_cache
 from cbd_cache.system.runtime import make_runtime
 from cbd_cache.system.storage import location
