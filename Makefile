@@ -30,14 +30,19 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,timm,tensorboard]'   # the optional extras too, so CI runs their tests
 	touch $@
 
-# Debian's dataset-fashion-mnist puts the IDX files under $(FMNIST_DIR).
+# Debian's dataset-fashion-mnist puts the IDX files under $(FMNIST_DIR); the CJK fonts feed data.format = glyphs.
+FONT_PACKAGES := fonts-noto-cjk fonts-arphic-ukai fonts-arphic-uming fonts-arphic-bkai00mp fonts-arphic-bsmi00lp fonts-arphic-gbsn00lp fonts-arphic-gkai00mp fonts-wqy-zenhei fonts-wqy-microhei fonts-ipafont-gothic fonts-ipafont-mincho fonts-hanazono
+APT_PACKAGES := dataset-fashion-mnist $(FONT_PACKAGES)
+FONTS_FOUND := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
 data:
-	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
-		echo "Fashion-MNIST found in $(FMNIST_DIR)"; \
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] && [ -f $(FONTS_FOUND) ]; then \
+		echo "Fashion-MNIST found in $(FMNIST_DIR), CJK fonts found"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
 	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
-		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	elif [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST found; no CJK fonts (pipelines/glyphs_lt.toml needs them: sudo apt-get install $(FONT_PACKAGES))"; \
 	else \
 		echo "Fashion-MNIST is missing. Install it with:" >&2; \
 		echo "    sudo apt-get update && sudo apt-get install dataset-fashion-mnist" >&2; \

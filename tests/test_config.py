@@ -16,7 +16,7 @@ from .conftest import ROOT, SMOKE, smoke_config
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist_lt", "smoke", "imagenet_lt", "inat18", "imagenet_lt_official",
-                                  "inat18_official"])
+                                  "inat18_official", "glyphs_lt", "cifar100_lt"])
 def test_shipped_pipelines_load_and_validate(name):
     cfg = load_config(ROOT / "pipelines" / f"{name}.toml")
     assert cfg.pipeline.name == name and cfg.teachers

@@ -53,6 +53,7 @@ def validate(cfg: Config) -> None:
     _require(d.num_classes >= 2, f"data.num_classes={d.num_classes}: must be >= 2")
     _require(d.image_px >= 4, f"data.image_px={d.image_px}: must be >= 4")
     _require(d.test_per_class >= 1, f"data.test_per_class={d.test_per_class}: must be >= 1")
+    _require(0 <= d.distortion <= 4, f"data.distortion={d.distortion}: must be in 0..4")
     v = cfg.views
     _require(v.image_px >= 4, f"views.image_px={v.image_px}: must be >= 4")
     _require(len(v.scale) == 2 and 0 < v.scale[0] <= v.scale[1] <= 1,

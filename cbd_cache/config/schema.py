@@ -47,10 +47,11 @@ class DataCfg:
     shard_size: int = 256          # training samples per WebDataset shard (= cache rows per chunk)
     on_error: str = "stop"         # a label problem (bad line, label out of range, duplicate or missing path):
                                    # stop with the offending line, or skip the item and list it in the report
-    # `synthetic` only: a generated, learnable dataset used by tests and the smoke pipeline.
+    # generated sets (`synthetic`: tests and the smoke pipeline; `glyphs`: characters from installed fonts)
     num_classes: int = 10
     image_px: int = 16
-    test_per_class: int = 20
+    test_per_class: int = 20       # per class in each held-out split (glyphs: val and test alike)
+    distortion: float = 1.0        # `glyphs`: strength of the warp, stroke, blur, contrast and noise (0: clean)
 
 
 @dataclass

@@ -9,8 +9,9 @@ import numpy as np
 MANY_SHOT_ABOVE = 100
 FEW_SHOT_BELOW = 20
 SHOT_GROUPS = ("many", "medium", "few")
-# data.profile: "exponential" cuts a balanced source to `exponential_profile`; "none" keeps a long-tailed one
-PROFILES = ("exponential", "none")
+# data.profile: "exponential" cuts a balanced source to `exponential_profile`; "cifar_lt" is the community's
+# CIFAR-LT cut (`cifar_lt_subset`); "none" keeps a long-tailed source as it is
+PROFILES = ("exponential", "cifar_lt", "none")
 
 
 def shot_group(train_count: int) -> str:
@@ -43,4 +44,28 @@ def longtail_subset(labels: np.ndarray, num_classes: int, n_max: int, imbalance_
         if len(members) < counts[rank]:
             raise ValueError(f"class {c} has {len(members)} images, the profile asks for {counts[rank]} (lower data.n_max)")
         keep.append(rng.choice(members, size=counts[rank], replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def cifar_lt_counts(n_per_class: int, imbalance_factor: float, num_classes: int) -> list[int]:
+    """Cao et al. 2019 (LDAM-DRW, `imbalance_cifar.py`): int(n_max * IF^(-i/(C-1))) for class i in label order.
+
+    CIFAR-100 at IF 100 gives 500 ... 5 and 10,847 images; CIFAR-10 at IF 100, 5,000 ... 50 and 12,406.
+    """
+    return [int(n_per_class * (1 / imbalance_factor) ** (i / (num_classes - 1))) for i in range(num_classes)]
+
+
+def cifar_lt_subset(labels: np.ndarray, num_classes: int, imbalance_factor: float) -> np.ndarray:
+    """The training images of the community's CIFAR-LT: class c keeps `cifar_lt_counts`[c] of its images,
+    chosen as that code chooses them (NumPy's legacy generator seeded 0, one shuffle per class in order),
+    so results compare with published CIFAR-LT numbers image for image. Returns sorted indices."""
+    per_class = np.bincount(labels, minlength=num_classes)
+    if per_class.min() != per_class.max():
+        raise ValueError(f"the source is not balanced ({per_class.min()}..{per_class.max()} images per class)")
+    legacy = np.random.RandomState(0)
+    keep = []
+    for c, n in enumerate(cifar_lt_counts(int(per_class[0]), imbalance_factor, num_classes)):
+        members = np.flatnonzero(labels == c)
+        legacy.shuffle(members)
+        keep.append(members[:n])
     return np.sort(np.concatenate(keep))

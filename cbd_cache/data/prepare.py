@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from cbd_cache.config import Config
-from cbd_cache.data.longtail import longtail_subset
+from cbd_cache.data.longtail import cifar_lt_subset, longtail_subset
 from cbd_cache.data.manifest import EVAL_SPLITS, Manifest, ShardInfo, SplitInfo
 from cbd_cache.data.shards import Sample, ShardWriter, content_hash, decode_image, shard_intact, shard_name
 from cbd_cache.data.sources import DataError, Record, Source, Unreadable, open_source
@@ -65,6 +65,12 @@ def select_train(records: list[Record], cfg: Config, num_classes: int) -> list[R
             records = [records[i] for i in longtail_subset(labels, num_classes, d.n_max, d.imbalance_factor, d.seed)]
         except ValueError as e:
             raise DataError(f"data.profile=exponential: {e}, or use data.profile=none for a long-tailed source") from None
+    elif d.profile == "cifar_lt":
+        labels = np.array([r.label for r in records])
+        try:
+            records = [records[i] for i in cifar_lt_subset(labels, num_classes, d.imbalance_factor)]
+        except ValueError as e:
+            raise DataError(f"data.profile=cifar_lt: {e}; it cuts a balanced CIFAR training set") from None
     order = np.random.default_rng([d.seed, 0x5A4D]).permutation(len(records))
     return [records[i] for i in order]
 

@@ -113,7 +113,7 @@ def dry_run(cfg: Config, runtime: Runtime) -> str:
            + (f"; {len(source.skipped)} label problems skipped (data.on_error=skip)" if source.skipped else ""),
            f"training images after data.profile={cfg.data.profile}: {len(train.records):,} in {len(names)} classes "
            f"({', '.join(f'{groups.count(g)} {g}-shot' for g in SHOT_GROUPS)})",
-           "class counts (training images per class):", *histogram_lines(counts, names)]
+           *source.summary(), "class counts (training images per class):", *histogram_lines(counts, names)]
     size = cfg.data.shard_size
     out.append("shards: " + ", ".join(f"{s} {math.ceil(len(p.records) / size)}" for s, p in plans.items())
                + f" ({size} images each; fewer if images turn out unreadable)")

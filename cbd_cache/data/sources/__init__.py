@@ -6,6 +6,8 @@ format down to two methods: `records(split)` and `read(record)`. `data.format` p
 
     fashion_mnist   the four IDX files                      train, test
     synthetic       generated from data.seed, no files      train, test
+    glyphs          installed CJK fonts (data.root)         train, val, test
+    cifar           cifar-10-batches-py / cifar-100-python  train, test
     imagenet_lt     <prefix>_{train,val,test}.txt lists     ImageNet-LT, Places-LT
     inat            train<year>.json, val<year>.json        iNaturalist 2017 / 2018
     imagefolder     train/<class>/..., val/..., test/...
@@ -15,7 +17,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cbd_cache.data.sources.base import SPLITS, Record, Source, Unreadable, encode_png
+from cbd_cache.data.sources.cifar import CIFAR
 from cbd_cache.data.sources.fashion_mnist import FashionMNIST
+from cbd_cache.data.sources.glyphs import Glyphs
 from cbd_cache.data.sources.imagefolder import ImageFolder
 from cbd_cache.data.sources.imagenet_lt import SplitLists
 from cbd_cache.data.sources.inat import INaturalist
@@ -29,7 +33,8 @@ __all__ = ["SPLITS", "DataError", "Record", "Source", "Unreadable", "encode_png"
 
 # data.format -> reader: a new format is one new file, registered here
 READERS = {"fashion_mnist": lambda cfg: FashionMNIST(cfg.root), "synthetic": Synthetic,
-           "imagenet_lt": SplitLists, "inat": INaturalist, "imagefolder": ImageFolder}
+           "imagenet_lt": SplitLists, "inat": INaturalist, "imagefolder": ImageFolder, "glyphs": Glyphs,
+           "cifar": CIFAR}
 
 
 def open_source(cfg: DataCfg) -> Source:

@@ -36,6 +36,10 @@ class Source(ABC):
     def records(self, split: str) -> list[Record]:
         """Every record of a split, in a stable order."""
 
+    def summary(self) -> list[str]:
+        """Lines `prepare --dry-run` adds about the source itself (a generated set: what it is made of)."""
+        return []
+
     def item(self, record: Record) -> str:
         """How the report names a record: its file where it has one."""
         return record.key
