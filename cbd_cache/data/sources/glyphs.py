@@ -154,12 +154,20 @@ class Glyphs(Source):
         state.pop("_fonts", None)
         return state
 
-    def read(self, record: Record) -> tuple[bytes, str]:
+    def _draw(self, record: Record) -> tuple[int, np.random.Generator]:
+        """(the face of a record, the generator its distortions continue from): the one place both come from."""
         split, c, j = record.ref
-        char = self.chars[c]
-        rng = np.random.default_rng([self.cfg.seed, SPLIT_IDS[split], ord(char), j])
-        face = self._font(self.class_faces[c][rng.integers(len(self.class_faces[c]))])
-        return encode_png(render(char, face, rng, self.cfg.image_px, self.cfg.distortion)), "png"
+        rng = np.random.default_rng([self.cfg.seed, SPLIT_IDS[split], ord(self.chars[c]), j])
+        return self.class_faces[c][rng.integers(len(self.class_faces[c]))], rng
+
+    def face_of(self, record: Record) -> int:
+        """Which face (an index into `faces`) draws a record's image."""
+        return self._draw(record)[0]
+
+    def read(self, record: Record) -> tuple[bytes, str]:
+        face, rng = self._draw(record)
+        image = render(self.chars[record.label], self._font(face), rng, self.cfg.image_px, self.cfg.distortion)
+        return encode_png(image), "png"
 
     def summary(self) -> list[str]:
         per_class = self.description["faces_per_class"]
