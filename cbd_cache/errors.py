@@ -29,7 +29,13 @@ class ShardDamaged(RuntimeError):
 
 
 class NonFiniteLoss(FloatingPointError):
-    """Training went non-finite: the step, and the last good resume checkpoint. The CLI exits 1."""
+    """Training went non-finite (the loss, a weight or a buffer such as BatchNorm's running_var): the step, the
+    tensor, the lr and the last good resume checkpoint; or a model file holds non-finite values. The CLI exits 1."""
+
+
+class FileDamaged(RuntimeError):
+    """A file the tool wrote that no longer reads back as written (torn JSON, a truncated checkpoint, metadata
+    edited by hand): the line names the file and the command that rebuilds it. The CLI exits 1."""
 
 
 class Busy(RuntimeError):
@@ -45,7 +51,7 @@ class DataError(ConfigError):
 
 
 BAD_INPUT = (ConfigError, CacheError, FileNotFoundError)                        # exit 2
-FAILED_STAGE = (NonFiniteLoss, JobsFailed, Busy, ShardDamaged, CacheDamaged)    # exit 1
+FAILED_STAGE = (NonFiniteLoss, JobsFailed, Busy, ShardDamaged, CacheDamaged, FileDamaged)    # exit 1
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)                                          # exit 1: free space, run again
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)                          # exit 2: another --workdir
 TRAINING = ("train-teacher", "train-student", "run", "sweep", "paper-table")    # commands that --resume continues

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from cbd_cache.config import TrainCfg
 from cbd_cache.errors import ConfigError, NonFiniteLoss
+from cbd_cache.models.checkpoints import floating, max_abs
 from cbd_cache.system import distributed
 from cbd_cache.system.logs import Progress, log
 from cbd_cache.system.runtime import Runtime
@@ -137,7 +138,12 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
     if d.main:
         (folder / LOG).write_text("".join(json.dumps(h) + "\n" for h in state.history))
     started = time.perf_counter()
-    first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)
+    # the parameters and the buffers (BatchNorm's running_var can overflow while the loss, from batch
+    # statistics, stays finite): checked after every step, on the device, without a sync
+    watched = floating(net.state_dict(keep_vars=True))
+    tensors = [v.detach() for v in watched.values()]
+    first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)    # the step
+    bad_what = torch.full((), -1, dtype=torch.int64, device=runtime.device)     # -1: the loss, else a tensor
     local: dict[str, torch.Tensor] = {}
     progress = None
     model.train()
@@ -148,7 +154,11 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
         loss, stats = train_step(model, [next(batches) for _ in range(accumulate)], step_fn, optimizer, scheduler,
                                  runtime)
         state.step += 1
-        first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), state.step, first_bad)
+        finite = torch.isfinite(max_abs(tensors))
+        loss_bad = ~torch.isfinite(loss)
+        now_bad = (loss_bad | ~finite.all()) & (first_bad < 0)
+        bad_what = torch.where(now_bad, torch.where(loss_bad, -1, (~finite).int().argmax()), bad_what)
+        first_bad = torch.where(now_bad, state.step, first_bad)
         for k, v in {"loss": loss, **stats}.items():
             local[k] = local[k] + v.float() if k in local else v.float()
         progress.advance(t.batch_size)
@@ -161,7 +171,12 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
                              torch.tensor(int(ckpts.due_by_time()), device=runtime.device)])
         bad, report, by_time = distributed.all_reduce(flags, "max").tolist()
         if bad >= 0:
-            raise NonFiniteLoss(nan_message(tag, bad, total, steps, ckpts))
+            what = int(bad_what)
+            name = list(watched)[what] if what >= 0 else ""
+            tensor = "the loss" if what < 0 else (f"buffer {name}" if name in dict(net.named_buffers())
+                                                  else f"parameter {name}")
+            lr = t.lr * scheduler.lr_lambdas[0](bad - 1)
+            raise NonFiniteLoss(nan_message(tag, bad, total, steps, ckpts, tensor, lr))
         if not (report or end_of_epoch or by_step or by_time):
             continue
         fold(local, state)
@@ -191,12 +206,12 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
     return state.history, state.wall_s + time.perf_counter() - started
 
 
-def nan_message(tag: str, bad: int, total: int, steps: int, ckpts: Checkpoints) -> str:
+def nan_message(tag: str, bad: int, total: int, steps: int, ckpts: Checkpoints, tensor: str, lr: float) -> str:
     epoch, k = divmod(bad - 1, steps)
-    where = f"at step {bad} of {total} (epoch {epoch + 1}, step {k + 1} of {steps})"
+    where = f"at step {bad} of {total} (epoch {epoch + 1}, step {k + 1} of {steps}), lr {lr:.4g}"
     if ckpts.last_step is None:
         last = "no checkpoint was written before it (pipeline.checkpoint_steps writes them more often)"
     else:
-        last = f"the last good checkpoint is {ckpts.path} at step {ckpts.last_step} (--resume continues from it)"
-    return (f"{tag}: the loss became non-finite {where}; {last}. The same config replays the same batches: "
-            "check the data, or lower the lr (a changed config starts from step 0)")
+        last = f"the last good checkpoint is {ckpts.path} at step {ckpts.last_step} (a re-run continues from it)"
+    return (f"{tag}: training diverged: {tensor} became non-finite {where}; nothing was saved as finished; "
+            f"{last}. The same config replays the same batches: check the data, or lower the lr")
