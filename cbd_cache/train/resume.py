@@ -98,7 +98,6 @@ class Checkpoints:
     def load(self, net: torch.nn.Module, optimizer, scheduler, config: dict) -> tuple[TrainState, int] | None:
         """Restore a run from the checkpoint, if there is one; refuse one written for another config."""
         if not self.path.is_file():
-            log(f"[resume] no checkpoint at {self.path}; starting from step 0")
             return None
         # on the CPU: RNG states must stay there; the model and optimiser copy their tensors to their device
         ckpt = read_torch(self.path)
