@@ -1,7 +1,6 @@
 """`cbd-cache`: the command line. Every command takes --pipeline, --workdir and any number of --set key=value."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -14,7 +13,7 @@ from cbd_cache import __version__, pipeline
 from cbd_cache.cache.info import cache_info, info_text
 from cbd_cache.config import DEFAULT_PIPELINE, Config, load_config
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.errors import TRAINING, ConfigError, exit_line
+from cbd_cache.errors import ConfigError, exit_line, interrupted_line
 from cbd_cache.experiments.paper_design import SECTION_KEYS
 from cbd_cache.experiments.paper_table import paper_table as run_paper_table
 from cbd_cache.experiments.sweep import parse_grid, parse_seeds, run_sweep
@@ -24,6 +23,7 @@ from cbd_cache.system import distributed
 from cbd_cache.system.allocator import keep_freed_memory
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import make_runtime
+from cbd_cache.system.signals import raise_on_signals
 from cbd_cache.system.storage import atomic_write_bytes
 from cbd_cache.tools.dryrun import dry_run as plan_dry_run
 from cbd_cache.tools.portable import export_model
@@ -40,14 +40,13 @@ class Context:
         self.cfg = cfg
         self.wd = Workdir(workdir, cfg.pipeline.data_url, cfg.pipeline.cache_url)
         self._runtime = None
-        self.resume = False
 
     @property
     def runtime(self):
         """The device, and under torchrun this process's rank (joining the process group on first use)."""
         if self._runtime is None:
             keep_freed_memory()   # CPU work reuses freed blocks instead of page-faulting them in again (allocator.py)
-            self._runtime = dataclasses.replace(make_runtime(self.cfg.pipeline), resume=self.resume)
+            self._runtime = make_runtime(self.cfg.pipeline)
         return self._runtime
 
     @property
@@ -57,11 +56,11 @@ class Context:
 
 
 def resume_option(fn):
+    """--resume: kept for old scripts; an interrupted run always continues from its resume point (resume.pt)."""
     @click.option("--resume", is_flag=True,
-                  help="Continue a killed training run from its last checkpoint (resume.pt), to the same final step.")
+                  help="No-op, kept for old scripts: an interrupted run always continues from its resume.pt.")
     @functools.wraps(fn)
     def wrapper(ctx: Context, resume: bool, **kwargs):
-        ctx.resume = resume
         return fn(ctx, **kwargs)
     return wrapper
 
@@ -96,16 +95,15 @@ class CLI(click.Group):
     when interrupted. Anything else is a bug and keeps its traceback; `--debug` keeps every traceback."""
 
     def invoke(self, ctx):
+        raise_on_signals()   # SIGTERM as Ctrl-C: one line, exit 143 (a training stage first saves its resume point)
         try:
             result = super().invoke(ctx)
             distributed.barrier()    # under torchrun no rank leaves before the others are done
             return result
-        except KeyboardInterrupt:
-            command = ctx.invoked_subcommand or "cbd-cache"
-            again = " (with --resume to continue training from its last checkpoint)" if command in TRAINING else ""
-            click.echo(f"cbd-cache: interrupted: {command} stopped before it finished; run the same command "
-                       f"again{again} to continue", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            line, code = interrupted_line(e, ctx.invoked_subcommand or "cbd-cache")
+            click.echo(f"cbd-cache: {line}", err=True)
+            sys.exit(code)
         except Exception as e:
             line = exit_line(e, ctx.invoked_subcommand)
             if line is None or ctx.params.get("debug"):
@@ -216,6 +214,7 @@ def run(ctx: Context):
 @click.option("--name", default="", help="Table name under W/sweeps/ [sweep_<keys>].")
 @jobs_option
 @pipeline_options
+@resume_option
 def sweep(ctx: Context, grids: tuple[str, ...], seeds: str, name: str, jobs: int):
     """Train a grid of student settings x seeds from one cache (finished runs are skipped); mean ± std table."""
     grid, seed_list = parse_grid(grids), parse_seeds(seeds)
@@ -296,6 +295,7 @@ def logs(ctx: Context, folder: Path | None, as_csv: bool):
               help="Train only these sections (table2, views, alpha, mix) [all]; the report shows what is finished.")
 @jobs_option
 @pipeline_options(workdir_default="runs/{name}_paper")
+@resume_option
 def paper_table(ctx: Context, out: str, time_limit_min: float, sections: str, jobs: int):
     """The paper's Tables 1-3, Figure 3, the view budget study and per-class plots, 3 seeds."""
     only = [k.strip() for k in sections.split(",") if k.strip()]

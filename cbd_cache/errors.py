@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import shlex
+import signal
 
 
 class ConfigError(ValueError):
@@ -29,11 +30,26 @@ class ShardDamaged(RuntimeError):
 
 
 class NonFiniteLoss(FloatingPointError):
-    """Training went non-finite: the step, and the last good resume checkpoint. The CLI exits 1."""
+    """Training went non-finite (the loss, a weight or a buffer such as BatchNorm's running_var): the step, the
+    tensor, the lr and the last good resume checkpoint; or a model file holds non-finite values. The CLI exits 1."""
+
+
+class FileDamaged(RuntimeError):
+    """A file the tool wrote that no longer reads back as written (torn JSON, a truncated checkpoint, metadata
+    edited by hand): the line names the file and the command that rebuilds it. The CLI exits 1."""
 
 
 class Busy(RuntimeError):
     """Another process holds the lock. The CLI prints it on one line and exits 1."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by SIGTERM or SIGINT (`system.signals`): `signum`, and where a training stage saved its resume
+    point (`saved`, or ""). The CLI prints one line and exits 128 + signum (143, 130), as the shell counts it."""
+
+    def __init__(self, signum: int, saved: str = ""):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.saved = signum, saved
 
 
 class JobsFailed(RuntimeError):
@@ -45,10 +61,10 @@ class DataError(ConfigError):
 
 
 BAD_INPUT = (ConfigError, CacheError, FileNotFoundError)                        # exit 2
-FAILED_STAGE = (NonFiniteLoss, JobsFailed, Busy, ShardDamaged, CacheDamaged)    # exit 1
+FAILED_STAGE = (NonFiniteLoss, JobsFailed, Busy, ShardDamaged, CacheDamaged, FileDamaged)    # exit 1
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)                                          # exit 1: free space, run again
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)                          # exit 2: another --workdir
-TRAINING = ("train-teacher", "train-student", "run", "sweep", "paper-table")    # commands that --resume continues
+TRAINING = ("train-teacher", "train-student", "run", "sweep", "paper-table")    # commands that continue from resume.pt
 
 
 def one_line(e: BaseException) -> str:
@@ -65,12 +81,21 @@ def os_error_line(e: OSError, command: str) -> tuple[str, int] | None:
     """(one line, exit code) for the OS errors a user can fix (a full disk, a read-only workdir), else None."""
     where = shlex.quote(str(e.filename)) if e.filename else "the workdir"
     if e.errno in NO_SPACE:
-        again = " (with --resume to continue training)" if command in TRAINING else ""
+        again = " (training continues from its last resume point)" if command in TRAINING else ""
         return (f"no space left on the device writing {where}: free some space, then run the same command "
                 f"again{again}; what was finished is kept"), 1
     if e.errno in NOT_WRITABLE:
         return f"cannot write {where} ({e.strerror}): choose a writable --workdir, or make it writable", 2
     return None
+
+
+def interrupted_line(e: KeyboardInterrupt, command: str) -> tuple[str, int]:
+    """(one line, 143 or 130) for a command stopped by SIGTERM or Ctrl-C."""
+    signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+    saved = f" and wrote its resume point {shlex.quote(e.saved)}" if isinstance(e, Interrupted) and e.saved else ""
+    again = " (training continues from its last resume point)" if command in TRAINING and not saved else ""
+    return (f"interrupted by {signal.Signals(signum).name}: {command} stopped before it finished{saved}; "
+            f"run the same command again{again} to continue"), 128 + signum
 
 
 def exit_line(e: BaseException, command: str) -> tuple[str, int] | None:

@@ -59,19 +59,19 @@ def train_teachers(cfg: Config, wd: Workdir, runtime: Runtime, teachers: list[Te
     """Stage 1, every teacher (or `teachers`) in turn, or `jobs` at a time in processes of their own."""
     teachers = cfg.teachers if teachers is None else teachers
     if jobs > 1 and len(teachers) > 1:
-        return train_teachers_in_parallel(cfg, wd, [t.name for t in teachers], jobs, runtime.resume)
+        return train_teachers_in_parallel(cfg, wd, [t.name for t in teachers], jobs)
     for t in teachers:
         with rank0_lock(run_lock(wd.teacher_dir(t.name)), f"teachers/{t.name}", runtime):
             train_teacher(cfg, t, wd, runtime)
         distributed.barrier()   # rank 0 has written the teacher before anyone reads it
 
 
-def train_teachers_in_parallel(cfg: Config, wd: Workdir, names: list[str], jobs: int, resume: bool) -> None:
+def train_teachers_in_parallel(cfg: Config, wd: Workdir, names: list[str], jobs: int) -> None:
     """One `cbd-cache train-teacher --name N` process per teacher, `jobs` at a time."""
     if distributed.from_env().world > 1:
         raise ConfigError("--jobs trains one teacher per process; under torchrun train them one after another")
     common = ["train-teacher", "--pipeline", cfg.source, "--workdir", str(wd.root),
-              *[x for o in cfg.overrides for x in ("--set", o)], *(["--resume"] if resume else [])]
+              *[x for o in cfg.overrides for x in ("--set", o)]]
     run_parallel([[sys.executable, "-m", "cli", *common, "--name", n] for n in names], jobs,
                  gpus_for(cfg.pipeline.device))
 

@@ -40,6 +40,16 @@ LOCK = ".lock"
 RUN_KINDS = ("teachers", "students")   # the folders of W that hold run folders
 
 
+def rebuild_command(path: Path) -> str:
+    """The command that writes a run folder's file again (for the line that refuses a torn or non-finite one)."""
+    folder = Path(path).parent
+    if folder.parent.name == "teachers":
+        return f"cbd-cache train-teacher --name {folder.name}, with the same options (remove the file first)"
+    if folder.parent.name == "students":
+        return "cbd-cache train-student with the same options (remove the file first)"
+    return "the command that wrote it"
+
+
 def ncm_report(folder: Path, features: str) -> Path:
     return folder / f"ncm_{features}.json"
 

@@ -27,7 +27,7 @@ def run(monkeypatch, exc, *flags):
     (OSError(errno.EROFS, "Read-only file system", "/tmp/my runs/w/data"), 2,
      ["cannot write '/tmp/my runs/w/data' (Read-only file system)", "writable --workdir"]),
     (PermissionError(errno.EACCES, "Permission denied", "/tmp/my runs/w"), 2, ["cannot write", "Permission denied"]),
-    (KeyboardInterrupt(), 130, ["interrupted: prepare stopped", "run the same command again"]),
+    (KeyboardInterrupt(), 130, ["interrupted by SIGINT: prepare stopped", "run the same command again"]),
 ])
 def test_expected_faults_are_one_line(monkeypatch, exc, code, words):
     result = run(monkeypatch, exc)

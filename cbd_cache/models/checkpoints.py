@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 
+from cbd_cache.errors import FileDamaged, NonFiniteLoss
 from cbd_cache.models.networks import Network
 from cbd_cache.system.storage import atomic_write_bytes
+from cbd_cache.workdir import rebuild_command
 
 
 def network_spec(net: Network, arch: str, in_channels: int, num_classes: int, gamma: float) -> dict[str, Any]:
@@ -21,10 +23,50 @@ def network_spec(net: Network, arch: str, in_channels: int, num_classes: int, ga
             "mean": _decimal(net.mean), "std": _decimal(net.std)}
 
 
+def max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's largest |value| (NaN if it holds one), in a few kernels: the training loop checks every step."""
+    return torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))])
+
+
+def floating(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The parameters and buffers whose values can go non-finite (not num_batches_tracked, say)."""
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()}
+
+
+def non_finite(state: dict[str, Any]) -> str | None:
+    """The name of the first parameter or buffer (BatchNorm's running_var too) holding a NaN or inf, else None."""
+    named = floating(state)
+    if not named:
+        return None
+    finite = torch.isfinite(max_abs(list(named.values()))).tolist()
+    return next((k for k, ok in zip(named, finite) if not ok), None)
+
+
+def refuse_non_finite(path: Path, state: dict[str, Any], fix: str) -> None:
+    bad = non_finite(state)
+    if bad is not None:
+        raise NonFiniteLoss(f"{path}: {bad} holds non-finite values (a training that diverged); {fix}")
+
+
+def read_torch(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """`torch.load` of a file this tool wrote (tensors only); a torn or foreign one is refused in one line."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:   # a truncated zip, a pickle of something else: whatever torch's reader met
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise FileDamaged(f"{path} is torn or not a checkpoint of this tool ({type(e).__name__}: {first}); "
+                          f"write it again: {rebuild_command(path)}") from None
+    if not isinstance(ckpt, dict):
+        raise FileDamaged(f"{path} is not a checkpoint of this tool; write it again: {rebuild_command(path)}")
+    return ckpt
+
+
 def save_checkpoint(path: Path, net: Network, spec: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Atomic: written to a temporary file, then renamed, so a reader never sees half a checkpoint."""
+    """Atomic: written to a temporary file, then renamed, so a reader never sees half a checkpoint.
+    Non-finite weights are refused: a diverged model is never saved as one."""
     buf = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in _unwrap(net).state_dict().items()}
+    refuse_non_finite(path, state, "it is not saved; train again with a lower lr")
     torch.save({"network": spec, "state_dict": state, "meta": meta}, buf)
     atomic_write_bytes(Path(path), buf.getvalue())
 
@@ -33,11 +75,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
     """(network with weights, meta). `meta` holds the config, seed and accuracies recorded at save."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no checkpoint")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    spec = ckpt["network"]
-    net = Network(spec["arch"], spec["in_channels"], spec["num_classes"], spec["gamma"], spec["projection_dim"],
-                  spec["head"], spec["mean"], spec["std"])
-    net.load_state_dict(ckpt["state_dict"])
+    ckpt = read_torch(path, map_location)
+    try:
+        spec, state = ckpt["network"], ckpt["state_dict"]
+        net = Network(spec["arch"], spec["in_channels"], spec["num_classes"], spec["gamma"], spec["projection_dim"],
+                      spec["head"], spec["mean"], spec["std"])
+        refuse_non_finite(path, state, f"train it again with a lower lr: {rebuild_command(path)}")
+        net.load_state_dict(state)
+    except (KeyError, TypeError, RuntimeError) as e:   # a file of another layout, or weights of another network
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise FileDamaged(f"{path} does not hold the network its spec names ({type(e).__name__}: {first}); "
+                          f"write it again: {rebuild_command(path)}") from None
     return net, {**ckpt["meta"], "network": spec}
 
 

@@ -22,7 +22,6 @@ class Runtime:
     workers: int
     compile: bool
     dist: Dist = Dist()              # this process's rank in a torchrun job (a world of one without torchrun)
-    resume: bool = False             # training continues from the run folder's resume checkpoint
     checkpoint_steps: int = 0
     checkpoint_minutes: float = 10.0
     accumulate: int = 1              # micro-batches per optimiser step (pipeline.accumulate)
@@ -109,5 +108,5 @@ def make_runtime(cfg: PipelineCfg) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     elif "OMP_NUM_THREADS" not in os.environ:   # the step's threads get the cores the loader workers leave
         torch.set_num_threads(max(1, cores - workers))
-    return Runtime(device, amp, channels_last, workers, cfg.compile, rank, False, cfg.checkpoint_steps,
+    return Runtime(device, amp, channels_last, workers, cfg.compile, rank, cfg.checkpoint_steps,
                    cfg.checkpoint_minutes, cfg.accumulate)

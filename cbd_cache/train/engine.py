@@ -6,9 +6,10 @@ batch, as in the paper: each of N processes takes batch_size / N per step, in `p
 micro-batches, so the steps per epoch and the lr schedule do not depend on N or on accumulation. Rank 0 logs and writes the
 resume checkpoint (`resume.pt` in the run folder: model, optimiser, schedule, step, RNG states,
 stats, config; written then renamed) every `checkpoint_steps` steps or `checkpoint_minutes` minutes.
-With `--resume` a killed run continues from it to the same final step, on the same batches, and a
-config that differs from the checkpoint's is refused with the keys that differ. A non-finite loss
-stops every rank, naming the step and the last good checkpoint.
+A run cut short (killed, preempted) continues from it, when run again, to the same final step on the
+same batches; a config that differs from the checkpoint's is refused with the keys that differ.
+SIGTERM or SIGINT lets the step finish, writes the resume point and raises `Interrupted` (exit 143 /
+130). A non-finite loss, parameter or buffer stops every rank, naming the step, the tensor and the lr.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,10 +26,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from cbd_cache.config import TrainCfg
-from cbd_cache.errors import ConfigError, NonFiniteLoss
+from cbd_cache.errors import ConfigError, Interrupted, NonFiniteLoss
+from cbd_cache.models.checkpoints import floating, max_abs
 from cbd_cache.system import distributed
 from cbd_cache.system.logs import Progress, log
 from cbd_cache.system.runtime import Runtime
+from cbd_cache.system.signals import StopRequests
 from cbd_cache.train.resume import Checkpoints, TrainState
 from cbd_cache.train.steps import LossFn
 from cbd_cache.workdir import LOG, RESUME
@@ -115,12 +119,9 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
     config = {**(config or {"train": dataclasses.asdict(t)}), "world_size": d.world, "accumulate": accumulate}
     ckpts = Checkpoints(folder / RESUME, runtime)
     state, workers = TrainState(), runtime.workers
-    if runtime.resume:
-        restored = ckpts.load(net, optimizer, scheduler, config)
-        if restored:
-            state, workers = restored
-    elif ckpts.path.is_file():
-        log(f"[{tag}] starting over; {ckpts.path} (from a run that was cut short) is continued with --resume")
+    restored = ckpts.load(net, optimizer, scheduler, config)    # a run cut short continues where it stopped
+    if restored:
+        state, workers = restored
     model = net
     if d.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.cuda else None)
@@ -137,53 +138,74 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
     if d.main:
         (folder / LOG).write_text("".join(json.dumps(h) + "\n" for h in state.history))
     started = time.perf_counter()
-    first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)
+    # the parameters and the buffers (BatchNorm's running_var can overflow while the loss, from batch
+    # statistics, stays finite): checked after every step, on the device, without a sync
+    watched = floating(net.state_dict(keep_vars=True))
+    tensors = [v.detach() for v in watched.values()]
+    first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)    # the step
+    bad_what = torch.full((), -1, dtype=torch.int64, device=runtime.device)     # -1: the loss, else a tensor
     local: dict[str, torch.Tensor] = {}
     progress = None
     model.train()
-    while state.step < total:
-        epoch = state.step // steps
-        if progress is None:   # (a resumed epoch counts only its remaining steps)
-            progress = Progress(f"{tag} epoch {epoch + 1}/{t.epochs}", ((epoch + 1) * steps - state.step) * t.batch_size)
-        loss, stats = train_step(model, [next(batches) for _ in range(accumulate)], step_fn, optimizer, scheduler,
-                                 runtime)
-        state.step += 1
-        first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), state.step, first_bad)
-        for k, v in {"loss": loss, **stats}.items():
-            local[k] = local[k] + v.float() if k in local else v.float()
-        progress.advance(t.batch_size)
-        end_of_epoch = state.step % steps == 0
-        by_step = ckpts.due_by_step(state.step) or state.step == total
-        if not (end_of_epoch or by_step or state.step % CONTROL_EVERY == 0):
-            continue
-        # every rank reaches this point at the same steps, so they can agree on what happens next
-        flags = torch.stack([first_bad, torch.tensor(int(progress.due()), device=runtime.device),
-                             torch.tensor(int(ckpts.due_by_time()), device=runtime.device)])
-        bad, report, by_time = distributed.all_reduce(flags, "max").tolist()
-        if bad >= 0:
-            raise NonFiniteLoss(nan_message(tag, bad, total, steps, ckpts))
-        if not (report or end_of_epoch or by_step or by_time):
-            continue
-        fold(local, state)
-        done_in_epoch = state.step - epoch * steps
-        if report:
-            progress.report(f"loss {state.sums['loss'] / (done_in_epoch * d.world):.4f}  "
-                            f"lr {scheduler.get_last_lr()[0]:.4g}")
-        if end_of_epoch:
-            means = {k: v / (steps * d.world) for k, v in state.sums.items()}
-            means["images_per_s"] = progress.rate
-            means["lr"] = scheduler.get_last_lr()[0]
-            state.history.append({"epoch": epoch + 1, "step": state.step, **means})
-            state.sums, progress = {}, None
-            if d.main:
-                with open(folder / LOG, "a") as log_file:
-                    log_file.write(json.dumps(state.history[-1]) + "\n")
-                if on_epoch is not None:
-                    on_epoch(state.history[-1])
-        if by_step or by_time:
-            ckpts.save(net, optimizer, scheduler,
-                       dataclasses.replace(state, wall_s=state.wall_s + time.perf_counter() - started),
-                       config, workers)
+    with StopRequests() as stop:
+        while state.step < total:
+            epoch = state.step // steps
+            if progress is None:   # (a resumed epoch counts only its remaining steps)
+                progress = Progress(f"{tag} epoch {epoch + 1}/{t.epochs}", ((epoch + 1) * steps - state.step) * t.batch_size)
+            loss, stats = train_step(model, [next(batches) for _ in range(accumulate)], step_fn, optimizer, scheduler,
+                                     runtime)
+            state.step += 1
+            finite = torch.isfinite(max_abs(tensors))
+            loss_bad = ~torch.isfinite(loss)
+            now_bad = (loss_bad | ~finite.all()) & (first_bad < 0)
+            bad_what = torch.where(now_bad, torch.where(loss_bad, -1, (~finite).int().argmax()), bad_what)
+            first_bad = torch.where(now_bad, state.step, first_bad)
+            for k, v in {"loss": loss, **stats}.items():
+                local[k] = local[k] + v.float() if k in local else v.float()
+            progress.advance(t.batch_size)
+            end_of_epoch = state.step % steps == 0
+            by_step = ckpts.due_by_step(state.step) or state.step == total
+            # alone, a signal stops at this step's end; under torchrun, at the next step the ranks agree on
+            asked = stop.signum and d.world == 1
+            if not (end_of_epoch or by_step or asked or state.step % CONTROL_EVERY == 0):
+                continue
+            # every rank reaches this point at the same steps, so they can agree on what happens next
+            flags = torch.stack([first_bad, torch.tensor(int(progress.due()), device=runtime.device),
+                                 torch.tensor(int(ckpts.due_by_time()), device=runtime.device),
+                                 torch.tensor(stop.signum, device=runtime.device)])
+            bad, report, by_time, signum = distributed.all_reduce(flags, "max").tolist()
+            if bad >= 0:
+                what = int(bad_what)
+                name = list(watched)[what] if what >= 0 else ""
+                tensor = "the loss" if what < 0 else (f"buffer {name}" if name in dict(net.named_buffers())
+                                                      else f"parameter {name}")
+                lr = t.lr * scheduler.lr_lambdas[0](bad - 1)
+                raise NonFiniteLoss(nan_message(tag, bad, total, steps, ckpts, tensor, lr))
+            if not (report or end_of_epoch or by_step or by_time or signum):
+                continue
+            fold(local, state)
+            done_in_epoch = state.step - epoch * steps
+            if report:
+                progress.report(f"loss {state.sums['loss'] / (done_in_epoch * d.world):.4f}  "
+                                f"lr {scheduler.get_last_lr()[0]:.4g}")
+            if end_of_epoch:
+                means = {k: v / (steps * d.world) for k, v in state.sums.items()}
+                means["images_per_s"] = progress.rate
+                means["lr"] = scheduler.get_last_lr()[0]
+                state.history.append({"epoch": epoch + 1, "step": state.step, **means})
+                state.sums, progress = {}, None
+                if d.main:
+                    with open(folder / LOG, "a") as log_file:
+                        log_file.write(json.dumps(state.history[-1]) + "\n")
+                    if on_epoch is not None:
+                        on_epoch(state.history[-1])
+            if by_step or by_time or signum:
+                ckpts.save(net, optimizer, scheduler,
+                           dataclasses.replace(state, wall_s=state.wall_s + time.perf_counter() - started),
+                           config, workers)
+            if signum:
+                log(f"[{tag}] stopped at step {state.step} of {total} by {signal.Signals(signum).name}")
+                raise Interrupted(signum, str(ckpts.path))
     steps_by_rank = distributed.all_gather_int(state.step, runtime.device)
     if len(set(steps_by_rank)) > 1:
         raise RuntimeError(f"[{tag}] ranks finished at different steps: {steps_by_rank}")
@@ -191,12 +213,12 @@ def fit(net: torch.nn.Module, stream, t: TrainCfg, step_fn: LossFn, runtime: Run
     return state.history, state.wall_s + time.perf_counter() - started
 
 
-def nan_message(tag: str, bad: int, total: int, steps: int, ckpts: Checkpoints) -> str:
+def nan_message(tag: str, bad: int, total: int, steps: int, ckpts: Checkpoints, tensor: str, lr: float) -> str:
     epoch, k = divmod(bad - 1, steps)
-    where = f"at step {bad} of {total} (epoch {epoch + 1}, step {k + 1} of {steps})"
+    where = f"at step {bad} of {total} (epoch {epoch + 1}, step {k + 1} of {steps}), lr {lr:.4g}"
     if ckpts.last_step is None:
         last = "no checkpoint was written before it (pipeline.checkpoint_steps writes them more often)"
     else:
-        last = f"the last good checkpoint is {ckpts.path} at step {ckpts.last_step} (--resume continues from it)"
-    return (f"{tag}: the loss became non-finite {where}; {last}. The same config replays the same batches: "
-            "check the data, or lower the lr (a changed config starts from step 0)")
+        last = f"the last good checkpoint is {ckpts.path} at step {ckpts.last_step} (a re-run continues from it)"
+    return (f"{tag}: training diverged: {tensor} became non-finite {where}; nothing was saved as finished; "
+            f"{last}. The same config replays the same batches: check the data, or lower the lr")

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cbd_cache.errors import ConfigError
+from cbd_cache.errors import ConfigError, FileDamaged
+from cbd_cache.models.checkpoints import read_torch, refuse_non_finite
 from cbd_cache.system import distributed
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
@@ -85,8 +86,9 @@ class Checkpoints:
     def save(self, net: torch.nn.Module, optimizer, scheduler, state: TrainState, config: dict, workers: int) -> None:
         if self.runtime.dist.main:
             buf = io.BytesIO()
-            torch.save({"step": state.step, "config": config, "loader_workers": workers,
-                        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+            model = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+            refuse_non_finite(self.path, model, "it is not written; the previous resume point is kept")
+            torch.save({"step": state.step, "config": config, "loader_workers": workers, "model": model,
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "history": state.history, "sums": state.sums, "wall_s": state.wall_s,
                         "rng": rng_state()}, buf)
@@ -96,23 +98,31 @@ class Checkpoints:
     def load(self, net: torch.nn.Module, optimizer, scheduler, config: dict) -> tuple[TrainState, int] | None:
         """Restore a run from the checkpoint, if there is one; refuse one written for another config."""
         if not self.path.is_file():
-            log(f"[resume] no checkpoint at {self.path}; starting from step 0")
             return None
         # on the CPU: RNG states must stay there; the model and optimiser copy their tensors to their device
-        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
-        diff = config_diff(ckpt["config"], config)
-        if diff:
-            raise ConfigError(f"cannot resume {self.path}: the config differs from the checkpoint's in "
-                              f"{'; '.join(diff)}. Restore those values, or start over without --resume")
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        state = TrainState(ckpt["step"], ckpt["history"], ckpt["sums"], ckpt["wall_s"])
+        ckpt = read_torch(self.path)
+        start_over = f"remove {self.path} to start over from step 0"
+        try:
+            diff = config_diff(ckpt["config"], config)
+            if diff:
+                raise ConfigError(f"cannot resume {self.path}: the config differs from the checkpoint's in "
+                                  f"{'; '.join(diff)}. Restore those values, or {start_over}")
+            refuse_non_finite(self.path, ckpt["model"], start_over)
+            net.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"])
+            state = TrainState(ckpt["step"], ckpt["history"], ckpt["sums"], ckpt["wall_s"])
+            workers = int(ckpt["loader_workers"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise FileDamaged(f"{self.path} does not hold a resume point of this run ({type(e).__name__}: "
+                              f"{str(e)[:120]}); {start_over}") from None
         steps = distributed.all_gather_int(state.step, self.runtime.device)
         if len(set(steps)) > 1:
             raise RuntimeError(f"ranks read different resume checkpoints (steps {steps}): put the workdir on "
                                "storage every node sees")
         self.last_step = state.step
         log(f"[resume] {self.path}: continuing from step {state.step}")
-        return state, ckpt["loader_workers"]
+        return state, workers
