@@ -2,7 +2,7 @@
 
 Streaming, bounded and resumable. Worker processes read the records, in order and a bounded window
 at a time, and check each image (`Source.read`), then decode what a shard will store with the
-decoder training uses (`shards.decode_image`): what prepare accepts, training can decode. That
+decoder training uses (`data.isolated`): what prepare accepts, training can decode. That
 decoder (libpng) can kill its process on input PIL accepts, so it runs in workers only; a chunk
 whose worker died is read again one item per process, and the item that kills one is unreadable.
 Each shard takes the next `data.shard_size` readable images. A finished shard is appended to a
@@ -18,25 +18,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import re
 import time
-from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from cbd_cache.config import Config
+from cbd_cache.data.isolated import read_in_order
 from cbd_cache.data.longtail import cifar_lt_subset, longtail_subset
 from cbd_cache.data.manifest import EVAL_SPLITS, Manifest, ShardInfo, SplitInfo
-from cbd_cache.data.shards import Sample, ShardWriter, content_hash, decode_image, shard_intact, shard_name
-from cbd_cache.data.sources import DataError, Record, Source, Unreadable, open_source
+from cbd_cache.data.shards import Sample, ShardWriter, content_hash, shard_intact, shard_name
+from cbd_cache.data.sources import DataError, Record, Source, open_source
 from cbd_cache.system.logs import Progress, log
 from cbd_cache.system.runtime import cpu_count
 from cbd_cache.system.storage import atomic_write_bytes
@@ -45,7 +43,6 @@ from cbd_cache.workdir import Workdir
 JOURNAL = "prepare.journal"
 REPORT = "report.md"
 SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
-READ_CHUNK = 16   # records per task handed to a worker process
 LOG_REJECTS = 10  # items named on the console (per split for unreadable ones); the report names them all
 
 
@@ -95,73 +92,6 @@ def plan_digest(plans: dict[str, SplitPlan]) -> str:
         for r in plan.records:
             h.update(f"{split}\0{r.key}\0{r.label}\n".encode())
     return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------ reading
-_worker_source: Source | None = None
-
-
-def _init_worker(source: Source) -> None:
-    global _worker_source
-    _worker_source = source
-
-
-def read_checked(source: Source, record: Record) -> tuple[bytes | None, str]:
-    """(bytes, ext) of a readable record that training's decoder decodes, or (None, reason). In a worker only."""
-    try:
-        data, ext = source.read(record)
-    except Unreadable as e:
-        return None, str(e)
-    try:
-        decode_image(data, source.channels)
-    except Exception as e:   # PIL raises many types on corrupt input
-        return None, f"the training decoder cannot decode it: {e}"
-    return data, ext
-
-
-def _read_chunk(records: list[Record]) -> list[tuple[bytes | None, str]]:
-    return [read_checked(_worker_source, r) for r in records]
-
-
-def _pool(source: Source, workers: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(source,))
-
-
-def read_alone(source: Source, record: Record) -> tuple[bytes | None, str]:
-    """`read_checked` in a process of its own: the record that kills it is unreadable, and nothing else is."""
-    with _pool(source, 1) as pool:
-        try:
-            return pool.submit(_read_chunk, [record]).result()[0]
-        except BrokenProcessPool:
-            return None, "the training decoder crashed on it (corrupt data, such as a PNG with a bad checksum)"
-
-
-def read_in_order(source: Source, records: list[Record], workers: int) -> Iterator[tuple[Record, bytes | None, str]]:
-    """(record, bytes or None, ext or reason) in record order; at most 4 chunks per worker in flight (bounded memory).
-
-    Always in worker processes (at least one), since a decoder may crash the process it runs in.
-    """
-    workers = max(1, workers)
-    chunks = (records[i:i + READ_CHUNK] for i in range(0, len(records), READ_CHUNK))
-    pool = _pool(source, workers)
-    try:
-        pending = deque((c, pool.submit(_read_chunk, c)) for c in itertools.islice(chunks, 4 * workers))
-        while pending:
-            chunk, future = pending.popleft()
-            try:
-                results = future.result()
-            except BrokenProcessPool:   # a worker died: find the item, then go on with a new pool
-                pool.shutdown(wait=True, cancel_futures=True)
-                results = [read_alone(source, r) for r in chunk]
-                pool = _pool(source, workers)
-                pending = deque((c, pool.submit(_read_chunk, c)) for c, _ in pending)
-            following = next(chunks, None)
-            if following is not None:
-                pending.append((following, pool.submit(_read_chunk, following)))
-            for r, (data, ext) in zip(chunk, results):
-                yield r, data, ext
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------ journal
