@@ -30,6 +30,17 @@ CANDIDATES = {   # name -> overrides on the pipeline file (A: the file as it sta
     "C": ("data.image_px=24", "views.image_px=24", "student.arch=resnet8"),
     "D": ("student.arch=resnet32",),
     "E": ("data.image_px=24", "views.image_px=24"),
+    "F": ("data.distortion=0.75",),
+    "G": ("data.distortion=0.75", "student.arch=resnet32"),
+    "H": ("data.distortion=0.6",),
+    "I": ("data.distortion=0.75", "student.weight_decay=1e-4"),
+    "J": ("data.distortion=0.85",),
+    "L": ("data.distortion=0.75", "views.scale=[0.9,1.0]"),                     # less crop: easier to memorise
+    "M": ("data.distortion=0.75", "views.scale=[0.9,1.0]", "student.weight_decay=1e-4"),
+    # ImageNet-LT's groups are 38 / 48 / 14 % many / medium / few; 150 -> 1 over 200 classes gives 8 / 32 / 60,
+    # and Class-Bal wins on few-shot. 400 -> 4 gives 30 / 35 / 35, at a ResNet-8 to stay in the time budget.
+    "N": ("data.n_max=400", "data.imbalance_factor=100", "data.distortion=0.75", "student.arch=resnet8"),
+    "O": ("data.n_max=400", "data.imbalance_factor=100", "data.distortion=1.0", "student.arch=resnet8"),
 }
 BASELINES = "student.sampling=instance,class_balanced"
 
