@@ -34,7 +34,7 @@ def test_help_lists_every_command_and_each_command_its_options():
 
     from cli import main
 
-    assert set(main.commands) == COMMANDS and set(main.commands["cache"].commands) == {"info", "verify"}
+    assert set(main.commands) == COMMANDS and set(main.commands["cache"].commands) == {"info", "verify", "drop"}
     runner = CliRunner()
     top = runner.invoke(main, ["--help"], prog_name="cbd-cache")
     assert top.exit_code == 0
@@ -75,9 +75,9 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert "skipping" in again.stderr and "nothing to do" in again.stderr
 
     info = json.loads(cbd("cache", "info", *common, "--json").stdout)
-    assert info["complete"] and info["arrays"]["descriptors/std0"]["dtype"] == "float16"
+    assert info["complete"] and info["arrays"]["teachers/std0/descriptors"]["dtype"] == "float16"
     assert info["arrays"]["views"]["shape"] == [512, 5]     # 8 shard blocks of 64 views (32 rows x A = 2), padded
-    assert info["views_stored"] == 227 * 2 and info["allocation"] == "uniform" and info["schema_version"] == 3
+    assert info["views_stored"] == 227 * 2 and info["allocation"] == "uniform" and info["schema_version"] == 4
 
     # the student loads no teacher: it trains with every teacher checkpoint gone
     shutil.rmtree(tmp_path / "smoke" / "teachers")
