@@ -27,7 +27,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from cbd_cache.cache.integrity import mend, shards_to_rewrite
-from cbd_cache.cache.schema import TeacherRecord, cache_counts, default_chunk_views, make_layout, provenance
+from cbd_cache.cache.schema import (
+    VIEWS_DONE,
+    TeacherRecord,
+    cache_counts,
+    default_chunk_views,
+    make_layout,
+    provenance,
+)
 from cbd_cache.cache.store import diff_keys, teacher_folders
 from cbd_cache.cache.writer import CacheWriter, clear_trash, shared_lock
 from cbd_cache.config import Config
@@ -116,7 +123,8 @@ def open_groups(writer: CacheWriter, records: dict[str, dict[str, Any]], replace
         writer.add_teacher(record)
         log(f"[export] {'replacing' if stored[name] is not None else 'adding'} teacher {name} "
             f"({record['arch']}, checkpoint {record['checkpoint_sha256'][:12]}) in {path}"
-            + (" over what a cut-short export left" if stored[name] is None and name in leftovers else ""))
+            + (" over a group without provenance (a cut-short export, or its metadata lost)"
+               if stored[name] is None and name in leftovers else ""))
 
 
 @torch.no_grad()
@@ -152,7 +160,8 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime, repair: bool = Fals
         redo = shards_to_rewrite(found.damage)
         log(f"[export] repair: {len(found.damage) or 'no'} damaged arrays/shards in {wd.cache}"
             + "".join(f"\n  {x}" for x in found.damage)
-            + "".join(f"\nrewriting {part.rsplit('/', 1)[0]} of shards {shards}" for part, shards in redo.items()))
+            + "".join(f"\nrewriting {'the views' if part == VIEWS_DONE else part.rsplit('/', 1)[0]} of shards {shards}"
+                      for part, shards in redo.items()))
     elif d.main:
         writer.check_metadata()
     barrier()
@@ -169,8 +178,9 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime, repair: bool = Fals
         return wd.cache
     views_total = int(sum(counts[shards[s].start:shards[s].stop].sum() for s in todo))
     done_already = [n for n in names if n not in running]
-    log(f"[export] running {', '.join(f'{n} ({int(teacher_todo[n].sum())} shards)' for n in running) or 'no teacher'}"
-        + (f"; {', '.join(done_already)} complete, not run" if done_already else "")
+    what = (f"running {', '.join(f'{n} ({int(teacher_todo[n].sum())} shards)' for n in running)}" if running
+            else "writing the shared views only, no teacher runs")
+    log(f"[export] {what}" + (f"; {', '.join(done_already)} complete, not run" if done_already else "")
         + f": {views_total} views of {sum(shards[s].rows for s in todo)} images ({e.allocation} allocation, "
         f"A = {e.views}), ({len(todo)}/{len(shards)} shards to go) on {runtime.device}"
         + (f", dealt over {d.world} ranks" if d.world > 1 else ""))
