@@ -12,13 +12,14 @@ from cbd_cache import pipeline
 from cbd_cache.cache.reader import CacheReader
 from cbd_cache.config import load_config
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.errors import CacheError, ConfigError
+from cbd_cache.errors import Busy, CacheError, ConfigError
 from cbd_cache.models.checkpoints import load_checkpoint, save_checkpoint
 from cbd_cache.stages.export import export_cache
 from cbd_cache.stages.imported import import_teacher
 from cbd_cache.system.digests import file_sha256
+from cbd_cache.system.locks import hold
 from cbd_cache.system.runtime import make_runtime
-from cbd_cache.workdir import Workdir
+from cbd_cache.workdir import Workdir, cache_lock
 
 from .conftest import SMOKE, smoke_config
 from .test_resume import array_hashes
@@ -117,6 +118,9 @@ def test_add_replace_and_drop_keep_int8_and_logits_bit_identical(smoke_copy, tmp
     assert array_hashes(wd.cache) == expected and "teachers/std0/scales" in expected and \
         "teachers/aug0/logits" in expected
 
+    with hold(cache_lock(wd.cache, "teacher-aug0"), "an export of aug0"):
+        with pytest.raises(Busy, match=r"teacher aug0 of .*cache.zarr is in use by process"):
+            pipeline.drop_teacher(wd, "aug0")
     pipeline.drop_teacher(wd, "aug0")
     assert not (wd.cache / "teachers" / "aug0").exists() and not list(tmp_path.glob("parts/cache.zarr.dropped-*"))
     manifest = Manifest.load(wd.manifest)
