@@ -81,6 +81,7 @@ def without_cache(src, dst):
     return dst
 
 
+@pytest.mark.slow
 def test_adding_a_teacher_runs_only_it_and_equals_an_export_of_all(smoke_copy, tmp_path, capsys):
     """Export 2 teachers, add an imported third: only it runs, and every array (its group's, the shared
     views) equals an export of the 3 from scratch, bit for bit."""
