@@ -103,10 +103,11 @@ def test_adding_a_teacher_runs_only_it_and_equals_an_export_of_all(smoke_copy, t
     assert "is complete for std0, aug0, rn18" in capsys.readouterr().err
 
 
-def test_add_replace_and_drop_keep_int8_and_logits_bit_identical(smoke_copy, tmp_path, capsys):
-    """Under int8 with logits: one teacher, then the other added, equals both at once; a group dropped and added
-    again, or replaced, is the same bytes; a dropped teacher is refused to a student, the other still served."""
-    cfg = smoke_config("export.dtype=int8", "export.logits=true")
+def test_add_replace_and_drop_keep_int8_logits_and_draws_bit_identical(smoke_copy, tmp_path, capsys):
+    """On a draws-allocated int8 cache with logits: one teacher, then the other added, equals both at once; a
+    group dropped and added again, or replaced, is the same bytes; a dropped teacher is refused to a student,
+    the other still served."""
+    cfg = smoke_config("export.dtype=int8", "export.logits=true", "export.allocation=draws", "export.views=4")
     runtime = make_runtime(cfg.pipeline)
     wd = without_cache(smoke_copy, Workdir(tmp_path / "parts"))
     both = without_cache(smoke_copy, Workdir(tmp_path / "both"))
