@@ -61,6 +61,9 @@ class ViewsCfg:
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     flip: bool = True
     eval_resize_px: int = 0        # evaluation: resize short side to this, centre-crop image_px (0: resize to image_px)
+    decode: str = "full"           # training views' pixels: full (decode the whole image) | reduced (a JPEG at 1/2..1/8
+                                   # when the crop is >= 2 x image_px) | gpu (nvJPEG, crop and resize on the device);
+                                   # stored in the cache, which a student under another policy is refused
 
 
 @dataclass
@@ -170,6 +173,7 @@ CHOICES = {
     "data.format": tuple(READERS),
     "data.profile": PROFILES,
     "data.on_error": ("stop", "skip"),
+    "views.decode": ("full", "reduced", "gpu"),
     "teacher.type": ("standard", "data_aug"),
     "teacher.aug_style": ("paper", "official"),
     "teacher.source": ("trained", "imported"),
