@@ -45,6 +45,7 @@ class DataCfg:
     imbalance_factor: float = 256.0
     seed: int = 0                  # class-rank permutation, subsampling and shard order
     shard_size: int = 256          # training samples per WebDataset shard (= cache rows per chunk)
+    max_short_px: int = 0          # store each image with its short side at most this (resized, encoded again); 0: as it is
     on_error: str = "stop"         # a label problem (bad line, label out of range, duplicate or missing path):
                                    # stop with the offending line, or skip the item and list it in the report
     # generated sets (`synthetic`: tests and the smoke pipeline; `glyphs`: characters from installed fonts)
