@@ -169,8 +169,7 @@ def render(sample: Sample, views: np.ndarray, spec: ViewSpec, channels: int,
     """
     views = np.asarray(views, dtype=np.int32).reshape(-1, len(VIEW_FIELDS))
     if spec.decode == "gpu":
-        return EncodedBatch([torch.frombuffer(bytearray(sample.data), dtype=torch.uint8)], [sample.ext == "jpg"],
-                            torch.zeros(len(views), dtype=torch.int64), torch.from_numpy(views), channels, spec.image_px)
+        return EncodedBatch.of(sample.data, sample.ext == "jpg", views, channels, spec.image_px)
     decoded = {} if image is None else {1: image}
     out = []
     for view in views:
@@ -209,29 +208,48 @@ def replay_float(image: torch.Tensor, view: np.ndarray, image_px: int) -> torch.
 @dataclass
 class EncodedBatch:
     """Views not yet decoded (`views.decode = "gpu"`): images' encoded bytes and their views, view j of
-    image `image_of[j]`. The loader collates them like tensors; `decode` makes the pixels on the device."""
+    image `image_of[j]`. The loader collates them like tensors; `decode` makes the pixels on the device.
 
-    data: list[torch.Tensor]         # each image's encoded bytes, uint8 1-D, on the CPU
-    jpeg: list[bool]
+    The images' bytes travel as one flat tensor with offsets: a batch is four tensors through the
+    loader's shared memory, however many images it holds.
+    """
+
+    data: torch.Tensor               # every image's encoded bytes, one after another, uint8 1-D, on the CPU
+    offsets: torch.Tensor            # (n + 1,) int64: image i is data[offsets[i]:offsets[i + 1]]
+    jpeg: torch.Tensor               # (n,) bool
     image_of: torch.Tensor           # (m,) int64
     views: torch.Tensor              # (m, 5) int32, source pixels
     channels: int
     image_px: int
 
+    @classmethod
+    def of(cls, data: bytes, jpeg: bool, views: np.ndarray, channels: int, image_px: int) -> "EncodedBatch":
+        """One image's views."""
+        return cls(torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor([0, len(data)]),
+                   torch.tensor([jpeg]), torch.zeros(len(views), dtype=torch.int64), torch.from_numpy(views),
+                   channels, image_px)
+
     def __len__(self) -> int:
         return len(self.views)
 
+    def image(self, i: int) -> torch.Tensor:
+        return self.data[int(self.offsets[i]):int(self.offsets[i + 1])]
+
     def __getitem__(self, index: slice) -> "EncodedBatch":
-        keep = self.image_of[index]
-        used, image_of = torch.unique(keep, return_inverse=True)
-        return EncodedBatch([self.data[i] for i in used.tolist()], [self.jpeg[i] for i in used.tolist()],
-                            image_of.reshape(-1), self.views[index], self.channels, self.image_px)
+        used, image_of = torch.unique(self.image_of[index], return_inverse=True)
+        images = [self.image(i) for i in used.tolist()]
+        return EncodedBatch(torch.cat(images), torch.tensor([0, *np.cumsum([len(x) for x in images])]),
+                            self.jpeg[used], image_of.reshape(-1), self.views[index], self.channels, self.image_px)
 
     @staticmethod
     def cat(parts: list["EncodedBatch"]) -> "EncodedBatch":
-        first = np.cumsum([0] + [len(p.data) for p in parts])
-        return EncodedBatch([d for p in parts for d in p.data], [j for p in parts for j in p.jpeg],
-                            torch.cat([p.image_of + int(o) for p, o in zip(parts, first)]),
+        images = np.cumsum([0] + [len(p.jpeg) for p in parts])
+        nbytes = np.cumsum([0] + [len(p.data) for p in parts])
+        return EncodedBatch(torch.cat([p.data for p in parts]),
+                            torch.cat([torch.zeros(1, dtype=torch.int64)] + [p.offsets[1:] + int(b) for p, b in
+                                                                              zip(parts, nbytes)]),
+                            torch.cat([p.jpeg for p in parts]),
+                            torch.cat([p.image_of + int(o) for p, o in zip(parts, images)]),
                             torch.cat([p.views for p in parts]), parts[0].channels, parts[0].image_px)
 
     def pin_memory(self) -> "EncodedBatch":
@@ -240,7 +258,8 @@ class EncodedBatch:
     def decode(self, device: torch.device) -> torch.Tensor:
         """uint8 (m, C, px, px) on `device`: each image decoded once (`shards.decode_on_device`), each view replayed
         there (`replay_float`)."""
-        images = decode_on_device(self.data, self.jpeg, self.channels, device)
+        images = decode_on_device([self.image(i) for i in range(len(self.jpeg))], self.jpeg.tolist(), self.channels,
+                                  device)
         return torch.stack([replay_float(images[i], v, self.image_px)
                             for i, v in zip(self.image_of.tolist(), self.views.tolist())])
 
