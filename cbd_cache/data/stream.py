@@ -155,13 +155,15 @@ class TrainStream(IterableDataset):
                         yield sample, i, block
             mine = list(rng.permutation(mine))
 
-    def epoch_items(self, slot: int, slots: int, epoch: int, reader, memo: "ShardMemo") -> Iterator[tuple]:
-        """One epoch of this slot: `samples_per_epoch // slots` items, in the order the shuffle buffer gives."""
+    def epoch_items(self, slot: int, slots: int, epoch: int, reader, memo: "ShardMemo",
+                    walk: ViewWalk | None = None) -> Iterator[tuple]:
+        """One epoch of this slot: `samples_per_epoch // slots` items, in the order the shuffle buffer gives
+        (`walk`: the slot's ViewWalk, kept from epoch to epoch; the views do not depend on it)."""
         rng = np.random.default_rng([self.seed, epoch, slot])
         source = self.expand(slot, slots, epoch, rng, reader, memo)
         buffer: list[tuple] = []
         drawn: dict[int, int] = {}                          # row -> its draws so far this epoch
-        walk = ViewWalk(self.seed)
+        walk = walk or ViewWalk(self.seed)
         for _ in range(self.samples_per_epoch // slots):
             while len(buffer) < self.shuffle_buffer:
                 buffer.append(next(source))
@@ -187,8 +189,9 @@ class TrainStream(IterableDataset):
         reader = self.cache.open(self.manifest) if self.cache else None
         memo = ShardMemo(SHARD_MEMO_BYTES)
         epoch, skip = divmod(done, quota)
+        walk = ViewWalk(self.seed)
         while True:
-            items = self.epoch_items(slot, slots, epoch, reader, memo)
+            items = self.epoch_items(slot, slots, epoch, reader, memo, walk)
             for _ in range(skip):        # fast-forward: the order only, no image decoded
                 next(items)
             for j, item in enumerate(items, start=skip):
