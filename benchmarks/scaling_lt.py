@@ -164,7 +164,8 @@ def lt_markdown(rows: list[dict]) -> list[str]:
              "allocation, A = 8; each stage in a process of its own (benchmarks/scaling_lt.py says what each "
              "does). µs per image: the stage's seconds over its images (training images; the test split's, "
              "20 per class at N, for evaluate). Linear: µs per image at N within ±25 % of N/8's.", "",
-             "| stage | " + " | ".join(f"N = {ns[f]:,}" for f in fractions) + " | N vs N/8 | peak RSS MiB |",
+             "| stage | " + " | ".join(f"N = {ns[f]:,}" for f in fractions) + " | µs per image, largest N ÷ smallest "
+             "| peak RSS MiB |",
              "|---|" + "---:|" * len(fractions) + "---:|---|"]
     for stage in STAGES:
         mine = {r["fraction"]: r for r in rows if r["stage"] == stage}
@@ -173,7 +174,8 @@ def lt_markdown(rows: list[dict]) -> list[str]:
         cells = [f"{mine[f]['seconds']:.1f} s ({mine[f]['us_per_image']:.0f} µs)" if f in mine else "" for f in fractions]
         lo, hi = mine[fractions[0]], mine[fractions[-1]]
         change = hi["us_per_image"] / lo["us_per_image"]
-        verdict = f"{change:.2f}x" + ("" if abs(change - 1) <= 0.25 else " (not linear)")
+        verdict = f"{change:.2f}" + (" (linear)" if abs(change - 1) <= 0.25 else " (grows faster than N)"
+                                     if change > 1 else " (fixed costs show at the small end)")
         rss = " / ".join(f"{mine[f]['peak_rss_mib']:.0f}" for f in fractions if f in mine)
         lines.append(f"| {stage} | " + " | ".join(cells) + f" | {verdict} | {rss} |")
     return lines
