@@ -56,8 +56,8 @@ def lt_profile(total: int = N_IMAGENET_LT) -> np.ndarray:
 
     log n is piecewise linear in log rank through (1, 1280), (385.5, 100), (864.5, 20), (1000, 5), the head's
     segment bent by an exponent (found by bisection) so that the counts sum to `total`; the rounding's
-    remainder goes one image each to the classes after the first. (The exponential profile of data.longtail
-    at 1,280 -> 5 over 1,000 classes holds 229,853 images, twice ImageNet-LT's.)
+    remainder goes one image each to the classes after the first. (data.longtail's profiles at 1,280 -> 5
+    over 1,000 classes hold more: exponential 229,853 images, imagenet_lt_shape 204,111.)
     """
     logr = np.log(np.arange(1, C_IMAGENET_LT + 1))
     knots = np.log([1, 385.5, 864.5, 1000]), np.log([1280, 100, 20, 5])
