@@ -1,6 +1,12 @@
 import numpy as np
 
-from cbd_cache.data.longtail import exponential_profile, longtail_subset, shot_group
+from cbd_cache.data.longtail import (
+    IMAGENET_LT_GROUPS,
+    exponential_profile,
+    imagenet_lt_shape_profile,
+    longtail_subset,
+    shot_group,
+)
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.sampling import copies, repeat_factors
 from cbd_cache.data.stream import TrainStream
@@ -19,11 +25,24 @@ def test_exponential_profile_spans_imagenet_lt():
 
 def test_longtail_subset_is_seeded_and_follows_the_profile():
     labels = np.repeat(np.arange(10), 2000)
-    a = longtail_subset(labels, 10, 1280, 256, seed=0)
-    b = longtail_subset(labels, 10, 1280, 256, seed=0)
-    c = longtail_subset(labels, 10, 1280, 256, seed=1)
+    counts = exponential_profile(1280, 256, 10)
+    a = longtail_subset(labels, 10, counts, seed=0)
+    b = longtail_subset(labels, 10, counts, seed=0)
+    c = longtail_subset(labels, 10, counts, seed=1)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
-    assert sorted(np.bincount(labels[a]), reverse=True) == exponential_profile(1280, 256, 10)
+    assert sorted(np.bincount(labels[a]), reverse=True) == counts
+
+
+def test_imagenet_lt_shape_has_imagenet_lt_group_shares_and_the_data_s_own_ends():
+    for n_max, imbalance, classes in ((1280, 256, 1000), (150, 100, 200), (300, 150, 400)):
+        counts = imagenet_lt_shape_profile(n_max, imbalance, classes)
+        assert counts[0] == n_max and counts[-1] == max(1, int(n_max / imbalance))
+        assert counts == sorted(counts, reverse=True)
+        groups = [sum(shot_group(n) == g for n in counts) for g in ("many", "medium", "few")]
+        # each group's share is ImageNet-LT's to within one class
+        assert all(abs(g / classes - s / 1000) <= 1 / classes for g, s in zip(groups, IMAGENET_LT_GROUPS)), groups
+    # the exponential profile puts most classes in the few-shot group at these ends
+    assert sum(shot_group(n) == "few" for n in exponential_profile(150, 100, 200)) > 100
 
 
 def test_repeat_factors_balance_classes_in_expectation():
@@ -97,6 +116,9 @@ def test_the_walk_visits_every_view_once_per_lap_in_a_seeded_order():
     assert laps[0] == [ViewWalk(7).view(42, k, 5) for k in range(5)]   # pure: the same every time
     assert laps == [[0, 4, 2, 1, 3], [0, 1, 3, 4, 2], [3, 0, 1, 4, 2]]   # pinned
     assert walk_view(43, 0, 1) == 0
+    kept = ViewWalk(7)   # keeping each image's latest lap changes nothing, back and forth over laps and counts
+    positions = [(12, 5), (0, 5), (13, 5), (3, 5), (3, 9), (12, 5)]
+    assert [kept.view(42, p, c) for p, c in positions] == [ViewWalk(7).view(42, p, c) for p, c in positions]
     assert [walk_start(e, 55.0, 3) for e in range(3)] == [0, 55, 110]
     # images drawn less than once an epoch step to their next view in different epochs
     assert len({walk_start(1, 0.25, row) for row in range(8)}) == 2

@@ -40,11 +40,12 @@ class PipelineCfg:
 class DataCfg:
     format: str = "fashion_mnist"  # a reader of data/sources (READERS): fashion_mnist, synthetic, imagenet_lt, ...
     root: str = "/usr/share/datasets/fashion-mnist"
-    profile: str = "exponential"   # exponential: cut a balanced source to n_i = floor(n_max * IF^(-i/(C-1))); none: keep
+    profile: str = "exponential"   # exponential: cut a balanced source to n_i = floor(n_max * IF^(-i/(C-1))); imagenet_lt_shape; none: keep
     n_max: int = 1280
     imbalance_factor: float = 256.0
     seed: int = 0                  # class-rank permutation, subsampling and shard order
     shard_size: int = 256          # training samples per WebDataset shard (= cache rows per chunk)
+    max_short_px: int = 0          # store each image with its short side at most this (resized, encoded again); 0: as it is
     on_error: str = "stop"         # a label problem (bad line, label out of range, duplicate or missing path):
                                    # stop with the offending line, or skip the item and list it in the report
     # generated sets (`synthetic`: tests and the smoke pipeline; `glyphs`: characters from installed fonts)
@@ -61,6 +62,9 @@ class ViewsCfg:
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     flip: bool = True
     eval_resize_px: int = 0        # evaluation: resize short side to this, centre-crop image_px (0: resize to image_px)
+    decode: str = "full"           # training views' pixels: full (decode the whole image) | reduced (a JPEG at 1/2..1/8
+                                   # when the crop is >= 2 x image_px) | gpu (nvJPEG, crop and resize on the device);
+                                   # stored in the cache, which a student under another policy is refused
 
 
 @dataclass
@@ -170,6 +174,7 @@ CHOICES = {
     "data.format": tuple(READERS),
     "data.profile": PROFILES,
     "data.on_error": ("stop", "skip"),
+    "views.decode": ("full", "reduced", "gpu"),
     "teacher.type": ("standard", "data_aug"),
     "teacher.aug_style": ("paper", "official"),
     "teacher.source": ("trained", "imported"),

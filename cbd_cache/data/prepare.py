@@ -31,10 +31,11 @@ import numpy as np
 
 from cbd_cache.config import Config
 from cbd_cache.data.isolated import read_in_order
-from cbd_cache.data.longtail import cifar_lt_subset, longtail_subset
+from cbd_cache.data.longtail import cifar_lt_subset, longtail_subset, profile_counts
 from cbd_cache.data.manifest import EVAL_SPLITS, Manifest, ShardInfo, SplitInfo
 from cbd_cache.data.shards import Sample, ShardWriter, content_hash, shard_intact, shard_name
 from cbd_cache.data.sources import DataError, Record, Source, open_source
+from cbd_cache.data.sources.images import bounded
 from cbd_cache.system.logs import Progress, log
 from cbd_cache.system.runtime import cpu_count
 from cbd_cache.system.storage import atomic_write_bytes
@@ -56,12 +57,13 @@ class SplitPlan:
 def select_train(records: list[Record], cfg: Config, num_classes: int) -> list[Record]:
     """Apply the long-tail profile (if any), then shuffle so every shard mixes classes."""
     d = cfg.data
-    if d.profile == "exponential":
+    if d.profile in ("exponential", "imagenet_lt_shape"):
         labels = np.array([r.label for r in records])
+        counts = profile_counts(d.profile, d.n_max, d.imbalance_factor, num_classes)
         try:
-            records = [records[i] for i in longtail_subset(labels, num_classes, d.n_max, d.imbalance_factor, d.seed)]
+            records = [records[i] for i in longtail_subset(labels, num_classes, counts, d.seed)]
         except ValueError as e:
-            raise DataError(f"data.profile=exponential: {e}, or use data.profile=none for a long-tailed source") from None
+            raise DataError(f"data.profile={d.profile}: {e}, or use data.profile=none for a long-tailed source") from None
     elif d.profile == "cifar_lt":
         labels = np.array([r.label for r in records])
         try:
@@ -203,7 +205,7 @@ def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
                 return existing
             log(f"[prepare] {len(damaged)} shard(s) missing, truncated or changed: "
                 f"{', '.join(info.name for _, info in damaged)}; rebuilding them")
-            source = source or open_source(cfg.data)
+            source = bounded(source or open_source(cfg.data), cfg.data.max_short_px)
             plans = plan_splits(source, cfg)
             if all(rebuild_shard(source, plans[split], existing, split, info, wd, cfg) for split, info in damaged):
                 log(f"[prepare] rebuilt {len(damaged)} shard(s), bit for bit; fingerprint {existing.fingerprint[:12]}")
@@ -211,7 +213,7 @@ def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
             log(f"[prepare] the source at data.root={cfg.data.root} changed since it was prepared; preparing again")
         else:
             log(f"[prepare] {wd.manifest} was made from other data settings; preparing again")
-    source = source or open_source(cfg.data)
+    source = bounded(source or open_source(cfg.data), cfg.data.max_short_px)
     plans = plans or plan_splits(source, cfg)
     for p in source.skipped[:LOG_REJECTS]:
         log(f"[prepare] label problem, left out: {p['where']}: {p['reason']}")

@@ -2,7 +2,7 @@
 
 Each file goes through what a training image goes through: prepare's check (`shard_image`: JPEG and
 PNG kept as they are, other formats re-encoded losslessly, unreadable ones refused with the reason),
-the shards' decoder, and the workdir's evaluation view (`views.eval_view`), so a file gets the
+the workdir's `data.max_short_px` bound, the shards' decoder, and the workdir's evaluation view (`views.eval_view`), so a file gets the
 prediction `evaluate` gives the same image. A file that cannot be read is a row with its error.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import decode_image
 from cbd_cache.data.sources.base import Unreadable
-from cbd_cache.data.sources.images import is_image_file, shard_image
+from cbd_cache.data.sources.images import bound_image, is_image_file, shard_image
 from cbd_cache.errors import ConfigError
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.system.runtime import Runtime
@@ -41,10 +41,10 @@ def list_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def view_of(path: Path, channels: int, spec: ViewSpec) -> torch.Tensor:
+def view_of(path: Path, channels: int, spec: ViewSpec, max_short_px: int = 0) -> torch.Tensor:
     """The uint8 evaluation view of an image file, read as prepare and the evaluation read it."""
-    stored, _ = shard_image(path.read_bytes())
-    return eval_view(decode_image(stored, channels), spec)
+    stored, ext = shard_image(path.read_bytes())
+    return eval_view(decode_image(bound_image(stored, ext, max_short_px), channels), spec)
 
 
 def model_checkpoint(root: Path, ref: str) -> Path:
@@ -72,7 +72,7 @@ def predict_files(ckpt: Path, files: Sequence[Path], manifest: Manifest, spec: V
         for path in files[start:start + batch_size]:
             row = {"path": str(path), "error": "", "classes": [], "scores": []}
             try:
-                views.append(view_of(path, manifest.channels, spec))
+                views.append(view_of(path, manifest.channels, spec, manifest.data_config.get("max_short_px", 0)))
                 chunk.append(row)
             except (Unreadable, OSError, ValueError, RuntimeError) as e:
                 row["error"] = str(e) or type(e).__name__

@@ -19,14 +19,14 @@ from cbd_cache.cache.integrity import VIEWS, scan_cache
 from cbd_cache.cache.schema import TEACHERS, Layout, cache_counts, done_array, make_layout, teacher_array
 from cbd_cache.cache.store import open_group, provenance_of, read_whole, teacher_folders, teacher_record
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.shards import content_hash, decode_image, read_shard
+from cbd_cache.data.shards import content_hash, read_shard
 from cbd_cache.errors import CacheDamaged, FileDamaged
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.models.losses import teacher_target
 from cbd_cache.system.digests import file_sha256
 from cbd_cache.system.runtime import Runtime
 from cbd_cache.system.storage import Location, exists
-from cbd_cache.views import ViewSpec, derive_views, replay
+from cbd_cache.views import ViewSpec, concat, derive_views, image_dims, render
 
 SHARED = "views"     # the report's name for the shared part
 
@@ -114,12 +114,13 @@ def verify_cache(path: Location, manifest: Manifest, checkpoints: Mapping[str, A
         picked = [samples[row - info.start] for row in chosen]
         flat = np.concatenate([np.arange(offsets[r], offsets[r] + counts[r]) for r in chosen])
         stored = np.split(group["views"].oindex[flat], np.cumsum(counts[chosen])[:-1])
-        images = [decode_image(s.data, manifest.channels) for s in picked]
-        for s, image, views in zip(picked, images, stored):
-            derived = derive_views(prov["view_seed"], s.key, len(views), image.shape[1], image.shape[2], spec)
+        dims = [image_dims(s, spec, manifest.channels) for s in picked]
+        for s, (height, width, _), views in zip(picked, dims, stored):
+            derived = derive_views(prov["view_seed"], s.key, len(views), height, width, spec)
             if not np.array_equal(derived, views):
                 found.append((SHARED, f"row {s.row}: stored views differ from the views derived from its key"))
-        x = torch.stack([replay(image, v, spec.image_px) for image, views in zip(images, stored) for v in views])
+        x = concat([render(s, views, spec, manifest.channels, image) for s, (_, _, image), views in
+                    zip(picked, dims, stored)])   # the pixels export gave the teachers, under the cache's decode policy
         for name, net in nets.items():
             if not scan.sound(teacher_array(name, "shard_done"))[index]:
                 continue
