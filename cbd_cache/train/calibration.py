@@ -51,25 +51,24 @@ def pool(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def draw_reliability(ax, rel: dict[str, Any], title: str) -> None:
-    """Bars of each bin's accuracy at its edges, the gap to its mean confidence, and the diagonal."""
+    """Each bin's accuracy (blue), the gap to its mean confidence (hatched red), the diagonal, and in grey the
+    share of images in each bin (a bin of a few images says little). Drawn as steps: a few artists, quick."""
     b = rel["bins"]
     edges = np.linspace(0, 1, b + 1)
-    count = np.asarray(rel["count"])
+    count = np.asarray(rel["count"], dtype=np.float64)
     acc = np.where(count > 0, rel["accuracy"], 0.0)
     conf = np.where(count > 0, rel["confidence"], 0.0)
-    ax.bar(edges[:-1], acc, width=1 / b, align="edge", color="C0", edgecolor="white", label="accuracy of the bin")
-    ax.bar(edges[:-1], np.abs(conf - acc), bottom=np.minimum(acc, conf), width=1 / b, align="edge", fill=False,
-           hatch="///", edgecolor="C3", lw=0.8, label="gap to its mean confidence")
-    share = ax.twinx()        # how many images each bin holds: a bin of a few images says little
-    share.bar(edges[:-1], count / max(count.sum(), 1), width=1 / b, align="edge", color="grey", alpha=0.3)
-    share.set_ylim(0, 4 * max(count.max() / max(count.sum(), 1), 1e-9))
-    share.set_yticks([])
+    share = count / max(count.max(), 1) * 0.25
+    ax.stairs(acc, edges, fill=True, color="C0", alpha=0.8, label="accuracy of the bin")
+    ax.stairs(np.maximum(acc, conf), edges, baseline=np.minimum(acc, conf), fill=True, facecolor="none",
+              edgecolor="C3", hatch="///", lw=0.6, label="gap to its mean confidence")
+    ax.stairs(share, edges, color="black", lw=1.2, label="images in the bin (scaled)")
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 softmax); grey: share of images",
-           ylabel="accuracy", title=title)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 softmax)", ylabel="accuracy")
+    ax.set_title(title, fontsize=9 if "\n" not in title else 7)
     ax.text(0.04, 0.93, f"ECE {ece_of(rel):.1f}%, n = {int(count.sum())}", transform=ax.transAxes, fontsize=8,
             bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.88), fontsize=6, frameon=False)
 
 
 def plot_reliability(panels: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None:
@@ -78,5 +77,7 @@ def plot_reliability(panels: Sequence[tuple[str, dict[str, Any]]], path: Path) -
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, rel) in zip(axes, panels):
         draw_reliability(ax, rel, title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # a fixed layout: tight_layout would cost more than the drawing, and every evaluation draws one
+    fig.subplots_adjust(left=0.6 / (3.6 * len(panels)), right=1 - 0.15 / len(panels), bottom=0.13, top=0.84,
+                        wspace=0.3)
+    fig.savefig(path, dpi=100)

@@ -3,6 +3,7 @@ eval.json, eval.md, per_class.csv and a reliability diagram beside the checkpoin
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,8 @@ def write_report(folder: Path, name: str, kind: str, report: dict[str, Any], cla
         per_class_table(report, class_names)
     (folder / EVAL_MD).write_text(md)
     atomic_write_bytes(folder / PER_CLASS_CSV, per_class_csv(report, class_names).encode())
-    plot_reliability([(f"{kind}\n{report.get('split', 'test')}: {name}"[:90], report["calibration"])],
-                     folder / RELIABILITY_PNG)
+    title = "\n".join(textwrap.wrap(f"{kind}, {report.get('split', 'test')}: {name}", 52, break_on_hyphens=False)[:3])
+    plot_reliability([(title, report["calibration"])], folder / RELIABILITY_PNG)
 
 
 @torch.no_grad()
