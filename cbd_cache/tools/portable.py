@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors.torch import save
 
 from cbd_cache.data.manifest import Manifest
+from cbd_cache.errors import ConfigError
 from cbd_cache.models.archs import SMALL_DEPTHS
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.system.digests import file_sha256
@@ -49,6 +50,10 @@ def export_model(ckpt: Path, out: Path, manifest: Manifest, spec: ViewSpec, ref:
     """Write OUT/model.safetensors and OUT/model.json for the checkpoint; returns the JSON's path."""
     net, meta = load_checkpoint(ckpt)
     n = meta["network"]
+    if n["head"] != "cosine" or n.get("per_class"):
+        raise ConfigError(f"export-model: {ref} has a {'per-class scaled ' if n.get('per_class') else ''}{n['head']} "
+                          "head (LWS, logit adjustment, an imported fc or student.head=linear); model.json describes "
+                          "the cosine head only, so export a cosine-head model")
     out.mkdir(parents=True, exist_ok=True)
     weights = save({portable_name(k): v.contiguous() for k, v in net.state_dict().items()})
     atomic_write_bytes(out / "model.safetensors", weights)   # (write then rename, as every writer here)
