@@ -61,6 +61,7 @@ def test_parse_value():
     ("data.format=csv", "data.format='csv': must be one of"),
     ("export.min_views=0", "export.min_views=0: must be >= 1"),
     ("export.allocation=draw", "export.allocation='draw': must be one of uniform, draws"),
+    ("data.profile=imagenet_lt_shape", "data.n_max=64 must be > 101"),   # the smoke's 64 -> 4 has no many-shot class
     # your own teachers (tests/test_imported.py)
     ("teacher.arch=timm:hf-hub:org/model", "hf-hub: names fetch weights or configs at run time"),
     ("teacher.source=elsewhere", "teacher.source='elsewhere': must be one of trained, imported"),

@@ -1,6 +1,12 @@
 import numpy as np
 
-from cbd_cache.data.longtail import exponential_profile, longtail_subset, shot_group
+from cbd_cache.data.longtail import (
+    IMAGENET_LT_GROUPS,
+    exponential_profile,
+    imagenet_lt_shape_profile,
+    longtail_subset,
+    shot_group,
+)
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.sampling import copies, repeat_factors
 from cbd_cache.data.stream import TrainStream
@@ -19,11 +25,24 @@ def test_exponential_profile_spans_imagenet_lt():
 
 def test_longtail_subset_is_seeded_and_follows_the_profile():
     labels = np.repeat(np.arange(10), 2000)
-    a = longtail_subset(labels, 10, 1280, 256, seed=0)
-    b = longtail_subset(labels, 10, 1280, 256, seed=0)
-    c = longtail_subset(labels, 10, 1280, 256, seed=1)
+    counts = exponential_profile(1280, 256, 10)
+    a = longtail_subset(labels, 10, counts, seed=0)
+    b = longtail_subset(labels, 10, counts, seed=0)
+    c = longtail_subset(labels, 10, counts, seed=1)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
-    assert sorted(np.bincount(labels[a]), reverse=True) == exponential_profile(1280, 256, 10)
+    assert sorted(np.bincount(labels[a]), reverse=True) == counts
+
+
+def test_imagenet_lt_shape_has_imagenet_lt_group_shares_and_the_data_s_own_ends():
+    for n_max, imbalance, classes in ((1280, 256, 1000), (150, 100, 200), (300, 150, 400)):
+        counts = imagenet_lt_shape_profile(n_max, imbalance, classes)
+        assert counts[0] == n_max and counts[-1] == max(1, int(n_max / imbalance))
+        assert counts == sorted(counts, reverse=True)
+        groups = [sum(shot_group(n) == g for n in counts) for g in ("many", "medium", "few")]
+        # each group's share is ImageNet-LT's to within one class
+        assert all(abs(g / classes - s / 1000) <= 1 / classes for g, s in zip(groups, IMAGENET_LT_GROUPS)), groups
+    # the exponential profile puts most classes in the few-shot group at these ends
+    assert sum(shot_group(n) == "few" for n in exponential_profile(150, 100, 200)) > 100
 
 
 def test_repeat_factors_balance_classes_in_expectation():

@@ -8,6 +8,7 @@ import typing
 from typing import Any
 
 from cbd_cache.config.schema import CHOICES, NAME_RE, TABLES, Config, TrainCfg
+from cbd_cache.data.longtail import FEW_SHOT_BELOW, MANY_SHOT_ABOVE
 from cbd_cache.errors import ConfigError
 from cbd_cache.models.archs import arch_error
 
@@ -51,6 +52,9 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     _require(d.n_max >= 1, f"data.n_max={d.n_max}: must be >= 1")
     _require(d.imbalance_factor >= 1, f"data.imbalance_factor={d.imbalance_factor}: must be >= 1")
+    _require(d.profile != "imagenet_lt_shape" or (d.n_max > MANY_SHOT_ABOVE + 1 and d.n_max / d.imbalance_factor < FEW_SHOT_BELOW),
+             f"data.profile=imagenet_lt_shape needs many-shot and few-shot classes: data.n_max={d.n_max} must be > "
+             f"{MANY_SHOT_ABOVE + 1} and n_max / data.imbalance_factor = {d.n_max / d.imbalance_factor:g} below {FEW_SHOT_BELOW}")
     _require(d.shard_size >= 1, f"data.shard_size={d.shard_size}: must be >= 1")
     _require(d.num_classes >= 2, f"data.num_classes={d.num_classes}: must be >= 2")
     _require(d.image_px >= 4, f"data.image_px={d.image_px}: must be >= 4")

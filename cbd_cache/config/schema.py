@@ -41,7 +41,7 @@ class PipelineCfg:
 class DataCfg:
     format: str = "fashion_mnist"  # a reader of data/sources (READERS): fashion_mnist, synthetic, imagenet_lt, ...
     root: str = "/usr/share/datasets/fashion-mnist"
-    profile: str = "exponential"   # exponential: cut a balanced source to n_i = floor(n_max * IF^(-i/(C-1))); none: keep
+    profile: str = "exponential"   # exponential: cut a balanced source to n_i = floor(n_max * IF^(-i/(C-1))); imagenet_lt_shape; none: keep
     n_max: int = 1280
     imbalance_factor: float = 256.0
     seed: int = 0                  # class-rank permutation, subsampling and shard order

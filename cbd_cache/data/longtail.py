@@ -1,4 +1,4 @@
-"""The long-tail facts in one place: the exponential profile and the many / medium / few-shot groups."""
+"""The long-tail facts in one place: the cutting profiles and the many / medium / few-shot groups."""
 from __future__ import annotations
 
 import math
@@ -9,9 +9,14 @@ import numpy as np
 MANY_SHOT_ABOVE = 100
 FEW_SHOT_BELOW = 20
 SHOT_GROUPS = ("many", "medium", "few")
-# data.profile: "exponential" cuts a balanced source to `exponential_profile`; "cifar_lt" is the community's
-# CIFAR-LT cut (`cifar_lt_subset`); "none" keeps a long-tailed source as it is
-PROFILES = ("exponential", "cifar_lt", "none")
+# data.profile: "exponential" cuts a balanced source to `exponential_profile`, "imagenet_lt_shape" to
+# `imagenet_lt_shape_profile`; "cifar_lt" is the community's CIFAR-LT cut (`cifar_lt_subset`); "none" keeps a
+# long-tailed source as it is
+PROFILES = ("exponential", "imagenet_lt_shape", "cifar_lt", "none")
+# ImageNet-LT's classes per shot group (many / medium / few), as the long-tail literature reports them: the
+# curve is steep at both ends and flat in the middle, where an exponential profile puts ln 5 / ln IF of the
+# classes in the medium group whatever n_max is (35 % at IF 100) and most of them in the few-shot one.
+IMAGENET_LT_GROUPS = (385, 479, 136)
 
 
 def shot_group(train_count: int) -> str:
@@ -29,15 +34,39 @@ def exponential_profile(n_max: int, imbalance_factor: float, num_classes: int) -
     return [max(1, math.floor(n_max * imbalance_factor ** (-i / (num_classes - 1)) + 1e-9)) for i in range(num_classes)]
 
 
-def longtail_subset(labels: np.ndarray, num_classes: int, n_max: int, imbalance_factor: float, seed: int) -> np.ndarray:
-    """Indices of a long-tailed subset of a (roughly balanced) labelled set.
+def imagenet_lt_shape_profile(n_max: int, imbalance_factor: float, num_classes: int) -> list[int]:
+    """n_max down to n_max / IF, with ImageNet-LT's shares of many / medium / few-shot classes.
+
+    Log-linear in the class rank between four knots: (0, n_max), (the many-shot share, 101), (1 - the
+    few-shot share, 20), (1, n_max / IF), so the classes fall into the groups in ImageNet-LT's proportions
+    (`IMAGENET_LT_GROUPS`) while the ends are the data's own. Needs n_max > 101 and n_max / IF < 20.
+    """
+    total = sum(IMAGENET_LT_GROUPS)
+    knots = ((0.0, float(n_max)), (IMAGENET_LT_GROUPS[0] / total, MANY_SHOT_ABOVE + 1.0),
+             (1 - IMAGENET_LT_GROUPS[2] / total, float(FEW_SHOT_BELOW)), (1.0, n_max / imbalance_factor))
+    counts = []
+    for i in range(num_classes):
+        x = i / (num_classes - 1) if num_classes > 1 else 0.0
+        (x0, y0), (x1, y1) = next((a, b) for a, b in zip(knots, knots[1:]) if x <= b[0])
+        log_n = math.log(y0) + (x - x0) / (x1 - x0) * (math.log(y1) - math.log(y0))
+        counts.append(max(1, math.floor(math.exp(log_n) + 1e-9)))
+    return counts
+
+
+def profile_counts(profile: str, n_max: int, imbalance_factor: float, num_classes: int) -> list[int]:
+    """Training images per class rank (0 = the head) of a cutting profile."""
+    make = {"exponential": exponential_profile, "imagenet_lt_shape": imagenet_lt_shape_profile}[profile]
+    return make(n_max, imbalance_factor, num_classes)
+
+
+def longtail_subset(labels: np.ndarray, num_classes: int, counts: list[int], seed: int) -> np.ndarray:
+    """Indices of a long-tailed subset of a (roughly balanced) labelled set: class rank r keeps counts[r] images.
 
     Class ranks are a seeded permutation, so which class is the head is a choice of `seed`, and each
     class keeps a seeded random sample of its images. Returns sorted indices into `labels`.
     """
     rng = np.random.default_rng([seed, 0x10E7A11])
     ranked_classes = rng.permutation(num_classes)
-    counts = exponential_profile(n_max, imbalance_factor, num_classes)
     keep = []
     for rank, c in enumerate(ranked_classes):
         members = np.flatnonzero(labels == c)

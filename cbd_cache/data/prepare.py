@@ -31,7 +31,7 @@ import numpy as np
 
 from cbd_cache.config import Config
 from cbd_cache.data.isolated import read_in_order
-from cbd_cache.data.longtail import cifar_lt_subset, longtail_subset
+from cbd_cache.data.longtail import cifar_lt_subset, longtail_subset, profile_counts
 from cbd_cache.data.manifest import EVAL_SPLITS, HEAL, Manifest, ShardInfo, SplitInfo
 from cbd_cache.data.shards import Sample, ShardWriter, content_hash, read_labels, shard_intact, shard_name
 from cbd_cache.data.sources import DataError, Record, Source, open_source
@@ -57,12 +57,13 @@ class SplitPlan:
 def select_train(records: list[Record], cfg: Config, num_classes: int) -> list[Record]:
     """Apply the long-tail profile (if any), then shuffle so every shard mixes classes."""
     d = cfg.data
-    if d.profile == "exponential":
+    if d.profile in ("exponential", "imagenet_lt_shape"):
         labels = np.array([r.label for r in records])
+        counts = profile_counts(d.profile, d.n_max, d.imbalance_factor, num_classes)
         try:
-            records = [records[i] for i in longtail_subset(labels, num_classes, d.n_max, d.imbalance_factor, d.seed)]
+            records = [records[i] for i in longtail_subset(labels, num_classes, counts, d.seed)]
         except ValueError as e:
-            raise DataError(f"data.profile=exponential: {e}, or use data.profile=none for a long-tailed source") from None
+            raise DataError(f"data.profile={d.profile}: {e}, or use data.profile=none for a long-tailed source") from None
     elif d.profile == "cifar_lt":
         labels = np.array([r.label for r in records])
         try:
