@@ -115,7 +115,8 @@ def exit_line(e: BaseException, command: str) -> tuple[str, int] | None:
 
 def stalled_line(rank: int | None, world: int, me: int, seconds: float, why: str = "") -> str:
     """The line a torchrun rank prints before it exits 1 because another rank (or the store) stopped answering."""
-    who = f"rank {rank} of {world}" if rank is not None else f"the rendezvous store ({why})"
+    first = (why.strip().splitlines() or [""])[0][:160]
+    who = f"rank {rank} of {world}" if rank is not None else f"the rendezvous store ({first})"
     return (f"{who} has not answered for {seconds:.0f} s (stopped, hung, or its machine lost): rank {me} gives up "
             "(pipeline.rank_timeout_minutes sets how long to wait); find out what stopped it, then run the same "
             "command again (training continues from its last resume point)")

@@ -111,15 +111,19 @@ class Watch(threading.Thread):
     def barrier(self) -> None:
         self.barriers += 1
         key, wait = self.key("barrier", self.barriers), 0.01
-        self.store.add(key, 1)
-        while self.store.add(key, 0) < self.d.world:
-            time.sleep(wait)
-            wait = min(2 * wait, 0.5)
+        try:
+            self.store.add(key, 1)
+            while self.store.add(key, 0) < self.d.world:
+                time.sleep(wait)
+                wait = min(2 * wait, 0.5)
+        except Exception as e:   # the store stopped answering for `limit_s`
+            self.give_up(stalled_line(None, self.d.world, self.d.rank, self.limit_s, str(e)))
 
     def stop(self) -> None:
         """This rank is done: the others stop watching it."""
         self.stopped.set()
         try:
+            self.store.set_timeout(datetime.timedelta(seconds=10))
             self.store.add(self.key("done", self.d.rank), 1)
         except Exception:   # the job is ending anyway
             pass
