@@ -10,7 +10,11 @@ The projection uses the cache schema (bytes = N * A * (K * d * bytes_per_value +
 adding 2 bytes of scale per vector), checked here against every measured cache, and the ResNet-50
 export rate that benchmarks/bench_cache.py measured on this machine (results/bench_cache.json).
 
-    .venv/bin/python benchmarks/bench_scaling.py
+The second part (`--parts lt`, benchmarks/scaling_lt.py) times every stage, with its peak memory, at
+ImageNet-LT's size and shape (N = 115,846, C = 1,000) and at N/8, N/4 and N/2, to show each stays linear.
+
+    .venv/bin/python benchmarks/bench_scaling.py                 # both parts
+    .venv/bin/python benchmarks/bench_scaling.py --parts lt --lt-fractions 0.0156 0.0313   # a quick look
 
 Writes results/scaling.{md,json}. Run it on a quiet machine (here: under flock /tmp/cbd-cpu.lock).
 """
@@ -31,6 +35,7 @@ from common import (
     untrained_teachers,
     write_results,
 )
+from scaling_lt import FRACTIONS, lt_markdown, run_lt
 from torch.utils.data import DataLoader
 
 from cbd_cache.cache.info import cache_info
@@ -143,8 +148,16 @@ def projections(points: list[dict]) -> list[dict]:
 
 
 def markdown(res: dict) -> str:
-    lines = ["# Scaling: export time, cache bytes and student throughput against N, A and K", "", "{head}",
-             "Embedded default (Fashion-MNIST-LT, 28 px, untrained ResNet-8 teachers, d = 64, float16), one axis "
+    lines = ["# Scaling: export time, cache bytes and student throughput against N, A and K", "", "{head}"]
+    if res.get("points"):
+        lines += small_markdown(res)
+    if res.get("lt"):
+        lines += lt_markdown(res["lt"])
+    return "\n".join(lines) + "\n"
+
+
+def small_markdown(res: dict) -> list[str]:
+    lines = ["Embedded default (Fashion-MNIST-LT, 28 px, untrained ResNet-8 teachers, d = 64, float16), one axis "
              "varied at a time. Export: `export_cache` end to end. Student: the CBD student on cached targets, real "
              "loop, images/s. Schema bytes: N'·A·(20 + K·d·2) + S, chunks only, with N' = N rounded up to whole "
              "chunks of one shard (Zarr stores the last chunk whole) and S shard_done bytes.", "",
@@ -163,7 +176,7 @@ def markdown(res: dict) -> str:
     basis = next((p["cpu_export_basis"] for p in res["projections"] if "cpu_export_basis" in p), None)
     if basis:
         lines += ["", f"CPU export time = N·A / ({basis}); the export is linear in N·A·K (table above)."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
@@ -171,13 +184,20 @@ def main() -> None:
     ap.add_argument("--root", default="runs/bench/scaling")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--parts", nargs="+", choices=("small", "lt"), default=["small", "lt"])
+    ap.add_argument("--lt-fractions", nargs="+", type=float, default=list(FRACTIONS),
+                    help="fractions of ImageNet-LT's N for the lt part")
     a = ap.parse_args()
     root = Path(a.root)
-    points = {}
-    for _, n_max, views, k in POINTS:
-        if (n_max, views, k) not in points:
-            points[(n_max, views, k)] = run_point(root, n_max, views, k, a.warmup, a.steps)
-    res = {"points": [points[(n, v, k)] for _, n, v, k in POINTS], "projections": projections(list(points.values()))}
+    res: dict = {}
+    if "small" in a.parts:
+        points = {}
+        for _, n_max, views, k in POINTS:
+            if (n_max, views, k) not in points:
+                points[(n_max, views, k)] = run_point(root, n_max, views, k, a.warmup, a.steps)
+        res = {"points": [points[(n, v, k)] for _, n, v, k in POINTS], "projections": projections(list(points.values()))}
+    if "lt" in a.parts:
+        res["lt"] = run_lt(root / "lt", tuple(a.lt_fractions))
     write_results("scaling", res, markdown(res))
     print(markdown(res).replace("{head}", ""))
 

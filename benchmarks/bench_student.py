@@ -12,7 +12,8 @@ and each teacher's forward timed on one preloaded batch in this process.
 
     .venv/bin/python benchmarks/bench_student.py                # small (K = 1, 4) and rn50 (K = 4)
     .venv/bin/python benchmarks/bench_student.py --case small --rounds 2
-    .venv/bin/python benchmarks/bench_student.py --case draws      # the small case on a draws-allocated cache
+    .venv/bin/python benchmarks/bench_student.py --case draws      # the small case on a draws-allocated cache,
+                                                                   # with (b') a uniform cache in the same rounds
 
 Writes results/bench_student.{md,json}. Run it on a quiet machine (here: under flock /tmp/cbd-cpu.lock).
 """
@@ -139,6 +140,12 @@ def run_case(case: str, root: Path, rounds: int | None, steps: int | None, warmu
     variants = {"a": make_variant("a none", "none", cfg, wd, manifest, runtime, [], [])}
     for k in opts["ks"]:
         variants[f"b{k}"] = make_variant(f"b cache K={k}", "cache", cfg, wd, manifest, runtime, names[:k], [])
+        if case == "draws":   # the same student on a uniform cache of the same data and teachers, in every round
+            uniform = bench_config("small", extra)
+            wd_u = Workdir(wd.root, cache_url=str(wd.root / "cache_uniform.zarr"))
+            export_cache(uniform, wd_u, runtime)
+            variants[f"u{k}"] = make_variant(f"b' uniform cache K={k}", "cache", uniform, wd_u, manifest, runtime,
+                                             names[:k], [])
         variants[f"c{k}"] = make_variant(f"c online K={k}", "online", cfg, wd, manifest, runtime, names[:k], nets[:k])
     log(f"[bench {case}] {cfg.student.arch} student, batch {bs}, {runtime_info(runtime)}; "
         f"{rounds} rounds x {len(variants)} variants x ({warmup} warm-up + {steps} timed steps)")
@@ -170,6 +177,15 @@ def run_case(case: str, root: Path, rounds: int | None, steps: int | None, warmu
                "step_s": {"a": t_a, "b": t_b}, "teacher_forward_s": t_teacher[:k],
                "loader_images_per_s": {x: loaders[key] for x, key in (("a", "a"), ("b", f"b{k}"), ("c", f"c{k}"))},
                "runtime": runtime_info(runtime), "rounds": rounds, "steps": steps, "warmup": warmup}
+        if f"u{k}" in variants:
+            u = variants[f"u{k}"].rates
+            row["images_per_s"]["u"] = steps * bs * len(u) / sum(steps * bs / q for q in u)
+            row["per_round"]["u"] = u
+            row["b_over_u"] = rate["b"] / row["images_per_s"]["u"]
+            row["per_round_ratios"] = {
+                "b/a": [b / a for b, a in zip(row["per_round"]["b"], row["per_round"]["a"])],
+                "u/a": [b / a for b, a in zip(u, row["per_round"]["a"])],
+                "b/u": [b / a for b, a in zip(row["per_round"]["b"], u)]}
         rows.append(row)
         log(f"[bench {case}] K={k}: a {rate['a']:.1f}  b {rate['b']:.1f}  c {rate['c']:.1f} img/s;  "
             f"b/a {row['b_over_a']:.3f}  b/c {row['b_over_c']:.2f}  ideal b/c {ideal_bc:.2f}  "
@@ -197,7 +213,28 @@ def markdown(rows: list[dict]) -> str:
             f"{r['b_over_c_vs_ideal']:.3f} | {1000 * r['step_s']['b']:.1f} ms | "
             f"{1000 * statistics.mean(r['teacher_forward_s']):.1f} ms x {r['K']} | "
             f"{ld['a']:.0f} / {ld['b']:.0f} / {ld['c']:.0f} |")
+    for r in rows:
+        if "per_round_ratios" in r:
+            lines += rounds_table(r)
     return "\n".join(lines) + "\n"
+
+
+def rounds_table(r: dict) -> list[str]:
+    """The draws case round by round: a, b on the draws cache, u (b on a uniform cache), c, and the ratios' spread."""
+    pr, ratios = r["per_round"], r["per_round_ratios"]
+    lines = ["", f"## {r['case']}: round by round (each round runs a, b, u, c in turn)", "",
+             "b: the student on the draws cache; u: the same student on a uniform cache of the same data and teachers.",
+             "", "| round | a img/s | b img/s | u img/s | c img/s | b/a | u/a | b/u |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for i in range(len(pr["a"])):
+        lines.append(f"| {i + 1} | {pr['a'][i]:.1f} | {pr['b'][i]:.1f} | {pr['u'][i]:.1f} | {pr['c'][i]:.1f} | "
+                     + " | ".join(f"{ratios[k][i]:.3f}" for k in ("b/a", "u/a", "b/u")) + " |")
+    lines += ["", "| ratio | median | min | max | mean ± std over rounds |", "|---|---:|---:|---:|---:|"]
+    for name, v in ratios.items():
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        lines.append(f"| {name} | {statistics.median(v):.3f} | {min(v):.3f} | {max(v):.3f} | "
+                     f"{statistics.mean(v):.3f} ± {sd:.3f} |")
+    return lines
 
 
 def main() -> None:

@@ -2,8 +2,10 @@
 
 One view is five integers, `VIEW_FIELDS` = (top, left, height, width, flip), in the decoded image's
 pixels. Export derives view a of image `key` from (pipeline seed, key, a) alone, stores the five
-integers in the cache, and the student replays them with `replay`, so both see the same tensor bit
-for bit. The photometric augmentation of data-augmentation teachers lives here too.
+integers in the cache, and the student replays them, so both see the same tensor bit for bit: export,
+the student and `cache verify` all turn a sample and its views into pixels through `render`, under
+the decode policy `views.decode` that the cache records. The photometric augmentation of
+data-augmentation teachers lives here too.
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data._utils.collate import default_collate_fn_map
 from torchvision.transforms.v2 import functional as TF
 
 from cbd_cache.config import TeacherCfg, ViewsCfg
+from cbd_cache.data.shards import Sample, decode_on_device, decode_sample, image_size
 
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
 CROP_ATTEMPTS = 10   # as torchvision's RandomResizedCrop
@@ -29,10 +33,11 @@ class ViewSpec:
     ratio: tuple[float, float]
     flip: bool
     eval_resize_px: int
+    decode: str = "full"     # full | reduced | gpu: how a training view's pixels are made (`render`)
 
     @classmethod
     def from_cfg(cls, cfg: ViewsCfg) -> "ViewSpec":
-        return cls(cfg.image_px, tuple(cfg.scale), tuple(cfg.ratio), cfg.flip, cfg.eval_resize_px)
+        return cls(cfg.image_px, tuple(cfg.scale), tuple(cfg.ratio), cfg.flip, cfg.eval_resize_px, cfg.decode)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -128,6 +133,142 @@ def resize(x: torch.Tensor, image_px: int) -> torch.Tensor:
     if x.shape[-2:] == (image_px, image_px):
         return x
     return F.interpolate(x, size=(image_px, image_px), mode="bilinear", align_corners=False, antialias=True)
+
+
+DECODE_SCALES = (8, 4, 2)   # the JPEG scalings of libjpeg's DCT that `decode = "reduced"` uses
+
+
+def decode_scale(view: np.ndarray, spec: ViewSpec, ext: str) -> int:
+    """1/scale at which `decode = "reduced"` decodes a JPEG for this view: the smallest the crop can be
+    decoded at and still be downsampled (or kept) to image_px on both sides; 1 for the other policies and PNG."""
+    if spec.decode != "reduced" or ext != "jpg":
+        return 1
+    short = min(int(view[2]), int(view[3]))
+    return next((s for s in DECODE_SCALES if short >= s * spec.image_px), 1)
+
+
+def scaled_view(view: np.ndarray, scale: int) -> np.ndarray:
+    """A source-pixel view in an image decoded at 1/scale: each edge of the box at the nearest whole pixel there."""
+    top, left, h, w, flip = (int(v) for v in view)
+    t0, l0 = (2 * top + scale) // (2 * scale), (2 * left + scale) // (2 * scale)
+    t1, l1 = (2 * (top + h) + scale) // (2 * scale), (2 * (left + w) + scale) // (2 * scale)
+    return np.array([t0, l0, t1 - t0, l1 - l0, flip], dtype=np.int32)
+
+
+def render(sample: Sample, views: np.ndarray, spec: ViewSpec, channels: int,
+           image: torch.Tensor | None = None) -> "torch.Tensor | EncodedBatch":
+    """The pixels of a sample's views (m, 5) as the networks get them, under `spec.decode`: the one
+    function export, the student and `cache verify` replay views through, so the teacher's view and the
+    student's are the same pixels whatever the policy.
+
+    - full: decode the whole image (`image` when the caller has it already), `replay` each view -> uint8 (m, C, px, px);
+    - reduced: a JPEG view whose crop is at least 2 x image_px on its short side is decoded at 1/2,
+      1/4 or 1/8 (`decode_scale`, libjpeg's DCT scaling) and its box scaled to match; other views as full;
+    - gpu: nothing decoded here: an `EncodedBatch` of the bytes and views, which `Runtime.to_device`
+      decodes and replays on the device (nvJPEG on CUDA).
+    """
+    views = np.asarray(views, dtype=np.int32).reshape(-1, len(VIEW_FIELDS))
+    if spec.decode == "gpu":
+        return EncodedBatch.of(sample.data, sample.ext == "jpg", views, channels, spec.image_px)
+    decoded = {} if image is None else {1: image}
+    out = []
+    for view in views:
+        scale = decode_scale(view, spec, sample.ext)
+        if scale not in decoded:
+            decoded[scale] = decode_sample(sample, channels, scale)
+        out.append(replay(decoded[scale], view if scale == 1 else scaled_view(view, scale), spec.image_px))
+    return torch.stack(out)
+
+
+def image_dims(sample: Sample, spec: ViewSpec, channels: int) -> tuple[int, int, torch.Tensor | None]:
+    """(height, width, the decoded image or None): what views are derived from. The full policy decodes
+    the image (its replay needs it); the others read the header only."""
+    if spec.decode == "full":
+        image = decode_sample(sample, channels)
+        return image.shape[1], image.shape[2], image
+    return (*image_size(sample.data), None)
+
+
+def concat(parts: list) -> "torch.Tensor | EncodedBatch":
+    """`render`'s outputs, one after another."""
+    return EncodedBatch.cat(parts) if isinstance(parts[0], EncodedBatch) else torch.cat(parts)
+
+
+def replay_float(image: torch.Tensor, view: np.ndarray, image_px: int) -> torch.Tensor:
+    """`replay` for the device: the crop resized in float32 (CUDA has no uint8 antialiased resize) and
+    rounded back to uint8. On the CPU it is within one level of `replay` (tests pin it)."""
+    top, left, h, w, flip = (int(v) for v in view)
+    x = image[None, :, top:top + h, left:left + w]
+    if (h, w) != (image_px, image_px):
+        x = F.interpolate(x.float(), size=(image_px, image_px), mode="bilinear", align_corners=False,
+                          antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+    return x[0].flip(-1) if flip else x[0]
+
+
+@dataclass
+class EncodedBatch:
+    """Views not yet decoded (`views.decode = "gpu"`): images' encoded bytes and their views, view j of
+    image `image_of[j]`. The loader collates them like tensors; `decode` makes the pixels on the device.
+
+    The images' bytes travel as one flat tensor with offsets: a batch is four tensors through the
+    loader's shared memory, however many images it holds.
+    """
+
+    data: torch.Tensor               # every image's encoded bytes, one after another, uint8 1-D, on the CPU
+    offsets: torch.Tensor            # (n + 1,) int64: image i is data[offsets[i]:offsets[i + 1]]
+    jpeg: torch.Tensor               # (n,) bool
+    image_of: torch.Tensor           # (m,) int64
+    views: torch.Tensor              # (m, 5) int32, source pixels
+    channels: int
+    image_px: int
+
+    @classmethod
+    def of(cls, data: bytes, jpeg: bool, views: np.ndarray, channels: int, image_px: int) -> "EncodedBatch":
+        """One image's views."""
+        return cls(torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor([0, len(data)]),
+                   torch.tensor([jpeg]), torch.zeros(len(views), dtype=torch.int64), torch.from_numpy(views),
+                   channels, image_px)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def image(self, i: int) -> torch.Tensor:
+        return self.data[int(self.offsets[i]):int(self.offsets[i + 1])]
+
+    def __getitem__(self, index: slice) -> "EncodedBatch":
+        used, image_of = torch.unique(self.image_of[index], return_inverse=True)
+        images = [self.image(i) for i in used.tolist()]
+        return EncodedBatch(torch.cat(images), torch.tensor([0, *np.cumsum([len(x) for x in images])]),
+                            self.jpeg[used], image_of.reshape(-1), self.views[index], self.channels, self.image_px)
+
+    @staticmethod
+    def cat(parts: list["EncodedBatch"]) -> "EncodedBatch":
+        images = np.cumsum([0] + [len(p.jpeg) for p in parts])
+        nbytes = np.cumsum([0] + [len(p.data) for p in parts])
+        return EncodedBatch(torch.cat([p.data for p in parts]),
+                            torch.cat([torch.zeros(1, dtype=torch.int64)] + [p.offsets[1:] + int(b) for p, b in
+                                                                              zip(parts, nbytes)]),
+                            torch.cat([p.jpeg for p in parts]),
+                            torch.cat([p.image_of + int(o) for p, o in zip(parts, images)]),
+                            torch.cat([p.views for p in parts]), parts[0].channels, parts[0].image_px)
+
+    def pin_memory(self) -> "EncodedBatch":
+        return self      # nvJPEG reads the bytes from pageable memory itself
+
+    def decode(self, device: torch.device) -> torch.Tensor:
+        """uint8 (m, C, px, px) on `device`: each image decoded once (`shards.decode_on_device`), each view replayed
+        there (`replay_float`)."""
+        images = decode_on_device([self.image(i) for i in range(len(self.jpeg))], self.jpeg.tolist(), self.channels,
+                                  device)
+        return torch.stack([replay_float(images[i], v, self.image_px)
+                            for i, v in zip(self.image_of.tolist(), self.views.tolist())])
+
+
+def _collate_encoded(batch: list[EncodedBatch], *, collate_fn_map=None) -> EncodedBatch:
+    return EncodedBatch.cat(batch)
+
+
+default_collate_fn_map[EncodedBatch] = _collate_encoded   # DataLoader's documented extension point
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:

@@ -58,8 +58,9 @@ def test_benchmark_command_line_parses(bench, monkeypatch, capsys, script, optio
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_its_plumbing_on_cpu(tmp_path):
-    """benchmarks/run_gpu.sh with DEVICE=cpu: the same three checks (smoke pipeline, 1-process torchrun with a
-    process group and a student, the student benchmark) on gloo and tiny settings, and the report it writes."""
+    """benchmarks/run_gpu.sh with DEVICE=cpu: the same checks (smoke pipeline, 1-process torchrun with a process
+    group and a student, the student benchmark, the smoke pipeline and cache verify under views.decode=gpu, the
+    loader benchmark with the gpu decode path) on gloo and tiny settings, and the report it writes."""
     root = BENCHMARKS.parent
     env = {**os.environ, "DEVICE": "cpu", "PY": sys.executable, "CBD": str(Path(sys.executable).parent / "cbd-cache"),
            "OUT": str(tmp_path / "out"), "ROOT": str(tmp_path / "root"), "PYTHONPATH": str(root)}
@@ -67,8 +68,11 @@ def test_gpu_check_script_runs_its_plumbing_on_cpu(tmp_path):
                             text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = (tmp_path / "out" / "gpu_check_cpu.md").read_text()
-    for check in ("smoke_pipeline", "torchrun_collectives", "torchrun_student", "bench_student"):
+    for check in ("smoke_pipeline", "torchrun_collectives", "torchrun_student", "bench_student", "smoke_gpu_decode",
+                  "cache_verify_gpu_decode", "bench_loader"):
         assert f"| {check} | ok |" in report
     assert "gloo on cpu: world 1, sum 1.0, max 0, ranks [0], all_reduce [1.0, 1.0, 1.0]: ok" in report
     assert (tmp_path / "out" / "bench_student_cpu.md").is_file()
+    loader = (tmp_path / "out" / "bench_loader_cpu.md").read_text()
+    assert "| gpu | the gpu path's plumbing on the CPU" in loader and "| full |" in loader
     assert not list((tmp_path / "out").glob("*.head"))

@@ -17,6 +17,7 @@ from .conftest import smoke_config
 @pytest.mark.slow
 def test_crt_trains_a_classifier_from_cached_descriptors_only(smoke_copy, monkeypatch):
     """No image is decoded and no backbone runs while training; the backbone is the teacher's, frozen."""
+    from cbd_cache import views
     from cbd_cache.data import stream
     from cbd_cache.models import networks as models
     from cbd_cache.pipeline import train_student
@@ -39,6 +40,7 @@ def test_crt_trains_a_classifier_from_cached_descriptors_only(smoke_copy, monkey
 
     monkeypatch.setattr(models.SmallResNet, "forward", no_backbone)
     monkeypatch.setattr(stream, "decode_sample", no_decode)
+    monkeypatch.setattr(views, "decode_sample", no_decode)
     monkeypatch.setattr(skeleton, "evaluate_network", evaluate_afterwards)
     ckpt = train_student(cfg, smoke_copy, runtime)
     run = read_json(ckpt.parent / "run.json")

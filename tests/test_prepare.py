@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cbd_cache.config import load_config
@@ -304,3 +305,47 @@ def test_official_recipes_pass_the_dry_run(tmp_path, name, fmt):
     assert result.exit_code == 0, result.output
     assert "images listed: train 40, val 10" in result.stdout and "K=4 teachers, d=2048" in result.stdout
     assert not wd.exists()
+
+
+def test_max_short_px_stores_photos_at_a_bounded_size(tmp_path):
+    """data.max_short_px: larger images are stored resized to it (another fingerprint), smaller ones byte for byte;
+    `predict` bounds a file the same way, so it sees what the shards hold."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cbd_cache.data.shards import decode_image
+    from cbd_cache.data.sources import Record
+    from cbd_cache.data.sources.images import bound_image
+    from cbd_cache.data.sources.images import bounded as bounded_source
+    from cbd_cache.tools.predict import ImageFiles
+    from cbd_cache.views import ViewSpec
+
+    def stored(bound: int) -> tuple[Manifest, list]:
+        cfg = load_config(SMOKE, ("data.image_px=40", f"data.max_short_px={bound}"))
+        wd = Workdir(tmp_path / f"b{bound}")
+        prepare(cfg, wd)
+        manifest = Manifest.load(wd.manifest)
+        return manifest, [s for sh in manifest.train.shards for s in iter_shard(manifest.shard_path(sh))]
+    whole, samples = stored(0)
+    small, bounded = stored(24)
+    assert small.fingerprint != whole.fingerprint and [s.key for s in samples] == [s.key for s in bounded]
+    assert all(decode_image(s.data, 3).shape == (3, 40, 40) for s in samples)
+    assert all(decode_image(s.data, 3).shape == (3, 24, 24) for s in bounded)
+    assert all(decode_image(s.data, 3).shape == (3, 40, 40) for s in stored(40)[1])   # not larger: unchanged
+    rgb = np.random.default_rng(0).integers(0, 256, (30, 60, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=95)
+    assert decode_image(bound_image(buf.getvalue(), "jpg", 20), 3).shape == (3, 20, 40)
+    assert bound_image(buf.getvalue(), "jpg", 30) == buf.getvalue()
+    (tmp_path / "x.jpg").write_bytes(buf.getvalue())
+    spec = ViewSpec(16, (0.35, 1), (0.75, 4 / 3), True, 0)
+    read, _ = bounded_source(ImageFiles(3), 20).read(Record("0", 0, str(tmp_path / "x.jpg")))   # what predict reads
+    assert torch.equal(view_of_bytes(read, spec), view_of_bytes(bound_image(buf.getvalue(), "jpg", 20), spec))
+
+
+def view_of_bytes(data: bytes, spec) -> "torch.Tensor":
+    from cbd_cache.data.shards import decode_image
+    from cbd_cache.views import eval_view
+    return eval_view(decode_image(data, 3), spec)

@@ -116,6 +116,9 @@ def test_the_walk_visits_every_view_once_per_lap_in_a_seeded_order():
     assert laps[0] == [ViewWalk(7).view(42, k, 5) for k in range(5)]   # pure: the same every time
     assert laps == [[0, 4, 2, 1, 3], [0, 1, 3, 4, 2], [3, 0, 1, 4, 2]]   # pinned
     assert walk_view(43, 0, 1) == 0
+    kept = ViewWalk(7)   # keeping each image's latest lap changes nothing, back and forth over laps and counts
+    positions = [(12, 5), (0, 5), (13, 5), (3, 5), (3, 9), (12, 5)]
+    assert [kept.view(42, p, c) for p, c in positions] == [ViewWalk(7).view(42, p, c) for p, c in positions]
     assert [walk_start(e, 55.0, 3) for e in range(3)] == [0, 55, 110]
     # images drawn less than once an epoch step to their next view in different epochs
     assert len({walk_start(1, 0.25, row) for row in range(8)}) == 2

@@ -1,3 +1,4 @@
+import io
 from itertools import islice
 
 import numpy as np
@@ -5,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from cbd_cache.data import stream as stream_module
 from cbd_cache.data.manifest import Manifest
+from cbd_cache.data.sources.synthetic import Synthetic
 from cbd_cache.data.stream import CacheSpec, ExportStream, TrainStream
 from cbd_cache.views import ViewSpec, derive_views, eval_view, replay, replay_flat, to_unit
 
@@ -226,3 +229,180 @@ def test_cache_stores_the_derived_views(smoke_workdir):
         expected = derive_views(cfg.pipeline.seed, s.key, cfg.export.views, image.shape[1], image.shape[2],
                                 ViewSpec.from_cfg(cfg.views))
         assert np.array_equal(stored[offsets[s.row]:offsets[s.row] + cfg.export.views], expected)
+
+
+# --- decode policies (views.decode): export, student and verify make a view's pixels through `render` ---
+
+class JpegPhotos(Synthetic):
+    """The synthetic reader's records as JPEG photos of several sizes (smoothed noise, quality 90)."""
+
+    def read(self, record):
+        split, c, j = record.ref
+        rng = np.random.default_rng([c, j, split == "train"])
+        h, w = int(rng.integers(64, 140)), int(rng.integers(64, 140))
+        noise = rng.integers(0, 256, (h // 6 + 2, w // 6 + 2, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(noise).resize((w, h), Image.BILINEAR).save(buf, "JPEG", quality=90)
+        return buf.getvalue(), "jpg"
+
+
+PHOTO_SETS = ("data.num_classes=4", "data.n_max=12", "data.profile=none", "data.test_per_class=2",
+              "data.shard_size=16", "views.image_px=32", "views.scale=[0.3, 1.0]", "export.views=4", "student.epochs=1",
+              "student.batch_size=8", "eval.batch_size=16")
+
+
+def photo_config(decode: str, *extra: str):
+    return smoke_config(*PHOTO_SETS, f"views.decode={decode}", f"pipeline.cache_url=cache_{decode}.zarr", *extra)
+
+
+@pytest.fixture(scope="module")
+def photo_workdir(tmp_path_factory):
+    """JPEG photos prepared, two untrained teachers, and one cache per decode policy (cache_<policy>.zarr)."""
+    from cbd_cache.data.prepare import prepare
+    from cbd_cache.models.checkpoints import network_spec, save_checkpoint
+    from cbd_cache.models.networks import Network
+    from cbd_cache.stages.export import export_cache
+    from cbd_cache.system.runtime import make_runtime
+    from cbd_cache.workdir import Workdir
+
+    cfg = photo_config("full")
+    wd = Workdir(tmp_path_factory.mktemp("photos"))
+    prepare(cfg, wd, JpegPhotos(cfg.data))
+    manifest = Manifest.load(wd.manifest)
+    for t in cfg.teachers:
+        torch.manual_seed(t.seed)
+        net = Network(t.arch, 3, manifest.num_classes, t.gamma)
+        save_checkpoint(wd.teacher_checkpoint(t.name), net, network_spec(net, t.arch, 3, manifest.num_classes, t.gamma),
+                        {"name": t.name, "seed": t.seed, "manifest_fingerprint": manifest.fingerprint})
+    for decode in ("full", "reduced", "gpu"):
+        cfg = photo_config(decode)
+        export_cache(cfg, photo_wd(wd, cfg), make_runtime(cfg.pipeline))
+    return wd
+
+
+def photo_wd(wd, cfg):
+    from cbd_cache.workdir import Workdir
+    return Workdir(wd.root, cfg.pipeline.data_url, str(wd.root / cfg.pipeline.cache_url))
+
+
+@pytest.mark.parametrize("decode", ["full", "reduced", "gpu"])
+def test_student_replays_the_teachers_pixels_under_every_decode_policy(photo_workdir, decode):
+    """The default (full), reduced-size and device decoding: the student's view is the tensor export fed the teachers."""
+    from cbd_cache.views import EncodedBatch, decode_scale
+    cfg = photo_config(decode)
+    wd = photo_wd(photo_workdir, cfg)
+    manifest = Manifest.load(wd.manifest)
+    spec = ViewSpec.from_cfg(cfg.views)
+    cpu = torch.device("cpu")
+    teacher_saw, scales = {}, []
+    stream = ExportStream(manifest, list(range(len(manifest.train.shards))), spec, cfg.pipeline.seed, 4, 32)
+    for _, rows, counts, views, images in stream:
+        assert isinstance(images, EncodedBatch) == (decode == "gpu")
+        pixels = images.decode(cpu) if decode == "gpu" else images
+        keys = [(r, a) for r, c in zip(rows.tolist(), counts.tolist()) for a in range(c)]
+        teacher_saw.update(zip(keys, pixels))
+        scales += [decode_scale(v, spec, "jpg") for v in views.numpy()]
+    if decode == "reduced":   # the policy is exercised: some crops decode at 1/2 or 1/4
+        assert 0 < sum(s > 1 for s in scales) < len(scales)
+    student = TrainStream(manifest, spec, sampling="class_balanced", seed=5, samples_per_epoch=48, shuffle_buffer=16,
+                          cache=CacheSpec(wd.cache, ("std0", "aug0"), 4))
+    checked = set()
+    workers = 1 if decode == "gpu" else 0    # encoded views through a worker's shared memory too
+    for x, label, row, a, target, _ in DataLoader(student, batch_size=8, num_workers=workers):
+        pixels = x.decode(cpu) if decode == "gpu" else x
+        for i in range(len(row)):
+            assert torch.equal(pixels[i], teacher_saw[(int(row[i]), int(a[i]))]), f"row {int(row[i])} view {int(a[i])}"
+            checked.add((int(row[i]), int(a[i])))
+        if len(checked) > 60:
+            break
+    assert len(checked) > 40
+
+
+def test_reduced_decode_changes_only_the_large_crops_and_little(photo_workdir):
+    from cbd_cache.data.shards import decode_image, decode_reduced, image_size, read_shard
+    from cbd_cache.views import decode_scale, render
+    manifest = Manifest.load(photo_workdir.manifest)
+    full, reduced = (ViewSpec.from_cfg(photo_config(d).views) for d in ("full", "reduced"))
+    info, diffs = manifest.train.shards[0], []
+    for sample in read_shard(manifest.shard_path(info), info.start, info.stop):
+        h, w = image_size(sample.data)
+        assert decode_image(sample.data, 3).shape[1:] == (h, w)
+        assert decode_reduced(sample.data, 3, 4).shape[1:] == (-(-h // 4), -(-w // 4))
+        views = derive_views(0, sample.key, 8, h, w, full)
+        a, b = render(sample, views, full, 3), render(sample, views, reduced, 3)
+        for v, x, y in zip(views, a, b):
+            if decode_scale(v, reduced, "jpg") == 1:
+                assert torch.equal(x, y)
+            else:   # another filter before the resize: close, not equal
+                diffs.append(float((x.float() - y.float()).abs().mean()))
+    assert 0 < np.mean(diffs) < 12, diffs   # (smoothed noise at 1/6 of its pixels: harsher than a photo)
+
+
+def test_a_cache_made_under_another_decode_policy_is_refused(photo_workdir):
+    from cbd_cache.cache.reader import CacheReader
+    from cbd_cache.errors import ConfigError
+    from cbd_cache.stages.student import check_cache_settings
+    cfg = photo_config("full")
+    wd = photo_wd(photo_workdir, photo_config("reduced"))
+    reader = CacheReader(wd.cache, Manifest.load(wd.manifest), ["std0"])
+    assert reader.prov["view_spec"]["decode"] == "reduced"
+    with pytest.raises(ConfigError, match=r"views.decode=full: the cache .* was exported with views.decode=reduced"):
+        check_cache_settings(cfg, reader.prov, wd.cache)
+    check_cache_settings(photo_config("reduced"), reader.prov, wd.cache)
+
+
+@pytest.mark.parametrize("channels,height,width,px", [(3, 40, 37, 32), (3, 96, 80, 24), (1, 30, 30, 16)])
+def test_device_replay_is_the_cpu_replay_within_one_level(channels, height, width, px):
+    """`replay_float` (the gpu policy's crop and resize, run here on the CPU) against `replay`: rounding apart, the same."""
+    from cbd_cache.views import replay_float
+    g = torch.Generator().manual_seed(height)
+    image = torch.randint(0, 256, (channels, height, width), dtype=torch.uint8, generator=g)
+    spec = ViewSpec(image_px=px, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), flip=True, eval_resize_px=0)
+    views = derive_views(1, "img", 32, height, width, spec)
+    views[0] = [1, 2, px, px, 1]                              # the output size: a pure crop, exact
+    for v in views:
+        a, b = replay(image, v, px), replay_float(image, v, px)
+        assert a.dtype == b.dtype == torch.uint8 and a.shape == b.shape
+        assert int((a.int() - b.int()).abs().max()) <= 1
+    assert torch.equal(replay(image, views[0], px), replay_float(image, views[0], px))
+
+
+def test_encoded_views_collate_slice_and_decode_like_the_cpu_path(photo_workdir):
+    """decode = "gpu"'s plumbing on the CPU: a loader batches `EncodedBatch`es, export's windows slice them, and
+    `Runtime.to_device` decodes and replays them (libjpeg-turbo here, nvJPEG on CUDA)."""
+    from cbd_cache.data.shards import decode_image, read_shard
+    from cbd_cache.system.runtime import make_runtime
+    from cbd_cache.views import EncodedBatch, render, replay_float
+    cfg = photo_config("gpu")
+    manifest = Manifest.load(photo_workdir.manifest)
+    spec = ViewSpec.from_cfg(cfg.views)
+    info = manifest.train.shards[1]
+    samples = read_shard(manifest.shard_path(info), info.start, info.stop)
+    views = [derive_views(0, s.key, 3, *decode_image(s.data, 3).shape[1:], spec) for s in samples]
+    batch = next(iter(DataLoader([render(s, v, spec, 3) for s, v in zip(samples, views)], batch_size=5)))
+    assert isinstance(batch, EncodedBatch) and len(batch) == 15 and len(batch.jpeg) == 5
+    assert [batch.image(i).numpy().tobytes() for i in range(5)] == [s.data for s in samples[:5]]
+    part = batch[4:11]                                        # views 1..2 of image 1, all of 2, 0..1 of image 3
+    assert part.image_of.tolist() == [0, 0, 1, 1, 1, 2, 2]
+    assert [part.image(i).numpy().tobytes() for i in range(3)] == [s.data for s in samples[1:4]]
+    x = make_runtime(cfg.pipeline).to_device(part)
+    expected = [replay_float(decode_image(samples[1 + i].data, 3), v, 32)
+                for i, v in zip(part.image_of.tolist(), part.views.numpy())]
+    assert torch.equal(x, to_unit(torch.stack(expected)))
+
+
+@pytest.mark.slow
+def test_a_student_trains_and_a_cache_verifies_under_gpu_decoding_on_the_cpu(photo_workdir):
+    """The whole gpu-decode path on the CPU: a cached student trains an epoch, is evaluated, and `cache verify`
+    recomputes the teachers' targets from the encoded views."""
+    from cbd_cache.pipeline import train_student
+    from cbd_cache.system.runtime import make_runtime
+    from cbd_cache.tools.verify import verify_cache
+    cfg = photo_config("gpu")
+    wd = photo_wd(photo_workdir, cfg)
+    runtime = make_runtime(cfg.pipeline)
+    ckpt = train_student(cfg, wd, runtime)
+    assert ckpt.is_file()
+    report = verify_cache(wd.cache, Manifest.load(wd.manifest),
+                          {t.name: wd.teacher_checkpoint(t.name) for t in cfg.teachers}, runtime, rows=8)
+    assert report["problems"] == [] and report["teachers_recomputed"] == ["aug0", "std0"]

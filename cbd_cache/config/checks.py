@@ -62,6 +62,8 @@ def validate(cfg: Config) -> None:
     _require(0 <= d.distortion <= 4, f"data.distortion={d.distortion}: must be in 0..4")
     v = cfg.views
     _require(v.image_px >= 4, f"views.image_px={v.image_px}: must be >= 4")
+    _require(d.max_short_px == 0 or d.max_short_px >= v.image_px,
+             f"data.max_short_px={d.max_short_px}: must be 0 (images as they are) or >= views.image_px={v.image_px}")
     _require(len(v.scale) == 2 and 0 < v.scale[0] <= v.scale[1] <= 1,
              f"views.scale={v.scale}: must be [min, max] with 0 < min <= max <= 1")
     _require(len(v.ratio) == 2 and 0 < v.ratio[0] <= v.ratio[1],

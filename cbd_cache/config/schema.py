@@ -46,6 +46,7 @@ class DataCfg:
     imbalance_factor: float = 256.0
     seed: int = 0                  # class-rank permutation, subsampling and shard order
     shard_size: int = 256          # training samples per WebDataset shard (= cache rows per chunk)
+    max_short_px: int = 0          # store each image with its short side at most this (resized, encoded again); 0: as it is
     on_error: str = "stop"         # a label problem (bad line, label out of range, duplicate or missing path):
                                    # stop with the offending line, or skip the item and list it in the report
     # generated sets (`synthetic`: tests and the smoke pipeline; `glyphs`: characters from installed fonts)
@@ -62,6 +63,9 @@ class ViewsCfg:
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     flip: bool = True
     eval_resize_px: int = 0        # evaluation: resize short side to this, centre-crop image_px (0: resize to image_px)
+    decode: str = "full"           # training views' pixels: full (decode the whole image) | reduced (a JPEG at 1/2..1/8
+                                   # when the crop is >= 2 x image_px) | gpu (nvJPEG, crop and resize on the device);
+                                   # stored in the cache, which a student under another policy is refused
 
 
 @dataclass
@@ -171,6 +175,7 @@ CHOICES = {
     "data.format": tuple(READERS),
     "data.profile": PROFILES,
     "data.on_error": ("stop", "skip"),
+    "views.decode": ("full", "reduced", "gpu"),
     "teacher.type": ("standard", "data_aug"),
     "teacher.aug_style": ("paper", "official"),
     "teacher.source": ("trained", "imported"),

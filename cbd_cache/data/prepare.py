@@ -35,6 +35,7 @@ from cbd_cache.data.longtail import cifar_lt_subset, longtail_subset, profile_co
 from cbd_cache.data.manifest import EVAL_SPLITS, HEAL, Manifest, ShardInfo, SplitInfo
 from cbd_cache.data.shards import Sample, ShardWriter, content_hash, read_labels, shard_intact, shard_name
 from cbd_cache.data.sources import DataError, Record, Source, open_source
+from cbd_cache.data.sources.images import bounded
 from cbd_cache.errors import FileDamaged
 from cbd_cache.system.logs import Progress, log
 from cbd_cache.system.runtime import cpu_count
@@ -206,7 +207,7 @@ def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
         kept, source, plans = keep_prepared(existing, cfg, wd, source)
         if kept is not None:
             return kept
-    source = source or open_source(cfg.data)
+    source = bounded(source or open_source(cfg.data), cfg.data.max_short_px)
     plans = plans or plan_splits(source, cfg)
     for p in source.skipped[:LOG_REJECTS]:
         log(f"[prepare] label problem, left out: {p['where']}: {p['reason']}")
@@ -263,7 +264,7 @@ def keep_prepared(existing: Manifest, cfg: Config, wd: Workdir, source: Source |
         return sealed(existing, wd.manifest), source, plans
     log(f"[prepare] {len(damaged)} shard(s) missing, truncated or changed: "
         f"{', '.join(info.name for _, info in damaged)}; rebuilding them")
-    source = source or open_source(cfg.data)
+    source = bounded(source or open_source(cfg.data), cfg.data.max_short_px)
     plans = plan_splits(source, cfg)
     if all(rebuild_shard(source, plans[split], existing, split, info, wd, cfg) for split, info in damaged):
         log(f"[prepare] rebuilt {len(damaged)} shard(s), bit for bit; fingerprint {existing.fingerprint[:12]}")

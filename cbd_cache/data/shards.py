@@ -25,10 +25,10 @@ from cbd_cache.system.storage import open_file
 try:  # torchvision 0.29 deprecates its decoders (for torchcodec); PIL takes over where they are gone
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                             category=DeprecationWarning)
-    from torchvision.io import ImageReadMode
+    from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.io import decode_image as decode_tv
 except ImportError:  # pragma: no cover
-    decode_tv = None
+    decode_tv = decode_jpeg = None
 
 
 IMAGE_EXTS = ("jpg", "png")
@@ -207,11 +207,11 @@ def read_labels(manifest, split: str = "train") -> np.ndarray:
                                                                        sh.sha256)], dtype=np.int64)
 
 
-def decode_sample(sample: Sample, channels: int) -> torch.Tensor:
-    """`decode_image` of a shard's sample; a failure names the shard and the key (prepare decodes every
-    image with the same decoder, so only a shard written before that check can hold one)."""
+def decode_sample(sample: Sample, channels: int, scale: int = 1) -> torch.Tensor:
+    """`decode_image` of a shard's sample (`decode_reduced` when `scale` > 1); a failure names the shard and
+    the key (prepare decodes every image with the same decoder, so only a shard written before that check can hold one)."""
     try:
-        return decode_image(sample.data, channels)
+        return decode_image(sample.data, channels) if scale == 1 else decode_reduced(sample.data, channels, scale)
     except Exception as e:   # PIL raises many types on corrupt input
         raise ShardDamaged(f"{sample.shard}: sample {sample.key} (row {sample.row}) cannot be decoded ({e}); "
                            "prepare the data again: remove the data folder, then run `cbd-cache prepare`") from None
@@ -240,3 +240,46 @@ def decode_image(data: bytes, channels: int) -> torch.Tensor:
     else:
         array = array.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of encoded image bytes from the header alone: what `decode_image` would give, no pixel decoded."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.height, img.width
+
+
+def decode_reduced(data: bytes, channels: int, scale: int) -> torch.Tensor:
+    """JPEG bytes decoded at 1/`scale` (2, 4 or 8) of their size by libjpeg's DCT scaling (PIL's `draft`)
+    -> uint8 (C, ceil(H / scale), ceil(W / scale)).
+
+    The scaled inverse DCT skips the high frequencies that a downscaled crop would drop anyway; the
+    entropy decoding (most of a photo's decode time at ImageNet's bytes per pixel) is not reduced.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        height, width = img.height, img.width
+        img.draft("L" if channels == 1 else "RGB", (width // scale, height // scale))
+        img = img.convert("L" if channels == 1 else "RGB")
+        if img.size != (-(-width // scale), -(-height // scale)):
+            raise ValueError(f"reduced decode gave {img.size}, not 1/{scale} of {(width, height)} (not a JPEG?)")
+        array = np.asarray(img)
+    return torch.from_numpy(np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1)))
+
+
+def decode_on_device(data: list[torch.Tensor], jpeg: list[bool], channels: int,
+                     device: torch.device) -> list[torch.Tensor]:
+    """Encoded images (uint8 1-D tensors on the CPU) -> uint8 (C, H, W) tensors on `device`.
+
+    JPEGs decode in one batched call on `device` (nvJPEG on CUDA; libjpeg-turbo on the CPU, the
+    plumbing's test); PNGs, and a JPEG that nvJPEG refuses, decode with `decode_image` and are copied.
+    """
+    out: list[torch.Tensor | None] = [None] * len(data)
+    batch = [i for i, j in enumerate(jpeg) if j]
+    if batch and decode_jpeg is not None:
+        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        try:
+            for i, image in zip(batch, decode_jpeg([data[i] for i in batch], mode=mode, device=device)):
+                out[i] = image if image.shape[0] == channels else None
+        except RuntimeError:
+            pass
+    return [image if image is not None else decode_image(data[i].numpy().tobytes(), channels).to(device)
+            for i, image in enumerate(out)]

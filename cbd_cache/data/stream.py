@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,7 +28,18 @@ from cbd_cache.config import TeacherCfg
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.sampling import ViewWalk, copies, repeat_factors, walk_start
 from cbd_cache.data.shards import Sample, decode_sample, read_shard
-from cbd_cache.views import ViewSpec, derive_views, eval_view, photometric, replay, replay_flat, sample_view
+from cbd_cache.views import (
+    EncodedBatch,
+    ViewSpec,
+    concat,
+    derive_views,
+    eval_view,
+    image_dims,
+    photometric,
+    render,
+    replay_flat,
+    sample_view,
+)
 
 EMPTY = torch.empty(0)
 
@@ -143,13 +155,15 @@ class TrainStream(IterableDataset):
                         yield sample, i, block
             mine = list(rng.permutation(mine))
 
-    def epoch_items(self, slot: int, slots: int, epoch: int, reader, memo: "ShardMemo") -> Iterator[tuple]:
-        """One epoch of this slot: `samples_per_epoch // slots` items, in the order the shuffle buffer gives."""
+    def epoch_items(self, slot: int, slots: int, epoch: int, reader, memo: "ShardMemo",
+                    walk: ViewWalk | None = None) -> Iterator[tuple]:
+        """One epoch of this slot: `samples_per_epoch // slots` items, in the order the shuffle buffer gives
+        (`walk`: the slot's ViewWalk, kept from epoch to epoch; the views do not depend on it)."""
         rng = np.random.default_rng([self.seed, epoch, slot])
         source = self.expand(slot, slots, epoch, rng, reader, memo)
         buffer: list[tuple] = []
         drawn: dict[int, int] = {}                          # row -> its draws so far this epoch
-        walk = ViewWalk(self.seed)
+        walk = walk or ViewWalk(self.seed)
         for _ in range(self.samples_per_epoch // slots):
             while len(buffer) < self.shuffle_buffer:
                 buffer.append(next(source))
@@ -175,8 +189,9 @@ class TrainStream(IterableDataset):
         reader = self.cache.open(self.manifest) if self.cache else None
         memo = ShardMemo(SHARD_MEMO_BYTES)
         epoch, skip = divmod(done, quota)
+        walk = ViewWalk(self.seed)
         while True:
-            items = self.epoch_items(slot, slots, epoch, reader, memo)
+            items = self.epoch_items(slot, slots, epoch, reader, memo, walk)
             for _ in range(skip):        # fast-forward: the order only, no image decoded
                 next(items)
             for j, item in enumerate(items, start=skip):
@@ -190,11 +205,15 @@ class TrainStream(IterableDataset):
         costs about as much as replaying a 28 px view, and a cached view needs none.
         """
         sample, view, a, target, logits = item
-        image = decode_sample(sample, self.manifest.channels)
+        # photometric noise needs pixels here: an augmenting stream decodes on the CPU whatever the policy
+        spec = dataclasses.replace(self.spec, decode="full") if self.augmenting and self.spec.decode == "gpu" else self.spec
         rng = np.random.default_rng(list(rng_seed)) if view is None or self.augmenting else None
+        image = None
         if view is None:
-            view = sample_view(rng, image.shape[1], image.shape[2], self.spec)
-        x = replay(image, view, self.spec.image_px)
+            height, width, image = image_dims(sample, spec, self.manifest.channels)
+            view = sample_view(rng, height, width, spec)
+        x = render(sample, view, spec, self.manifest.channels, image)
+        x = x if spec.decode == "gpu" else x[0]
         if self.augmenting:
             x = photometric(x, rng, self.augment)
         return (x, sample.label, sample.row, a,
@@ -232,19 +251,25 @@ class ExportStream(IterableDataset):
     def count(self, row: int) -> int:
         return int(self.views) if np.isscalar(self.views) else int(self.views[row])
 
-    def replay(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor]:
-        """Rows, their view counts, views (m, 5) and their replayed pixels (m, C, px, px), image-major."""
-        images = [decode_sample(sample, self.manifest.channels) for sample in samples]
+    def replay(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, "torch.Tensor | EncodedBatch"]:
+        """Rows, their view counts, views (m, 5) and their pixels (m, C, px, px) (`views.render`; an
+        `EncodedBatch` under decode = "gpu"), image-major."""
+        channels = self.manifest.channels
+        dims = [image_dims(sample, self.spec, channels) for sample in samples]
         counts = [self.count(sample.row) for sample in samples]
-        views = np.concatenate([derive_views(self.view_seed, sample.key, c, image.shape[1], image.shape[2], self.spec)
-                                for sample, image, c in zip(samples, images, counts)])
-        px = self.spec.image_px
-        if len({image.shape for image in images}) == 1:   # the embedded default; one resize per crop size
-            pixels = replay_flat(torch.stack(images), views, np.repeat(np.arange(len(images)), counts), px)
+        per_image = [derive_views(self.view_seed, sample.key, c, h, w, self.spec)
+                     for sample, (h, w, _), c in zip(samples, dims, counts)]
+        views = np.concatenate(per_image)
+        images = [image for _, _, image in dims]
+        rows = torch.tensor([sample.row for sample in samples])
+        if self.spec.decode == "full" and len({image.shape for image in images}) == 1:
+            # the embedded default: one resize per crop size, bit for bit `render`'s pixels
+            pixels = replay_flat(torch.stack(images), views, np.repeat(np.arange(len(images)), counts),
+                                 self.spec.image_px)
         else:                                            # photos of many sizes: one resize per view
-            pixels = torch.stack([replay(images[i], v, px) for i, v in zip(np.repeat(np.arange(len(images)), counts),
-                                                                           views)])
-        return (torch.tensor([sample.row for sample in samples]), torch.tensor(counts), views, pixels)
+            pixels = concat([render(sample, v, self.spec, channels, image)
+                             for sample, v, image in zip(samples, per_image, images)])
+        return rows, torch.tensor(counts), views, pixels
 
     def batches(self, counts: list[int]) -> list[tuple[int, int]]:
         """Consecutive row ranges of at most `batch_images` views each (a row with more is a batch alone)."""

@@ -94,7 +94,8 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime, repair: bool = Fals
         writer.check_metadata()
     shards = manifest.train.shards
     barrier()
-    todo = [s for s in range(len(shards)) if s not in writer.done_shards()]
+    done = writer.done_shards()   # (read once: it reads one chunk per shard)
+    todo = [s for s in range(len(shards)) if s not in done]
     barrier()   # every rank has the same list before any rank writes
     if not todo:
         if d.main:

@@ -11,7 +11,7 @@ from cbd_cache.config import PipelineCfg
 from cbd_cache.errors import ConfigError
 from cbd_cache.system import distributed
 from cbd_cache.system.distributed import Dist
-from cbd_cache.views import to_unit
+from cbd_cache.views import EncodedBatch, to_unit
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,11 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def to_device(self, images: torch.Tensor) -> torch.Tensor:
-        """A loader's batch on the device, in [0, 1] floats (`views.to_unit`) and the model's memory format."""
+    def to_device(self, images: "torch.Tensor | EncodedBatch") -> torch.Tensor:
+        """A loader's batch on the device, in [0, 1] floats (`views.to_unit`) and the model's memory format;
+        views still encoded (`views.decode = "gpu"`) are decoded and replayed there first."""
+        if isinstance(images, EncodedBatch):
+            images = images.decode(self.device)
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:    # permuted while still uint8: a quarter of the bytes
             images = images.contiguous(memory_format=torch.channels_last)

@@ -1,11 +1,12 @@
 """`cbd-cache predict`: a trained model's top-k classes for image files, as a CSV.
 
 Each file goes through what a training image goes through: prepare's check (`shard_image`: JPEG and
-PNG kept as they are, other formats re-encoded losslessly, unreadable ones refused with the reason)
-and the shards' decoder, both in worker processes as prepare runs them (`data.isolated`: a file that
-kills the decoder, such as a PNG with a bad CRC, is unreadable, not the end of the command), then
-the workdir's evaluation view (`views.eval_view`), so a file gets the prediction `evaluate` gives
-the same image. A file that cannot be read is a row with its error.
+PNG kept as they are, other formats re-encoded losslessly, unreadable ones refused with the reason),
+the workdir's `data.max_short_px` bound and the shards' decoder, all in worker processes as prepare
+runs them (`data.isolated`: a file that kills the decoder, such as a PNG with a bad CRC, is
+unreadable, not the end of the command), then the workdir's evaluation view (`views.eval_view`), so
+a file gets the prediction `evaluate` gives the same image. A file that cannot be read is a row with
+its error.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from cbd_cache.data.isolated import read_in_order
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import decode_image
 from cbd_cache.data.sources.base import Record, Source, Unreadable
-from cbd_cache.data.sources.images import is_image_file, shard_image
+from cbd_cache.data.sources.images import bounded, is_image_file, shard_image
 from cbd_cache.errors import ConfigError
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.system.runtime import Runtime
@@ -85,7 +86,8 @@ def predict_files(ckpt: Path, files: Sequence[Path], manifest: Manifest, spec: V
     rows = [{"path": str(path), "error": "", "classes": [], "scores": []} for path in files]
     batch: list[tuple[dict, torch.Tensor]] = []
     records = [Record(str(i), 0, str(path)) for i, path in enumerate(files)]
-    for record, data, why in read_in_order(ImageFiles(manifest.channels), records, runtime.workers):
+    source = bounded(ImageFiles(manifest.channels), manifest.data_config.get("max_short_px", 0))
+    for record, data, why in read_in_order(source, records, runtime.workers):
         row = rows[int(record.key)]
         if data is None:
             row["error"] = why

@@ -17,7 +17,7 @@ from cbd_cache.cache.schema import Layout, cache_counts, make_layout
 from cbd_cache.cache.store import open_group, read_whole
 from cbd_cache.data.isolated import Encoded, read_in_order
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.shards import Sample, content_hash, decode_image, read_shard
+from cbd_cache.data.shards import Sample, content_hash, read_shard
 from cbd_cache.data.sources import Record
 from cbd_cache.errors import CacheDamaged, ShardDamaged
 from cbd_cache.models.checkpoints import load_checkpoint
@@ -25,7 +25,7 @@ from cbd_cache.models.losses import teacher_target
 from cbd_cache.system.digests import file_sha256
 from cbd_cache.system.runtime import Runtime
 from cbd_cache.system.storage import Location, exists
-from cbd_cache.views import ViewSpec, derive_views, replay
+from cbd_cache.views import ViewSpec, concat, derive_views, image_dims, render
 
 
 def verify_cache(path: Location, manifest: Manifest, checkpoints: dict[str, Any], runtime: Runtime, rows: int = 64,
@@ -98,13 +98,13 @@ def verify_cache(path: Location, manifest: Manifest, checkpoints: dict[str, Any]
             problems.append(f"shard {info.name}: its content no longer matches the manifest's hash")
             continue
         picked += [samples[row - info.start] for row in chosen]
-    decodable = {}    # decoded in a worker first, as prepare decodes: a decoder crash is a problem, not verify's end
+    decodable = set()    # decoded in a worker first, as prepare decodes: a decoder crash is a problem, not verify's end
     records = [Record(s.key, s.label, (s.data, s.ext)) for s in picked]
     for r, data, why in read_in_order(Encoded(manifest.channels), records, runtime.workers) if records else ():
         if data is None:
             problems.append(f"{r.key}: its image does not decode ({why})")
         else:
-            decodable[r.key] = data
+            decodable.add(r.key)
     for info in manifest.train.shards:
         chosen = [s for s in picked if info.start <= s.row < info.stop and s.key in decodable]
         if not chosen:
@@ -112,12 +112,13 @@ def verify_cache(path: Location, manifest: Manifest, checkpoints: dict[str, Any]
         rows = [s.row for s in chosen]
         flat = np.concatenate([np.arange(offsets[r], offsets[r] + counts[r]) for r in rows])
         stored = np.split(group["views"].oindex[flat], np.cumsum(counts[rows])[:-1])
-        images = [decode_image(decodable[s.key], manifest.channels) for s in chosen]
-        for s, image, views in zip(chosen, images, stored):
-            derived = derive_views(prov["view_seed"], s.key, len(views), image.shape[1], image.shape[2], spec)
+        dims = [image_dims(s, spec, manifest.channels) for s in chosen]
+        for s, (height, width, _), views in zip(chosen, dims, stored):
+            derived = derive_views(prov["view_seed"], s.key, len(views), height, width, spec)
             if not np.array_equal(derived, views):
                 problems.append(f"row {s.row}: stored views differ from the views derived from its key")
-        x = torch.stack([replay(image, v, spec.image_px) for image, views in zip(images, stored) for v in views])
+        x = concat([render(s, views, spec, manifest.channels, image) for s, (_, _, image), views in
+                    zip(chosen, dims, stored)])   # the pixels export gave the teachers, under the cache's decode policy
         for name, net in nets.items():
             with torch.no_grad(), runtime.autocast():
                 fresh = teacher_target(net.features(runtime.to_device(x))).cpu()

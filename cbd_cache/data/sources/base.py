@@ -75,3 +75,4 @@ class LabelCheck:
         if not self.skip:
             raise DataError(f"{where}: {reason}; {self.HINT}")
         self.items.append({"split": split, "item": item, "where": where, "reason": reason, "kind": "label"})
+

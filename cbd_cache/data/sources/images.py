@@ -5,6 +5,10 @@ and keeps the original bytes. PNG passes through too. Any other format is decode
 as PNG in its own mode, which is lossless. What cannot be stored without loss or cannot be decoded
 raises `Unreadable` with the reason: zero bytes, not an image, truncated or corrupt data, 16-bit
 samples (the shards and the networks hold 8 bits), CMYK outside JPEG (PNG has no CMYK).
+
+`data.max_short_px` > 0 stores photos at a bounded size, as FFCV does (`bound_image`): one whose short
+side is longer is resized to it and encoded again. Decoding a smaller photo costs less on every draw
+(benchmarks/bench_loader.py), at the price of the detail a crop of the full photo would have kept.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import io
 
 from PIL import Image, ImageFile
 
-from cbd_cache.data.sources.base import Unreadable
+from cbd_cache.data.sources.base import Record, Source, Unreadable
 
 JPEG_FORMATS = ("JPEG", "MPO")
 JPEG_MODES = ("L", "RGB", "CMYK")                       # what libjpeg gives; CMYK converts to RGB at decode
@@ -74,5 +78,55 @@ def _bits_per_sample(img: Image.Image, data: bytes) -> int:
     return 8
 
 
+BOUNDED_JPEG_QUALITY = 90   # a bounded JPEG's quality (FFCV's default)
+
+
+def bound_image(data: bytes, ext: str, max_short_px: int) -> bytes:
+    """Stored bytes with the image's short side at most `max_short_px` (0: unchanged): a larger image is
+    resized (Lanczos) and encoded again, a JPEG at quality 90, a PNG losslessly; a smaller one is kept as it is."""
+    if max_short_px <= 0:
+        return data
+    with Image.open(io.BytesIO(data)) as img:
+        short = min(img.size)
+        if short <= max_short_px:
+            return data
+        size = (max(1, round(img.width * max_short_px / short)), max(1, round(img.height * max_short_px / short)))
+        img = img.convert("RGB" if img.mode == "CMYK" else img.mode).resize(size, Image.LANCZOS)
+        buf = io.BytesIO()
+        if ext == "jpg":
+            img.save(buf, format="JPEG", quality=BOUNDED_JPEG_QUALITY)
+        else:
+            img.save(buf, format="PNG", compress_level=1)
+        return buf.getvalue()
+
+
 def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+class Bounded(Source):
+    """`source` with its images stored at `data.max_short_px` at most (`images.bound_image`)."""
+
+    def __init__(self, source: Source, max_short_px: int):
+        self.source, self.max_short_px = source, max_short_px
+        self.class_names, self.channels, self.splits = source.class_names, source.channels, source.splits
+        self.description = {**source.description, "max_short_px": max_short_px}
+        self.skipped = source.skipped
+
+    def records(self, split: str) -> list[Record]:
+        return self.source.records(split)
+
+    def summary(self) -> list[str]:
+        return self.source.summary()
+
+    def item(self, record: Record) -> str:
+        return self.source.item(record)
+
+    def read(self, record: Record) -> tuple[bytes, str]:
+        data, ext = self.source.read(record)
+        return bound_image(data, ext, self.max_short_px), ext
+
+
+def bounded(source: Source, max_short_px: int) -> Source:
+    """`source`, its images bounded to `max_short_px` when that is > 0 (once: a Bounded source stays as it is)."""
+    return source if max_short_px <= 0 or isinstance(source, Bounded) else Bounded(source, max_short_px)
