@@ -21,6 +21,8 @@ from click.testing import CliRunner
 
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import read_shard
+from cbd_cache.models.checkpoints import network_spec, save_checkpoint
+from cbd_cache.models.networks import Network
 from cbd_cache.system.locks import hold
 from cbd_cache.workdir import data_lock
 from cli import main
@@ -250,7 +252,12 @@ def test_torn_run_files_misused_paths_and_a_busy_workdir_are_one_line_each(smoke
         "--out a new file": case("predict", images[0], "--run", "teachers/std0", "--out", tmp_path / "new.csv",
                                  workdir=root),
         "export-model": case("export-model", tmp_path / "model", "--run", "teachers/std0", workdir=root),
+        "export-model, imported": case("export-model", tmp_path / "imported", "--run", "teachers/imp", workdir=root),
     }
+    manifest = Manifest.load(smoke_copy.manifest)      # an imported teacher: its own Linear fc, bias included
+    imported = Network("resnet8", manifest.channels, manifest.num_classes, 16.0, head="linear")
+    save_checkpoint(smoke_copy.teacher_dir("imp") / "checkpoint.pt", imported,
+                    network_spec(imported, "resnet8", manifest.channels, manifest.num_classes, 16.0), {"kind": "test"})
     (tmp_path / "link").symlink_to(tmp_path / "target.csv")
     (tmp_path / "target.csv").write_text("old")
     os.mkfifo(tmp_path / "fifo")
@@ -260,10 +267,11 @@ def test_torn_run_files_misused_paths_and_a_busy_workdir_are_one_line_each(smoke
     with hold(data_lock(root / "data"), "the data"):       # another prepare at work
         results = dict(zip(cases, batch(list(cases.values()), tmp_path)))
     reader.join(timeout=10)
-    for name in ("--out a link", "--out a FIFO", "--out a new file", "export-model"):
+    for name in ("--out a link", "--out a FIFO", "--out a new file", "export-model", "export-model, imported"):
         assert results[name].returncode == 0 and "Traceback" not in results[name].stderr, results[name].stderr
     assert (tmp_path / "link").is_symlink() and (tmp_path / "target.csv").read_text().startswith("path,error,")
     assert stat.S_ISFIFO((tmp_path / "fifo").lstat().st_mode) and piped[0].decode().startswith("path,error,")
+    assert json.loads((tmp_path / "imported" / "model.json").read_text())["classifier"] == "linear"
     for f in (tmp_path / "new.csv", tmp_path / "model" / "model.json", tmp_path / "model" / "model.safetensors"):
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f        # the driver's umask is 022
     expected = {   # exit code, words of the one error line
