@@ -301,12 +301,13 @@ def logs(ctx: Context, folder: Path | None, as_csv: bool):
 @click.option("--time-limit-min", type=float, default=0, show_default=True,
               help="Start no new run after this many minutes (0: no limit); run again to continue.")
 @click.option("--sections", default="", metavar="S1,S2",
-              help="Train only these sections (table2, views, alpha, mix) [all]; the report shows what is finished.")
+              help="Train only these sections (table2, views, alpha, mix, table4, controls) [all]; the report shows what "
+                   "is finished.")
 @jobs_option
 @pipeline_options(workdir_default="runs/{name}_paper")
 @resume_option
 def paper_table(ctx: Context, out: str, time_limit_min: float, sections: str, jobs: int):
-    """The paper's Tables 1-3, Figure 3, the view budget study and per-class plots, 3 seeds."""
+    """The paper's Tables 1-5, Figures 1, 3 and 4, controls, calibration, the view study and per-class plots, 3 seeds."""
     only = [k.strip() for k in sections.split(",") if k.strip()]
     if unknown := [k for k in only if k not in SECTION_KEYS]:
         raise ConfigError(f"--sections {sections}: no section {unknown[0]!r}; choose from {', '.join(SECTION_KEYS)}")

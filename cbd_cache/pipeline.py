@@ -6,7 +6,8 @@ and the test fixtures all reach the stages through here.
     teachers -> each under its run folder's lock (rank 0's), or J at a time in processes of their own
     export   -> under the cache's lock (rank 0's, a local cache's): one exporting job per cache
     student  -> planned once (a refused config writes nothing), then trained under its run folder's lock
-                by the method the config picks: cRT, online or replayed targets, or cached targets
+                by the method the config picks: cRT / LWS, post-hoc rebalancing, online or replayed targets,
+                or cached targets
     evaluate -> rank 0
 
 Under torchrun every stage ends at a barrier, so no rank reads what rank 0 has not finished writing.
@@ -24,7 +25,7 @@ from cbd_cache.config import Config, TeacherCfg
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare
 from cbd_cache.errors import ConfigError
-from cbd_cache.stages import crt, online, student
+from cbd_cache.stages import crt, online, rebalance, student
 from cbd_cache.stages.evaluate import evaluate_workdir
 from cbd_cache.stages.export import export_cache
 from cbd_cache.stages.teachers import train_teacher
@@ -98,8 +99,10 @@ def train_student(cfg: Config, wd: Workdir, runtime: Runtime, plan: student.Stud
     """Stage 2 by the method the config picks, planned once (here, unless the caller planned it)."""
     plan = plan or student.plan_student(cfg, wd)
     with rank0_lock(run_lock(plan.folder), f"students/{plan.name}", runtime):
-        if cfg.student.classifier_only:
-            ckpt = crt.train_crt(cfg, wd, runtime, plan)
+        if cfg.student.classifier_only or cfg.student.rebalance == "lws":   # a classifier on frozen features
+            ckpt = crt.train_frozen_classifier(cfg, wd, runtime, plan)
+        elif cfg.student.rebalance != "none":                                # post-hoc: tau-norm, logit adjustment
+            ckpt = rebalance.train_posthoc(cfg, wd, runtime, plan)
         elif cfg.student.targets in ("online", "replay"):   # the teachers run: on fresh views, or on the cache's
             ckpt = online.train_online(cfg, wd, runtime, plan)
         else:

@@ -16,7 +16,10 @@ A run folder holds:
                         marks the run finished (`train.runs.is_done`)
     resume.pt           while training: where a killed run continues (`train.resume`)
     log.jsonl           one line per epoch
-    eval.json, eval.md  the held-out report; ncm_<features>.json the NCM report
+    eval.json, eval.md  the held-out report (accuracy, 15-bin ECE); ncm_<features>.json the NCM report
+    per_class.csv       class, name, training count, shot group, accuracy on the held-out split
+    reliability.png     the reliability diagram of the held-out split
+    features_images.npz the features NCM ran the model for (train, val, test), where a figure asked to keep them
     .lock               held by the one process training the run
 
 The data folder (manifest + shards) and the cache may live elsewhere, on a shared filesystem or on
@@ -39,6 +42,8 @@ RESUME = "resume.pt"
 LOG = "log.jsonl"
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
+PER_CLASS_CSV = "per_class.csv"
+RELIABILITY_PNG = "reliability.png"
 LOCK = ".lock"
 RUN_KINDS = ("teachers", "students")   # the folders of W that hold run folders
 
@@ -76,6 +81,11 @@ def read_run_json(path: Path) -> dict[str, Any]:
 
 def ncm_report(folder: Path, features: str) -> Path:
     return folder / f"ncm_{features}.json"
+
+
+def kept_features(folder: Path) -> Path:
+    """The model's features of every image (train, val, test), kept by NCM for the paper table's figures."""
+    return folder / "features_images.npz"
 
 
 def run_lock(folder: Path) -> Path:

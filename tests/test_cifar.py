@@ -82,9 +82,15 @@ def test_a_folder_without_cifar_says_where_to_get_it(tmp_path):
 def test_dry_run_on_a_generated_cifar10_folder(tmp_path):
     write_cifar(tmp_path, 10, 50, 5)
     sets = ["data.format=cifar", f"data.root={tmp_path}", "data.profile=cifar_lt", "data.imbalance_factor=10"]
-    result = CliRunner().invoke(main, ["prepare", "--dry-run", "--pipeline", str(SMOKE),
-                                       "--workdir", str(tmp_path / "wd"), *[x for s in sets for x in ("--set", s)]])
+    args = ["prepare", "--dry-run", "--pipeline", str(SMOKE), "--workdir", str(tmp_path / "wd"),
+            *[x for s in sets for x in ("--set", s)]]
+    # CIFAR-LT keeps every image of its head class: none is left to hold out as val (smoke asks for 10 per class)
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "data.val_per_class=10: class 'c0' has 0 training images the long-tail " \
+        "profile leaves out; lower data.val_per_class to 0 or less (0: no val split)" in refused.output
+    result = CliRunner().invoke(main, [*args, "--set", "data.val_per_class=0"])
     assert result.exit_code == 0, result.output
+    assert "val: none (data.val_per_class = 0)" in result.stdout
     total = sum(cifar_lt_counts(50, 10, 10))
     assert "images listed: train 500, test 50" in result.stdout
     assert f"training images after data.profile=cifar_lt: {total:,} in 10 classes" in result.stdout

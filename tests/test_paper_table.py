@@ -2,12 +2,28 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from cbd_cache.config import load_config
-from cbd_cache.experiments.paper_design import SEEDS, all_runs, fifth_teacher, sections, teacher_mixes, training_order
+from cbd_cache.data.manifest import Manifest
+from cbd_cache.data.shards import read_labels
+from cbd_cache.experiments.paper_design import (
+    SEEDS,
+    UPPER_EXTRACTOR,
+    all_runs,
+    fifth_teacher,
+    needs_student,
+    sections,
+    teacher_mixes,
+    training_order,
+    upper_bound_sets,
+)
 from cbd_cache.experiments.paper_report import write_paper_table
 from cbd_cache.experiments.paper_table import Timing
 from cbd_cache.system.storage import write_json
-from cbd_cache.workdir import Workdir
+from cbd_cache.train.calibration import calibration_report
+from cbd_cache.workdir import Workdir, kept_features
 
 from .conftest import ROOT, SMOKE
 
@@ -71,8 +87,27 @@ def test_one_run_serves_every_table_that_asks_for_the_same_config():
     order = training_order(runs)
     # 78 before Table 1 had the paper's K = 3 and K = 5 rows (one K = 3 mix replaced, K = 5 added) and
     # the two data-augmentation baselines (+ 3 x 3 seeds), and before the view study's allocations and
-    # fidelity rows (+ 7 x 3 seeds)
-    assert len({r.name for r in order}) == 78 + 3 * 3 + 7 * 3 and order[0].label == "Standard-Instance"
+    # fidelity rows (+ 7 x 3 seeds), Table 4 (+ 5 x 3: linear-head Standard-Instance, tau-norm, LWS, logit
+    # adjustment, Balanced Softmax) and the controls (+ 3 x 3 and the upper bound's one extractor)
+    assert len({r.name for r in order}) == 78 + 3 * 3 + 7 * 3 + 5 * 3 + 3 * 3 + 1 and order[0].label == "Standard-Instance"
+    # rows from another row's model start from its run of the same seed: tau-norm and logit adjustment from
+    # Standard-Instance (linear head for tau-norm); the upper bound from its one extractor, on all 60,000 images
+    name = {(r.label, r.seed): r for k in ("table4", "controls") for r in runs[k]}
+    for seed in SEEDS:
+        assert f"student.init=students/{name[('Standard-Instance (linear head)', seed)].name}" in \
+            name[("τ-norm", seed)].overrides
+        assert f"student.init=students/{name[('Standard-Instance', seed)].name}" in name[("Logit Adjustment", seed)].overrides
+        assert f"student.init=students/{name[(UPPER_EXTRACTOR, 0)].name}" in name[("Upper bound", seed)].overrides
+        assert "student.epochs=40" in name[("Standard-Instance, 2x epochs", seed)].overrides
+        assert "student.epochs=20" in name[("cRT, the student's epochs", seed)].overrides
+    extractor = name[(UPPER_EXTRACTOR, 0)]
+    assert [r.seed for r in runs["controls"] if r.label == UPPER_EXTRACTOR] == [0]
+    assert {"data.profile=none", "pipeline.data_url=W/data_full"} <= set(extractor.overrides)
+    assert needs_student(name[("Upper bound", 1)]) and not needs_student(extractor)
+    assert {r.label for r in training_order(runs) if needs_student(r)} == {"τ-norm", "Logit Adjustment", "Upper bound"}
+    other = load_config(FMNIST, ["data.format=imagefolder", "data.profile=none"])     # no full balanced set
+    assert upper_bound_sets(other, Path("W")) is None
+    assert "Upper bound" not in dict(next(s for s in sections(other, Path("W")) if s.key == "controls").points)
 
 
 def test_write_paper_table_from_finished_runs(smoke_workdir, tmp_path):
@@ -89,9 +124,12 @@ def test_write_paper_table_from_finished_runs(smoke_workdir, tmp_path):
             continue
         written.add(r.name)
         acc = top1.get(r.label, 45) + r.seed
+        conf = np.random.default_rng(r.seed).uniform(0.2, 1, 200)
         write_json(wd.student_dir(r.name) / "eval.json",
                    {"top1": acc, "many": None, "medium": acc, "few": acc - 10, "per_class": [acc] * 10,
-                    "train_counts": [64, 47, 34, 25, 18, 13, 10, 7, 5, 4]})
+                    "train_counts": [64, 47, 34, 25, 18, 13, 10, 7, 5, 4],
+                    **calibration_report(conf, conf > 0.5 + 0.1 * r.seed),
+                    **({"selection": {"tau": 0.1 * (r.seed + 1)}} if r.label in ("τ-norm", "Logit Adjustment") else {})})
     ncm = [{"label": m, "runs": [], "complete": True,
             **{k: {"mean": v, "std": 0.0, "n": 3, "values": []} for k in ("top1", "medium", "few")},
             "many": {"mean": None, "std": None, "n": 0, "values": []}}
@@ -118,6 +156,51 @@ def test_write_paper_table_from_finished_runs(smoke_workdir, tmp_path):
            "(within 1 point, seed noise): holds (cache 71.00, teachers on the stored views 71.40)" in text
     assert "| draws | 8 | 71.20 ± 1.00 |" in text
     assert "**1m30s** of work" in text
-    for png in ("smoke_alpha.png", "smoke_views.png", "smoke_per_class.png"):
-        assert (tmp_path / "out" / png).stat().st_size > 5000
+    # Table 4, the controls, the upper bound (smoke's synthetic source is a whole balanced set, cut), calibration
+    assert "| LWS | `targets=none` `rebalance=lws` `epochs=10` `init=teachers/std0` | 46.0 ± 1.0 |" in text
+    assert "| τ-norm | `targets=none` `rebalance=tau_norm` `init=@Standard-Instance (linear head)` | 46.0 ± 1.0 |" in text
+    assert "| 0.1, 0.2, 0.3 | – |" in text                                       # tau chosen on val, per seed
+    assert "| Upper bound | `targets=none` `classifier_only=true` `epochs=10` `init=@Upper bound: feature extractor" in text
+    assert "| 3 | 73.5 |" in text and "| Standard-Instance, 2x epochs | `targets=none` `sampling=instance` `epochs=4`" in text
+    assert "- CBD > LWS, cRT and Logit Adjustment (the paper's Table 4): holds (CBD 61.00, LWS 46.00, cRT 51.00" in text
+    assert "- CBD_ENS < the upper bound (features learnt from the whole balanced training set): **does not hold**" in text
+    assert "## Summary and checks (the README's results table)" in text and "| Balanced Softmax | 46.0 ± 1.0 |" in text
+    assert "tau is chosen on the val split** (10 per class held out of the source's training images" in text
+    assert "| LWS | 46.0 ± 1.0 | – | 46.0 | 36.0 |" in text              # the summary: means, NCM where run
+    assert "not drawn yet: the NCM pass of Standard-Instance and CBD_ENS (seed 0) has not run" in text
+    for png in ("smoke_alpha.png", "smoke_views.png", "smoke_per_class.png", "smoke_reliability.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 5000, png
     assert (tmp_path / "out" / "smoke.json").is_file()
+
+
+@pytest.mark.slow
+def test_figures_1_and_4_are_drawn_from_the_features_ncm_kept(smoke_workdir, tmp_path):
+    """From the kept features of Standard-Instance and CBD_ENS (seed 0) and the shards' images; the test images
+    are drawn at random with a seed, 4 of them from few-shot classes, and each gets its 5 nearest training images."""
+    from cbd_cache.data.longtail import shot_group
+    from cbd_cache.experiments.paper_comparison import draw_figures, figure_runs
+    from cbd_cache.experiments.paper_figures import nearest, pick_queries
+
+    wd = Workdir(tmp_path / "wd")
+    shutil.copytree(smoke_workdir.data, wd.data)
+    base = ("export.views=16", "export.logits=true", "student.views=8")
+    runs = all_runs(load_config(SMOKE, base), base, wd.root)
+    manifest, rng = Manifest.load(wd.manifest), np.random.default_rng(0)
+    assert "not drawn yet" in draw_figures(wd, manifest, runs, 0, tmp_path / "f1.png", tmp_path / "f4.png")
+    for r in figure_runs(runs).values():
+        arrays = {}
+        for split in manifest.splits:
+            y = read_labels(manifest, split)
+            arrays[f"{split}_features"] = (np.eye(10)[y] + rng.normal(0, 0.3, (len(y), 10))).astype(np.float16)
+            arrays[f"{split}_labels"] = y
+        wd.student_dir(r.name).mkdir(parents=True)
+        np.savez(kept_features(wd.student_dir(r.name)), key="{}", **arrays)
+    assert draw_figures(wd, manifest, runs, 0, tmp_path / "f1.png", tmp_path / "f4.png") is None
+    assert (tmp_path / "f1.png").stat().st_size > 20000 and (tmp_path / "f4.png").stat().st_size > 20000
+    test_labels, counts = read_labels(manifest, "test"), manifest.train.class_counts
+    queries = pick_queries(test_labels, counts, 0)
+    assert len(set(queries)) == 8 and queries == pick_queries(test_labels, counts, 0)
+    assert [shot_group(counts[test_labels[q]]) == "few" for q in queries] == [True] * 4 + [False] * 4
+    train = np.eye(10)[read_labels(manifest, "train")]
+    assert (read_labels(manifest, "train")[nearest(train, np.eye(10)[test_labels[queries]])] ==
+            test_labels[queries][:, None]).all()       # clean features: every neighbour of its own class

@@ -51,10 +51,10 @@ def shard_samples(manifest: Manifest, split: str) -> dict:
 
 
 def assert_counts_add_up(manifest: Manifest) -> None:
-    """listed = in shards + rejected + left out by the profile, split by split."""
+    """listed = in shards + rejected + left out by the profile + held out as val, split by split."""
     for split, info in manifest.splits.items():
         rejected = sum(r["split"] == split for r in manifest.rejected)
-        assert info.listed == info.num_samples + rejected + info.profile_dropped, split
+        assert info.listed == info.num_samples + rejected + info.profile_dropped + info.held_out, split
         assert sum(info.class_counts) == info.num_samples == sum(s.rows for s in info.shards)
 
 
@@ -275,7 +275,12 @@ def test_evaluation_reports_every_held_out_split(tmp_path):
     md = wd.results_md.read_text()
     assert "## val (10 images)" in md and "## test (15 images)" in md and md.count("| std0 | teacher (standard) |") == 2
     saved = json.loads(wd.results_json.read_text())[0]["splits"]
-    assert set(saved) == {"val", "test"} and set(saved["val"]) == {"top1", "many", "medium", "few"}
+    assert set(saved) == {"val", "test"} and set(saved["val"]) == {"top1", "many", "medium", "few", "ece"}
+    folder = wd.teacher_dir("std0")       # calibration and per class, beside eval.json
+    assert 0 <= saved["test"]["ece"] <= 100 and (folder / "reliability.png").stat().st_size > 5000
+    lines = (folder / "per_class.csv").read_text().splitlines()
+    assert lines[0] == "class,name,train_count,group,accuracy" and len(lines) == 1 + manifest.num_classes
+    assert lines[1].split(",")[:4] == ["0", f'"{manifest.class_names[0]}"', str(manifest.train.class_counts[0]), "few"]
 
 
 def test_a_class_left_without_training_images_and_one_class_data_are_warned(tmp_path, capfd):
@@ -349,3 +354,27 @@ def view_of_bytes(data: bytes, spec) -> "torch.Tensor":
     from cbd_cache.data.shards import decode_image
     from cbd_cache.views import eval_view
     return eval_view(decode_image(data, 3), spec)
+
+
+def test_a_val_split_is_held_out_of_the_images_the_long_tail_cut_leaves_out():
+    """Balanced, disjoint from the training set (which is the cut it would be without val), seeded; refused when a
+    class has too few left out; not made where the profile keeps everything or the source has its own val."""
+    from cbd_cache.data.prepare import plan_splits, val_origin
+    from cbd_cache.data.sources import open_source
+
+    cfg = load_config(SMOKE, ["data.val_per_class=7"])
+    plans = plan_splits(open_source(cfg.data), cfg)
+    train, val = plans["train"], plans["val"]
+    assert list(plans) == ["train", "val", "test"]
+    assert {r.key for r in train.records}.isdisjoint(r.key for r in val.records)
+    assert [sum(r.label == c for r in val.records) for c in range(10)] == [7] * 10
+    assert train.held_out == 70 and val.listed == 70 and train.listed == train.profile_dropped + 70 + len(train.records)
+    assert [r.key for r in val.records] == [r.key for r in plan_splits(open_source(cfg.data), cfg)["val"].records]
+    assert "held out of the source's training images" in val_origin(open_source(cfg.data), cfg)
+    fmnist = load_config(ROOT / "pipelines" / "fashion_mnist_lt.toml", ["data.val_per_class=5000"])
+    with pytest.raises(DataError, match=r"data.val_per_class=5000: class '.+' has 4720 training images the long-tail "
+                                        r"profile leaves out; lower data.val_per_class to 4720 or less"):
+        plan_splits(open_source(fmnist.data), fmnist)     # the 1280-image class has 6000 - 1280 left
+    kept_all = load_config(SMOKE, ["data.val_per_class=7", "data.profile=none"])
+    assert "val" not in plan_splits(open_source(kept_all.data), kept_all)
+    assert "data.profile=none keeps every training image" in val_origin(open_source(kept_all.data), kept_all)

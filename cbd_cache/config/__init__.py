@@ -6,9 +6,11 @@ overrides, `checks` validates the values. Loading one imports no torch.
 from cbd_cache.config.load import load_config
 from cbd_cache.config.schema import (
                                      CHOICES,
+                                     CHOSEN_ON_VAL,
                                      DEFAULT_PIPELINE,
                                      DISTILL,
                                      NAME_RE,
+                                     REBALANCE,
                                      SECTIONS,
                                      TABLES,
                                      Config,
@@ -23,6 +25,6 @@ from cbd_cache.config.schema import (
 )
 from cbd_cache.errors import ConfigError
 
-__all__ = ["CHOICES", "DEFAULT_PIPELINE", "DISTILL", "NAME_RE", "SECTIONS", "TABLES", "Config", "ConfigError",
-           "DataCfg", "EvalCfg", "ExportCfg", "PipelineCfg", "StudentCfg", "TeacherCfg", "TrainCfg", "ViewsCfg",
+__all__ = ["CHOICES", "CHOSEN_ON_VAL", "DEFAULT_PIPELINE", "DISTILL", "NAME_RE", "REBALANCE", "SECTIONS", "TABLES",
+           "Config", "ConfigError", "DataCfg", "EvalCfg", "ExportCfg", "PipelineCfg", "StudentCfg", "TeacherCfg", "TrainCfg", "ViewsCfg",
            "load_config"]

@@ -7,7 +7,7 @@ import re
 import typing
 from typing import Any
 
-from cbd_cache.config.schema import CHOICES, NAME_RE, TABLES, Config, TrainCfg
+from cbd_cache.config.schema import CHOICES, CHOSEN_ON_VAL, NAME_RE, TABLES, Config, TrainCfg
 from cbd_cache.data.longtail import FEW_SHOT_BELOW, MANY_SHOT_ABOVE
 from cbd_cache.errors import ConfigError
 from cbd_cache.models.archs import arch_error
@@ -60,6 +60,7 @@ def validate(cfg: Config) -> None:
     _require(d.image_px >= 4, f"data.image_px={d.image_px}: must be >= 4")
     _require(d.test_per_class >= 1, f"data.test_per_class={d.test_per_class}: must be >= 1")
     _require(0 <= d.distortion <= 4, f"data.distortion={d.distortion}: must be in 0..4")
+    _require(d.val_per_class >= 0, f"data.val_per_class={d.val_per_class}: must be >= 0 (0: no val split held out)")
     v = cfg.views
     _require(v.image_px >= 4, f"views.image_px={v.image_px}: must be >= 4")
     _require(d.max_short_px == 0 or d.max_short_px >= v.image_px,
@@ -101,10 +102,22 @@ def validate(cfg: Config) -> None:
     if init and init[1] == "teachers":
         _require(init[2] in names, f"student.init={s.init!r}: no teacher named {init[2]!r} in this pipeline")
     if s.classifier_only:
-        _require(bool(init) and init[1] == "teachers",
-                 "student.classifier_only=true: cRT needs student.init=teachers/<name>, a teacher in the cache")
+        _require(bool(init), "student.classifier_only=true: cRT needs student.init=teachers/<name> (its cached "
+                 "descriptors) or students/<run> (its features of the images)")
         _require(s.targets == "none", "student.classifier_only=true: cRT trains with cross-entropy only; "
                  "set student.targets=none")
+    if s.rebalance != "none":
+        _require(bool(init) and s.targets == "none" and not s.classifier_only,
+                 f"student.rebalance={s.rebalance}: rebalances a trained model's classifier; set "
+                 "student.init=teachers/<name> or students/<run>, student.targets=none, and no classifier_only")
+    _require(s.tau == -1 or (s.tau >= 0 and s.rebalance in CHOSEN_ON_VAL),
+             f"student.tau={s.tau}: a tau >= 0 for student.rebalance={' or '.join(CHOSEN_ON_VAL)}, or -1 to choose "
+             "it on the val split")
+    _require(s.loss == "ce" or (s.targets == "none" and not s.classifier_only and s.rebalance == "none"),
+             f"student.loss={s.loss}: a single-stage loss; set student.targets=none (no distillation, no "
+             "classifier_only, no rebalance)")
+    _require(s.head == "cosine" or not (s.classifier_only or s.rebalance != "none"),
+             f"student.head={s.head}: cRT trains a new cosine classifier and rebalancing keeps init's; drop it")
     for t in s.teachers:
         _require(t in names, f"student.teachers: no teacher named {t!r} in this pipeline (have {names})")
     _require(len(set(s.teachers)) == len(s.teachers), f"student.teachers={s.teachers}: duplicate teacher")

@@ -54,6 +54,8 @@ class DataCfg:
     image_px: int = 16
     test_per_class: int = 20       # per class in each held-out split (glyphs: val and test alike)
     distortion: float = 1.0        # `glyphs`: strength of the warp, stroke, blur, contrast and noise (0: clean)
+    val_per_class: int = 0         # a source with no val split: hold out this many training images per class, from
+                                   # those the long-tail profile leaves out, as a balanced val split (0: no val)
 
 
 @dataclass
@@ -125,7 +127,12 @@ class StudentCfg(TrainCfg):
     type: str = "standard"         # the student's own views: standard | data_aug (single-stage baselines)
     views: int = 0                 # use the views an export at A = V would hold (a prefix of each image's); 0 = all
     init: str = ""                 # start from teachers/<name> or students/<run> (fine-tuning, cRT); "" = scratch
-    classifier_only: bool = False  # cRT: a new cosine classifier on init's frozen, cached descriptors
+    classifier_only: bool = False  # cRT: a new cosine classifier on init's frozen features (a teacher's: cached)
+    rebalance: str = "none"        # on init's frozen model: lws (a learned per-class scale, class-balanced) |
+                                   # tau_norm (rows / |row|^tau) | logit_adjust (logits - tau * log prior)
+    tau: float = -1.0              # tau_norm / logit_adjust: tau; -1 chooses it on the val split
+    head: str = "cosine"           # the classifier: cosine (gamma * cos) | linear (W e + b: tau_norm's stage 1)
+    loss: str = "ce"               # ce | balanced_softmax (CE on z + log prior, Ren et al.; targets = none)
 
 
 @dataclass
@@ -166,6 +173,9 @@ TABLES = tuple(s for s in SECTIONS if s != "teachers")
 
 
 DISTILL = ("feature", "logit", "hybrid")   # what a student distils: `models.losses.distillation_loss` implements each
+# how a frozen stage-1 model's classifier is rebalanced: `stages/rebalance.py` implements each
+REBALANCE = ("none", "lws", "tau_norm", "logit_adjust")
+CHOSEN_ON_VAL = ("tau_norm", "logit_adjust")   # the methods whose tau is chosen on val when student.tau = -1
 
 # Every choice-valued key's options: from the registry that implements them where it needs no torch
 # (readers, long-tail profiles, samplers, view allocations, storage dtypes), else named here.
@@ -185,6 +195,9 @@ CHOICES = {
     "student.sampling": SAMPLINGS,
     "student.distill": DISTILL,
     "student.type": ("standard", "data_aug"),
+    "student.rebalance": REBALANCE,
+    "student.head": ("cosine", "linear"),
+    "student.loss": ("ce", "balanced_softmax"),
 }
 
 

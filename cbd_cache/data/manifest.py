@@ -39,8 +39,9 @@ class SplitInfo:
     num_samples: int
     class_counts: list[int]
     shards: list[ShardInfo]
-    listed: int = 0            # source items: num_samples + this split's rejected items + profile_dropped
+    listed: int = 0            # source items: num_samples + this split's rejected items + profile_dropped + held_out
     profile_dropped: int = 0   # training images the long-tail profile left out on purpose
+    held_out: int = 0          # training images held out as the val split (data.val_per_class)
 
 
 @dataclass

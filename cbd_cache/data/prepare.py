@@ -12,7 +12,8 @@ bit, any that is missing, truncated or changed.
 
 Nothing is lost in silence. Every source item ends up in a shard, or in the report
 (W/data/report.md, and `rejected` in the manifest), or is left out by the long-tail profile on
-purpose: listed = in shards + rejected + profile_dropped, per split.
+purpose: listed = in shards + rejected + profile_dropped + held_out, per split (held_out: training
+images that became the val split, which lists them again).
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class SplitPlan:
     records: list[Record]   # what will be read, in shard order
     listed: int             # the split's source items, label problems included
     profile_dropped: int    # training items the long-tail profile leaves out
+    held_out: int = 0       # training items held out as the val split (`data.val_per_class`)
 
 
 def select_train(records: list[Record], cfg: Config, num_classes: int) -> list[Record]:
@@ -75,8 +77,40 @@ def select_train(records: list[Record], cfg: Config, num_classes: int) -> list[R
     return [records[i] for i in order]
 
 
+def val_origin(source: Source, cfg: Config) -> str:
+    """Where the val split comes from, in words (the manifest, the dry run and the reports say it)."""
+    if "val" in source.splits:
+        return "the source's own val split"
+    if cfg.data.val_per_class == 0:
+        return "none (data.val_per_class = 0): a choice made on val (student.tau = -1) is refused"
+    if cfg.data.profile == "none":
+        return ("none: data.profile=none keeps every training image, so none is left to hold out; a choice made on "
+                "val (student.tau = -1) is refused")
+    return (f"{cfg.data.val_per_class} per class held out of the source's training images that the long-tail "
+            "profile leaves out, so never in the training set")
+
+
+def hold_out_val(records: list[Record], kept: list[Record], cfg: Config, names: list[str]) -> list[Record]:
+    """`data.val_per_class` images per class, seeded, from the training records the profile left out: a
+    balanced val split disjoint from the training set. Refused when a class has too few left out."""
+    n, taken = cfg.data.val_per_class, {r.key for r in kept}
+    rng = np.random.default_rng([cfg.data.seed, 0x7A1])
+    val = []
+    for c, name in enumerate(names):
+        left = [r for r in records if r.label == c and r.key not in taken]
+        if len(left) < n:
+            raise DataError(f"data.val_per_class={n}: class {name!r} has {len(left)} training images the long-tail "
+                            f"profile leaves out; lower data.val_per_class to {len(left)} or less (0: no val split)")
+        val += [left[i] for i in sorted(rng.choice(len(left), size=n, replace=False))]
+    return val
+
+
 def plan_splits(source: Source, cfg: Config) -> dict[str, SplitPlan]:
-    """Every split's records in shard order. Cheap (listing only); label problems stop it here, before any shard."""
+    """Every split's records in shard order. Cheap (listing only); label problems stop it here, before any shard.
+
+    A source with no val split gets one held out of its training images (`hold_out_val`) when
+    `data.val_per_class` > 0 and the profile leaves images out (`val_origin` says which).
+    """
     if not any(s in source.splits for s in EVAL_SPLITS):
         raise DataError(f"{cfg.data.format} at data.root={cfg.data.root}: no val or test split to evaluate on "
                         f"(found only {', '.join(source.splits)})")
@@ -86,6 +120,11 @@ def plan_splits(source: Source, cfg: Config) -> dict[str, SplitPlan]:
         skipped = sum(1 for p in source.skipped if p["split"] == split)
         kept = select_train(records, cfg, len(source.class_names)) if split == "train" else records
         plans[split] = SplitPlan(kept, len(records) + skipped, len(records) - len(kept))
+        if split == "train" and "val" not in source.splits and cfg.data.val_per_class and cfg.data.profile != "none":
+            val = hold_out_val(records, kept, cfg, source.class_names)
+            plans[split].profile_dropped -= len(val)
+            plans[split].held_out = len(val)
+            plans["val"] = SplitPlan(val, len(val), 0)
     return plans
 
 
@@ -199,8 +238,7 @@ def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
         try:
             existing = Manifest.read(wd.manifest)
         except FileDamaged as e:
-            log(f"[prepare] {str(e).removesuffix(f'; {HEAL}')}; preparing again (the same data gives "
-                "the same shards, bit for bit)")
+            log(f"[prepare] {str(e).removesuffix(f'; {HEAL}')}; preparing again (the same shards, bit for bit)")
     if existing is not None and existing.data_config != data_config:
         log(f"[prepare] {wd.manifest} was made from other data settings; preparing again")
     elif existing is not None:
@@ -224,13 +262,13 @@ def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
             bad = {r["key"] for r in unreadable}
             counts = Counter(r.label for r in plan.records if r.key not in bad)
             splits[split] = SplitInfo(shards[-1].stop if shards else 0, [counts[c] for c in range(num_classes)],
-                                      shards, plan.listed, plan.profile_dropped)
+                                      shards, plan.listed, plan.profile_dropped, plan.held_out)
     finally:
         journal.close()
     if splits["train"].num_samples == 0:
         raise DataError(f"{source.description}: no readable training image ({len(rejected)} items rejected)")
     manifest = Manifest(name=cfg.pipeline.name, class_names=list(source.class_names), channels=source.channels,
-                        splits=splits, source=source.description, data_config=data_config, rejected=rejected,
+                        splits=splits, source={**source.description, "val": val_origin(source, cfg)}, data_config=data_config, rejected=rejected,
                         folder=wd.data)
     manifest.fingerprint = manifest.compute_fingerprint()
     (wd.data / REPORT).write_text(report_markdown(manifest))
@@ -241,7 +279,7 @@ def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
     log(f"[prepare] {train.num_samples} training images in {len(train.shards)} shards, class counts "
         f"{max(train.class_counts)}..{min(train.class_counts)}; "
         + ", ".join(f"{s} {splits[s].num_samples}" for s in splits if s != "train")
-        + f"; fingerprint {manifest.fingerprint[:12]}")
+        + f"; fingerprint {manifest.fingerprint[:12]}; val: {manifest.source['val']}")
     if rejected:
         kinds = Counter(r["kind"] for r in rejected)
         log(f"[prepare] warning: {len(rejected)} source items left out ({kinds['unreadable']} unreadable images, "
@@ -254,8 +292,7 @@ def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
 
 def keep_prepared(existing: Manifest, cfg: Config, wd: Workdir, source: Source | None
                   ) -> tuple[Manifest | None, Source | None, dict[str, SplitPlan] | None]:
-    """(the manifest, or None to prepare again; the source and plans if they were opened): prepared data of
-    the same settings is kept when its shards are intact, or rebuilt bit for bit from the source."""
+    """(the manifest or None to prepare again, the source, the plans): intact shards kept, damaged ones rebuilt."""
     (wd.data / JOURNAL).unlink(missing_ok=True)   # left by a prepare killed after its manifest
     damaged, plans = shards_to_rebuild(existing), None
     if not damaged:
@@ -274,16 +311,14 @@ def keep_prepared(existing: Manifest, cfg: Config, wd: Workdir, source: Source |
 
 
 def sealed(manifest: Manifest, path: Path) -> Manifest | None:
-    """The manifest, with the checksum an older cbd-cache did not write added once its class counts agree with
-    the shards' labels (its fingerprint already covers the shards); None when they do not."""
-    if manifest.checksum:
-        return manifest
-    for split, info in manifest.splits.items():
-        if np.bincount(read_labels(manifest, split), minlength=manifest.num_classes).tolist() != info.class_counts:
-            log(f"[prepare] {path}: its {split} class counts are not the shards'; preparing again")
-            return None
-    manifest.save(path)
-    log(f"[prepare] {path}: its class counts agree with the shards; checksum added")
+    """The manifest; one an older cbd-cache wrote without a checksum gets it once its counts are its shards' labels'."""
+    if not manifest.checksum and any(np.bincount(read_labels(manifest, split), minlength=manifest.num_classes).tolist()
+                                     != info.class_counts for split, info in manifest.splits.items()):
+        log(f"[prepare] {path}: its class counts are not the shards'; preparing again")
+        return None
+    if not manifest.checksum:
+        manifest.save(path)
+        log(f"[prepare] {path}: its class counts agree with the shards; checksum added")
     return manifest
 
 
@@ -340,16 +375,18 @@ def remove_stale_files(folder: Path, manifest: Manifest) -> None:
 
 
 def report_markdown(manifest: Manifest) -> str:
-    """Per split: listed = in shards + unreadable + label problems + not image files + left out by the profile;
-    then every left-out item."""
+    """Per split: listed = in shards + unreadable + label problems + not image files + left out by the profile
+    + held out as val; then every left-out item."""
     lines = [f"# prepare report: {manifest.name}", "",
              f"source: {json.dumps(manifest.source)}", "",
-             "| split | listed | in shards | unreadable | label problems | not image files | left out by profile |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"val: {manifest.source.get('val', '–')}", "",
+             "| split | listed | in shards | unreadable | label problems | not image files | left out by profile "
+             "| held out as val |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for split, info in manifest.splits.items():
         kinds = Counter(r["kind"] for r in manifest.rejected if r["split"] == split)
         lines.append(f"| {split} | {info.listed} | {info.num_samples} | {kinds['unreadable']} | {kinds['label']} "
-                     f"| {kinds['ignored']} | {info.profile_dropped} |")
+                     f"| {kinds['ignored']} | {info.profile_dropped} | {info.held_out} |")
     lines += ["", f"## Left out ({len(manifest.rejected)})", ""]
     if manifest.rejected:
         lines += ["| split | item | kind | reason |", "|---|---|---|---|"]

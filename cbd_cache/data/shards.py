@@ -207,6 +207,18 @@ def read_labels(manifest, split: str = "train") -> np.ndarray:
                                                                        sh.sha256)], dtype=np.int64)
 
 
+def read_images(manifest, split: str, rows) -> dict[int, torch.Tensor]:
+    """{row: uint8 image (C, H, W)} of a few rows of a split: only the shards that hold them are read, only
+    those images decoded (the figures' nearest-neighbour grid)."""
+    wanted, out = set(int(r) for r in rows), {}
+    for sh in manifest.splits[split].shards:
+        if any(sh.start <= r < sh.stop for r in wanted):
+            for sample in read_shard(manifest.shard_path(sh), sh.start, sh.stop, sh.sha256):
+                if sample.row in wanted:
+                    out[sample.row] = decode_sample(sample, manifest.channels)
+    return out
+
+
 def decode_sample(sample: Sample, channels: int, scale: int = 1) -> torch.Tensor:
     """`decode_image` of a shard's sample (`decode_reduced` when `scale` > 1); a failure names the shard and
     the key (prepare decodes every image with the same decoder, so only a shard written before that check can hold one)."""

@@ -52,10 +52,47 @@ def checks(summary: dict[str, list[dict]], ncm: list[dict], views: int = HEADLIN
              (f"uniform A={views} MiB", cache_bytes.get(f"uniform A={views}", 0) / 2**20)]
         line(f"draws A = {views} cache bytes within 5% of the uniform A = {views} cache", b,
              abs(b[0][1] / b[1][1] - 1) <= 0.05 if b[1][1] else None)
+    out += comparison_checks(summary)
     for alloc in ALLOCATIONS:
         fid = [("cache", _mean(by_views, f"{alloc} A={views}")),
                ("teachers on the stored views", _mean(by_views, f"{alloc} A={views}, teachers on the stored views"))]
         line(f"fidelity, {alloc} A = {views}: cached targets train like the teachers run on the same views "
              "(within 1 point, seed noise)", fid,
              None if any(v is None for _, v in fid) else abs(fid[0][1] - fid[1][1]) <= 1.0)
+    return out
+
+
+TABLE4_BASELINES = ("LWS", "τ-norm", "Logit Adjustment", "Balanced Softmax", "cRT")
+
+
+def comparison_checks(summary: dict[str, list[dict]]) -> list[str]:
+    """Table 4's and Section 4.3's claims: CBD above the field's baselines and above longer-trained baselines,
+    CBD_ENS below the upper bound."""
+    t4, ctl = summary.get("table4", []), summary.get("controls", [])
+    out = []
+
+    def line(claim: str, top: tuple[str, float | None], others: list[tuple[str, float | None]], above: bool = True):
+        values = [top, *others]
+        nums = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} –" for k, v in values)
+        if any(v is None for _, v in values):
+            verdict = "not yet run"
+        else:
+            holds = all((top[1] > v) if above else (top[1] < v) for _, v in others)
+            verdict = "holds" if holds else "**does not hold**"
+        out.append(f"- {claim}: {verdict} ({nums}).")
+
+    if t4:
+        line("CBD > LWS, cRT and Logit Adjustment (the paper's Table 4)", ("CBD", _mean(t4, "CBD")),
+             [(m, _mean(t4, m)) for m in ("LWS", "cRT", "Logit Adjustment")])
+        line("CBD_ENS > every baseline of Table 4 here (" + ", ".join(TABLE4_BASELINES) + ")",
+             ("CBD_ENS", _mean(t4, "CBD_ENS")), [(m, _mean(t4, m)) for m in TABLE4_BASELINES])
+    if ctl:
+        cbd = ("CBD", _mean(t4, "CBD") if t4 else None)
+        line("CBD > Standard-Instance trained twice as long, and > cRT trained as long as the student "
+             "(the gain is not more training)", cbd,
+             [(m, _mean(ctl, m)) for m in ("Standard-Instance, 2x epochs", "cRT, the student's epochs")])
+        if _row(ctl, "Upper bound") is not None:
+            line("CBD_ENS < the upper bound (features learnt from the whole balanced training set)",
+                 ("CBD_ENS", _mean(t4, "CBD_ENS") if t4 else None), [("upper bound", _mean(ctl, "Upper bound"))],
+                 above=False)
     return out

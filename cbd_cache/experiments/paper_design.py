@@ -1,11 +1,16 @@
 """The paper table's design: which runs each section trains, and with which `--set`s.
 
 Table 2 (single-stage baselines, fine-tuning, cRT, CBD, CBD_ENS), Figure 3 (alpha for feature /
-logit / hybrid distillation), Table 1 (teacher mix) and the view study (the view budget A for both
-allocations, next to the online mode, with the fidelity runs), each over `SEEDS`. One export with
-A = 16 views and teacher logits serves every row of its allocation: view a does not depend on A, so
-`student.views = V` is exactly an A = V export, and the default A = 8 is `student.views = 8`. The
-view study's other allocation gets its own A = 16 export, `W/cache_<allocation>.zarr`.
+logit / hybrid distillation), Table 1 (teacher mix), the view study (the view budget A for both
+allocations, next to the online mode, with the fidelity runs), Table 4 (the field's baselines:
+tau-norm, LWS, logit adjustment, Balanced Softmax, beside cRT and CBD) and the control experiments
+(longer baselines, the upper bound), each over `SEEDS`. One export with A = 16 views and teacher
+logits serves every row of its allocation: view a does not depend on A, so `student.views = V` is
+exactly an A = V export, and the default A = 8 is `student.views = 8`. The view study's other
+allocation gets its own A = 16 export, `W/cache_<allocation>.zarr`.
+
+A row trained from another row's model names it `student.init=students/@<label>`: that row's run of
+the same seed (or of its one seed), resolved by `all_runs`; such rows train after the others.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import Sequence
 
 from cbd_cache.config import DISTILL, Config
 from cbd_cache.data.sampling import ALLOCATIONS
+from cbd_cache.data.sources import has_balanced_train
 from cbd_cache.experiments.sweep import Run, make_runs
 
 BASE = ("export.views=16", "export.logits=true", "student.views=8")
@@ -40,19 +46,37 @@ PAPER_TABLE2 = {"Standard-Instance": (66.6, 40.4, 13.0, 46.7), "Standard-Class-B
 PAPER_NCM = {"Standard-Instance": 49.0, "CBD": 50.7, "CBD_ENS": 54.0}
 
 
+# Table 4 (ImageNet-LT, ResNet-50; logit adjustment gives "all" only) and Section 4.3's controls, top-1 "all".
+PAPER_TABLE4 = {"LWS": (57.1, 45.2, 29.3, 47.7), "cRT": (58.8, 44.0, 26.1, 47.3),
+                "Logit Adjustment": (None, None, None, 51.1), "CBD": PAPER_TABLE2["CBD"],
+                "CBD_ENS": PAPER_TABLE2["CBD_ENS"]}
+PAPER_CONTROLS = {"Standard-Instance, 2x epochs": 47.1, "cRT, the student's epochs": 50.1, "Upper bound": 73.5}
+
+
 NCM_METHODS = ("Standard-Instance", "Standard-Class-Bal", "Fine-tuning", "CBD", "CBD_ENS")
 
 
 PER_CLASS = ("Standard-Instance", "cRT", "CBD_ENS")
 
 
-# What the paper's claims rest on is trained first, so a partial table already answers them.
-PRIORITY = ("Standard-Instance", "cRT", "CBD", "CBD_ENS", "uniform A=8", "draws A=8", "online",
+UPPER_EXTRACTOR = "Upper bound: feature extractor (full balanced training set)"
+
+
+# What the paper's claims rest on is trained first, so a partial table already answers them; the upper bound's
+# extractor (the student's epochs over the whole balanced set: the longest run) starts early, beside the rest.
+PRIORITY = ("Standard-Instance", "cRT", "CBD", "CBD_ENS", UPPER_EXTRACTOR,
+            "uniform A=8", "draws A=8", "online",
             "uniform A=8, teachers on the stored views", "draws A=8, teachers on the stored views",
             "logit, alpha=0.4", "hybrid, alpha=0.4")
 
 
-SECTION_KEYS = ("table2", "views", "alpha", "mix")
+SECTION_KEYS = ("table2", "views", "alpha", "mix", "table4", "controls")
+
+
+REF = "students/@"        # student.init=students/@<label>: the run of that row
+
+
+FIGURE_MODELS = ("Standard-Instance", "CBD_ENS")    # Figures 1 and 4: Instance vs CBD_ENS, seed 0
 
 
 HEADLINE_VIEWS = 8       # the view study's headline budget: its fidelity runs and the issue's checks
@@ -68,14 +92,19 @@ def first_aug(cfg: Config) -> str | None:
     return next((t.name for t in cfg.teachers if t.type == "data_aug"), None)
 
 
+INSTANCE = ("student.targets=none", "student.sampling=instance")
+CRT = ("student.targets=none", "student.classifier_only=true")
+CRT_EPOCHS = 10
+
+
 def table2(cfg: Config) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """Table 2's rows as `--set` lists. cRT trains 10 epochs: Kang et al.'s cRT schedule (the CBD paper
     takes cRT from them and gives no schedule of its own), not the student's 90 / 200."""
     s1, a1 = stage1(cfg), first_aug(cfg)
     finetune = ("student.targets=none", "student.lr=0.01", "student.epochs=10")
-    crt = ("student.targets=none", "student.classifier_only=true", "student.epochs=10")
+    crt = (*CRT, f"student.epochs={CRT_EPOCHS}")
     rows = [
-        ("Standard-Instance", ("student.targets=none", "student.sampling=instance")),
+        ("Standard-Instance", INSTANCE),
         ("Standard-Class-Bal", ("student.targets=none",)),
         ("Data-aug-Instance", ("student.targets=none", "student.type=data_aug", "student.sampling=instance")),
         ("Data-aug-Class-Bal", ("student.targets=none", "student.type=data_aug")),
@@ -131,10 +160,52 @@ def fifth_teacher(cfg: Config) -> tuple[str, ...]:
     return (f'teachers.{name}={{type = "data_aug", seed = {max(t.seed for t in cfg.teachers) + 1}}}',)
 
 
+def table4(cfg: Config) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Table 4's rows: the field's baselines from the same stage-1 models, beside cRT, CBD and CBD_ENS.
+
+    LWS trains on the first standard teacher's cached descriptors, as cRT does (10 epochs). Logit
+    adjustment adjusts the Standard-Instance logits. tau-normalisation needs a classifier whose row
+    norms matter, and this tool's cosine classifier normalises them (every tau would give the same
+    model), so its stage 1 is Standard-Instance with a linear head. Both choose tau on val.
+    """
+    rows = dict(table2(cfg))
+    return (("Standard-Instance", INSTANCE),
+            ("Standard-Instance (linear head)", (*INSTANCE, "student.head=linear")),
+            ("τ-norm", ("student.targets=none", "student.rebalance=tau_norm",
+                        f"student.init={REF}Standard-Instance (linear head)")),
+            ("LWS", ("student.targets=none", "student.rebalance=lws", f"student.epochs={CRT_EPOCHS}",
+                     f"student.init=teachers/{stage1(cfg)}")),
+            ("Logit Adjustment", ("student.targets=none", "student.rebalance=logit_adjust",
+                                  f"student.init={REF}Standard-Instance")),
+            ("Balanced Softmax", (*INSTANCE, "student.loss=balanced_softmax")),
+            *((m, rows[m]) for m in ("cRT", "CBD", "CBD_ENS")))
+
+
+def upper_bound_sets(cfg: Config, root: Path) -> tuple[str, ...] | None:
+    """The --set items of the data the upper bound's extractor trains on: the source's whole balanced training
+    set (`data.profile=none`, prepared into W/data_full); None when the source has none."""
+    if not has_balanced_train(cfg.data):
+        return None
+    return ("data.profile=none", f"pipeline.data_url={Path(root) / 'data_full'}")
+
+
+def controls(cfg: Config, root: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Section 4.3: Standard-Instance at twice the epochs, cRT at the student's epochs, and the upper bound: an
+    extractor trained on the full balanced set (one, seed 0), frozen, under a class-balanced cRT classifier."""
+    rows = [("Standard-Instance, 2x epochs", (*INSTANCE, f"student.epochs={2 * cfg.student.epochs}")),
+            ("cRT, the student's epochs", (*CRT, f"student.epochs={cfg.student.epochs}",
+                                           f"student.init=teachers/{stage1(cfg)}"))]
+    if (full := upper_bound_sets(cfg, root)) is not None:
+        rows += [(UPPER_EXTRACTOR, (*INSTANCE, *full)),
+                 ("Upper bound", (*CRT, f"student.epochs={CRT_EPOCHS}", f"student.init={REF}{UPPER_EXTRACTOR}"))]
+    return tuple(rows)
+
+
 @dataclass(frozen=True)
 class Section:
     key: str
     points: tuple[tuple[str, tuple[str, ...]], ...]     # (label, student --set items)
+    seeds: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (label, its seeds) where not SEEDS
 
 
 def allocation_sets(cfg: Config, root: Path, allocation: str) -> tuple[str, ...]:
@@ -163,11 +234,37 @@ def sections(cfg: Config, root: Path) -> list[Section]:
     mixes = tuple((m.label, () if m.teachers == default else (f"student.teachers=[{','.join(m.teachers)}]",))
                   for m in teacher_mixes(cfg) if m.teachers)
     return [Section("table2", table2(cfg)), Section("views", views_points(cfg, root)), Section("alpha", fig3),
-            Section("mix", mixes)]
+            Section("mix", mixes), Section("table4", table4(cfg)),
+            Section("controls", controls(cfg, root), ((UPPER_EXTRACTOR, (0,)),))]
+
+
+def resolve(item: str, seed: int, names: dict[tuple[str, int], str]) -> str:
+    """`student.init=students/@<label>` -> that label's run of `seed` (or of its one seed); other items as they are."""
+    key, _, value = item.partition("=")
+    if not value.startswith(REF):
+        return item
+    label = value[len(REF):]
+    seeds = sorted(s for lab, s in names if lab == label)
+    return f"{key}=students/{names[(label, seed if seed in seeds else seeds[0])]}"
 
 
 def all_runs(cfg: Config, base: Sequence[str], root: Path) -> dict[str, list[Run]]:
-    return {s.key: make_runs(cfg.source, base, s.points, SEEDS) for s in sections(cfg, root)}
+    """Every section's runs, each row x its seeds, with `students/@<label>` references resolved (to earlier rows)."""
+    out, names = {}, {}
+    for s in sections(cfg, root):
+        seeds, runs = dict(s.seeds), []
+        for label, sets in s.points:
+            for seed in seeds.get(label, SEEDS):
+                run = make_runs(cfg.source, base, [(label, tuple(resolve(x, seed, names) for x in sets))], [seed])[0]
+                names[(label, seed)] = run.name
+                runs.append(run)
+        out[s.key] = runs
+    return out
+
+
+def needs_student(run: Run) -> bool:
+    """The run starts from another student run (which must be trained first)."""
+    return any(o.startswith("student.init=students/") for o in run.overrides)
 
 
 def training_order(runs: dict[str, list[Run]]) -> list[Run]:

@@ -13,6 +13,7 @@ from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.sampling import ALLOCATIONS
 from cbd_cache.data.shards import read_labels
 from cbd_cache.experiments.paper_checks import _row, checks
+from cbd_cache.experiments.paper_comparison import comparison_lines, summary_lines
 from cbd_cache.experiments.paper_design import (
     ALPHAS,
     HEADLINE_VIEWS,
@@ -76,6 +77,7 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
     base_overrides_added = [o for o in base if o.startswith("teachers.")]
     sweep = f"cbd-cache sweep --pipeline {shlex.quote(cfg.source)} --workdir {shlex.quote(str(wd.root))} {sets}"
     total = timing.total()
+    check_lines = checks(summary, ncm, HEADLINE_VIEWS, cache_bytes)
     lines = [
         f"# The paper's protocol on {name}, {len(SEEDS)} seeds",
         "",
@@ -89,7 +91,8 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
         f"Data: {manifest.train.num_samples} training images in {len(counts)} classes, {max(counts)} down to "
         f"{min(counts)} per class ("
         + ", ".join(f"{groups.count(g)} {g}-shot" for g in SHOT_GROUPS)
-        + f"), {manifest.splits[manifest.eval_split].num_samples} {manifest.eval_split} images. One export: {len(base_cfg.teachers)} teachers "
+        + f"), {manifest.splits[manifest.eval_split].num_samples} {manifest.eval_split} images; val: "
+        f"{manifest.source.get('val', 'none')}. One export: {len(base_cfg.teachers)} teachers "
         f"x A = {base_cfg.export.views} views, with logits; A = {base_cfg.student.views} "
         f"(`student.views={base_cfg.student.views}`) everywhere else.",
         "",
@@ -99,9 +102,7 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
         f"{format_seconds(timing.total('student'))}, NCM {format_seconds(timing.total('ncm'))}), summed over "
         f"the chunks it ran in (`{wd.root}/paper_table_timing.json`).",
         "",
-        "## Checks",
-        "",
-        *checks(summary, ncm, HEADLINE_VIEWS, cache_bytes),
+        *summary_lines(summary, ncm, check_lines),
         "",
         "## Table 2: long-tailed recognition",
         "",
@@ -112,18 +113,19 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
         paper = PAPER_TABLE2.get(r["label"])
         ptxt = f"{paper[3]} ({paper[0]} / {paper[1]} / {paper[2]})" if paper else "–"
         settings = " ".join(f"`{s.split('.', 1)[1]}`" for s in sets_of[r["label"]]) or "(defaults)"
-        rows.append([r["label"], settings, *(pm(r[m]) for m in METRICS), seeds_text(r), ptxt])
+        rows.append([r["label"], settings, *(pm(r[m]) for m in (*METRICS, "ece")), seeds_text(r), ptxt])
     if first_aug(base_cfg) is None:
         rows.append(["Fine-tuning (data-aug), cRT (data-aug)", "not run: the pipeline has no data-aug teacher",
-                     *["–"] * 6])
-    lines += table(["method", "student settings", "top-1", "many", "medium", "few", "seeds",
-                    "paper ImageNet-LT all (many / med / few)"], rows, "llrrrrrl")
+                     *["–"] * 7])
+    lines += table(["method", "student settings", "top-1", "many", "medium", "few", "ECE", "seeds",
+                    "paper ImageNet-LT all (many / med / few)"], rows, "llrrrrrrl")
     lines += ["", "## Table 3: NCM on each model's features", "",
               "Features centred on the training mean, L2-normalised; nearest class mean. `cbd-cache ncm "
               f"--workdir {wd.root} MODEL [--features cache]` computes one.", ""]
     lines += table(["features", "top-1", "many", "medium", "few", "models", "paper ImageNet-LT all"],
                    [[r["label"], *(pm(r[m]) for m in METRICS), seeds_text(r), PAPER_NCM.get(r["label"], "–")]
                     for r in ncm])
+    lines += comparison_lines(base_cfg, wd, manifest, summary, runs, out, name)
     alpha_rows = summary["alpha"]
     lines += ["", f"## Figure 3: top-1 against alpha (teacher {stage1(base_cfg)}, K = 1)", "",
               f"![alpha]({plots['alpha'].name})", ""]
@@ -137,7 +139,7 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
               "each), K = 3 (one standard + two data-aug), K = 4 (two + two), K = 5 (two standard + three data-aug)."
               + (f" The fifth teacher is trained for this table only (`--set {base_overrides_added[0]}`)."
                  if base_overrides_added else ""), ""]
-    mix_sets = dict(sections(base_cfg, wd.root)[-1].points)
+    mix_sets = dict(next(s for s in sections(base_cfg, wd.root) if s.key == "mix").points)
     std_n = sum(t.type == "standard" for t in base_cfg.teachers)
     rows = []
     for m in teacher_mixes(base_cfg):

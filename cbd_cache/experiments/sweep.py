@@ -225,9 +225,10 @@ def summarise(runs: Sequence[Run], wd: Workdir) -> list[dict[str, Any]]:
     for row in rows.values():
         reports = [rep for rep in row.pop("reports") if rep is not None]
         row["complete"] = len(reports) == len(row["runs"])
-        for m in METRICS:
+        for m in (*METRICS, "ece"):
             values = [rep[m] for rep in reports if rep.get(m) is not None]
             row[m] = stats(values)
+        row["taus"] = [rep["selection"]["tau"] for rep in reports if "selection" in rep]   # chosen on val
         per_class = [rep["per_class"] for rep in reports]
         row["per_class"] = np.mean(np.array(per_class, dtype=float), axis=0).round(3).tolist() if per_class else None
         row["train_counts"] = reports[0]["train_counts"] if reports else None
@@ -249,8 +250,8 @@ def seeds_text(row: dict[str, Any]) -> str:
 
 
 def markdown(rows: Sequence[dict[str, Any]], header: str = "setting") -> str:
-    return markdown_table([header, "top-1", "many", "medium", "few", "seeds"],
-                          ([r["label"], *(pm(r[m]) for m in METRICS), seeds_text(r)] for r in rows))
+    return markdown_table([header, "top-1", "many", "medium", "few", "ECE", "seeds"],
+                          ([r["label"], *(pm(r[m]) for m in (*METRICS, "ece")), seeds_text(r)] for r in rows))
 
 
 def run_sweep(cfg: Config, wd: Workdir, runtime: Runtime, grid: list[tuple[str, list[str]]], seeds: Sequence[int],

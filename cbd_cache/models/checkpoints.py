@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from cbd_cache.errors import FileDamaged, NonFiniteLoss
-from cbd_cache.models.networks import Network
+from cbd_cache.models.networks import Network, head_of
 from cbd_cache.system.storage import atomic_write_bytes
 from cbd_cache.workdir import rebuild_command
 
@@ -17,9 +17,9 @@ def network_spec(net: Network, arch: str, in_channels: int, num_classes: int, ga
     """What rebuilds the network: architecture, sizes, head and the input normalisation it was trained with."""
     net = _unwrap(net)
     proj = net.projection[0].out_features if isinstance(net.projection, torch.nn.Sequential) else 0
-    head = "linear" if isinstance(net.classifier, torch.nn.Linear) else "cosine"
+    head, per_class = head_of(net.classifier)
     return {"arch": arch, "in_channels": in_channels, "num_classes": num_classes, "gamma": gamma,
-            "projection_dim": proj, "descriptor_dim": net.dim, "head": head,
+            "projection_dim": proj, "descriptor_dim": net.dim, "head": head, "per_class": per_class,
             "mean": _decimal(net.mean), "std": _decimal(net.std)}
 
 
@@ -79,7 +79,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
     try:
         spec, state = ckpt["network"], ckpt["state_dict"]
         net = Network(spec["arch"], spec["in_channels"], spec["num_classes"], spec["gamma"], spec["projection_dim"],
-                      spec["head"], spec["mean"], spec["std"])
+                      spec["head"], spec["mean"], spec["std"], spec.get("per_class", False))
         refuse_non_finite(path, state, f"train it again with a lower lr: {rebuild_command(path)}")
         net.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError) as e:   # a file of another layout, or weights of another network

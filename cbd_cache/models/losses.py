@@ -10,6 +10,9 @@ mean of their softened distributions:
     L = (1 - alpha) * CE(z, y) + alpha * T^2 * KL(p_t || softmax(z / T)),  p_t = mean_k softmax(z_k / T)
 Hybrid adds both distillation terms under the one alpha:
     L = (1 - alpha) * CE(z, y) + alpha * (beta * (1 - cos(e, t)) + T^2 * KL(p_t || softmax(z / T)))
+
+Balanced Softmax (Ren et al. 2020; Menon et al.'s logit-adjusted loss at tau = 1), a single-stage loss:
+    L = CE(z + log pi, y),  pi the training class prior; the model predicts with z alone.
 """
 from __future__ import annotations
 
@@ -72,3 +75,14 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, e: torch.Tenso
         stats["distill"] = feature.detach()
         term = beta * feature + kd
     return (1.0 - alpha) * ce + alpha * term, stats
+
+
+def log_prior(class_counts: list[int]) -> torch.Tensor:
+    """log pi_j, the training class prior, float32; a class with no training image counts as one (stays finite)."""
+    counts = torch.tensor(class_counts, dtype=torch.float64).clamp(min=1)
+    return (counts / counts.sum()).log().float()
+
+
+def balanced_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, prior_log: torch.Tensor) -> torch.Tensor:
+    """CE(z + log pi, y): Balanced Softmax; `prior_log` from `log_prior`."""
+    return F.cross_entropy(logits.float() + prior_log.to(logits.device), labels)

@@ -24,7 +24,7 @@ import torchvision
 
 from cbd_cache.models.archs import SMALL_DEPTHS, TIMM, TORCHVISION, _timm, arch_error
 
-HEADS = ("cosine", "linear")   # cosine: this tool's classifier; linear: an imported model's own fc (with bias)
+HEADS = ("cosine", "linear")   # cosine: this tool's classifier; linear: W e + b (an imported model's own fc, or a student's)
 
 
 class BasicBlock(nn.Module):
@@ -134,16 +134,32 @@ class CosineClassifier(nn.Module):
         return self.gamma * F.linear(F.normalize(e, dim=1), F.normalize(self.weight, dim=1))
 
 
+class PerClassHead(nn.Module):
+    """z_j = scale_j * base(e)_j + bias_j on a classifier `base`: LWS learns `scale` (Kang et al.) with `base`
+    frozen; post-hoc logit adjustment sets `bias` = -tau * log prior (Menon et al.)."""
+
+    def __init__(self, base: nn.Module, num_classes: int):
+        super().__init__()
+        self.base = base
+        self.scale = nn.Parameter(torch.ones(num_classes))
+        self.register_buffer("bias", torch.zeros(num_classes))
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.base(e) + self.bias
+
+
 class Network(nn.Module):
     """Input normalisation, f, optional h, classifier. `forward` returns (logits, e): e is what distillation compares.
 
-    `head` is "cosine" (this tool's models) or "linear" (an imported model's own fc, bias included).
+    `head` is "cosine" (this tool's models) or "linear" (W e + b: an imported model's own fc, or a student's
+    `student.head = "linear"`); `per_class` wraps it in a `PerClassHead` (LWS, logit adjustment).
     `mean` / `std` (per channel, on [0, 1] pixels) default to the architecture's (`input_normalization`).
     They are buffers outside the state dict: the checkpoint's network spec records them.
     """
 
     def __init__(self, arch: str, in_channels: int, num_classes: int, gamma: float, projection_dim: int = 0,
-                 head: str = "cosine", mean: list[float] | None = None, std: list[float] | None = None):
+                 head: str = "cosine", mean: list[float] | None = None, std: list[float] | None = None,
+                 per_class: bool = False):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head={head!r}: must be one of {HEADS}")
@@ -155,6 +171,8 @@ class Network(nn.Module):
                            if projection_dim else nn.Identity())
         out = projection_dim or self.dim
         self.classifier = CosineClassifier(out, num_classes, gamma) if head == "cosine" else nn.Linear(out, num_classes)
+        if per_class:
+            self.classifier = PerClassHead(self.classifier, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The descriptor v = f((x - mean) / std): what a teacher exports, and what NCM and cRT use."""
@@ -170,3 +188,10 @@ def projection_dim(student_dim: int, teacher_dims: list[int]) -> int:
     if not teacher_dims or (len(teacher_dims) == 1 and teacher_dims[0] == student_dim):
         return 0
     return sum(teacher_dims)
+
+
+def head_of(classifier: nn.Module) -> tuple[str, bool]:
+    """(head, per_class) of a classifier module, as the network spec records them."""
+    per_class = isinstance(classifier, PerClassHead)
+    base = classifier.base if per_class else classifier
+    return ("linear" if isinstance(base, nn.Linear) else "cosine"), per_class

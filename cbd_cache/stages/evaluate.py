@@ -32,7 +32,7 @@ def evaluate_checkpoint(folder: Path, name: str, kind: str, manifest: Manifest, 
         except FileDamaged as e:        # only a record of what evaluation gives: evaluate again
             log(f"[evaluate] {str(e).split('; write it again')[0]}; evaluating {name} again")
         if (report.get("checkpoint_sha256") == sha and report.get("manifest_fingerprint") == manifest.fingerprint
-                and set(manifest.eval_splits) <= set(split_reports(report))):
+                and set(manifest.eval_splits) <= set(split_reports(report)) and "calibration" in report):
             return report
     net, _ = load_checkpoint(ckpt)
     report = evaluate_splits(net, manifest, cfg, runtime)
@@ -42,7 +42,7 @@ def evaluate_checkpoint(folder: Path, name: str, kind: str, manifest: Manifest, 
     write_evaluation(folder, cfg.pipeline.tensorboard, report["splits"], history[-1]["step"] if history else 0)
     for split, r in report["splits"].items():
         log(f"[evaluate] {kind} {name} {split}: top-1 {r['top1']:.2f}  many {fmt(r['many'])}  "
-            f"medium {fmt(r['medium'])}  few {fmt(r['few'])}")
+            f"medium {fmt(r['medium'])}  few {fmt(r['few'])}  ECE {fmt(r['ece'])}")
     return report
 
 
@@ -80,7 +80,8 @@ def evaluate_workdir(cfg: Config, wd: Workdir, runtime: Runtime) -> list[dict[st
         md = f"# Results: {cfg.pipeline.name}\n\n" + "\n".join(
             f"## {s} ({manifest.splits[s].num_samples} images)\n\n{tables[s]}" for s in splits)
     wd.results_md.write_text(md)
-    write_json(wd.results_json, [{**{k: r[k] for k in ("model", "kind", "top1", "many", "medium", "few", "per_class")},
-                                  "splits": {s: {k: split_reports(r)[s][k] for k in ("top1", "many", "medium", "few")}
-                                             for s in splits}} for r in rows])
+    keys = ("top1", "many", "medium", "few", "ece")
+    write_json(wd.results_json, [{**{k: r[k] for k in ("model", "kind", *keys, "per_class")},
+                                  "splits": {s: {k: split_reports(r)[s][k] for k in keys} for s in splits}}
+                                 for r in rows])
     return rows

@@ -9,6 +9,9 @@ number of views, so each class mean still weighs its images equally) or from run
 """
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,10 +25,10 @@ from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.system.digests import file_sha256
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
-from cbd_cache.system.storage import write_json
+from cbd_cache.system.storage import atomic_write_bytes, write_json
 from cbd_cache.train.evaluation import accuracy_report, eval_loader, predict
 from cbd_cache.views import ViewSpec
-from cbd_cache.workdir import CHECKPOINT, Workdir, read_run_json
+from cbd_cache.workdir import CHECKPOINT, Workdir, kept_features, read_run_json
 from cbd_cache.workdir import ncm_report as ncm_report_path
 
 SOURCES = ("images", "cache")
@@ -65,10 +68,24 @@ def _model_features(net, manifest: Manifest, split: str, cfg: Config, runtime: R
     return predict(runtime.prepare_model(net), loader, runtime, features=True)
 
 
-def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str = "images") -> dict[str, Any]:
+def load_kept_features(folder: Path, key: dict[str, Any] | None = None) -> dict[str, np.ndarray] | None:
+    """The features `ncm_report(keep_features=True)` kept for the model in `folder` (float32), if they match `key`."""
+    path = kept_features(folder)
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        if key is not None and json.loads(str(f["key"])) != json.loads(json.dumps(key)):
+            return None
+        return {k: (f[k].astype(np.float32) if k.endswith("_features") else f[k]) for k in f.files if k != "key"}
+
+
+def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str = "images",
+               keep_features: bool = False) -> dict[str, Any]:
     """NCM test accuracy (top-1, many / medium / few, per class) of the model `ref` (teachers/<name>, students/<run>).
 
     Written to `<model>/ncm_<source>.json` and reused while the checkpoint, data and cache are unchanged.
+    `keep_features` (images only) also keeps the pass's features of every split, val included, in
+    `<model>/features_images.npz` (float16): what the paper table's figures are drawn from.
     """
     if source not in SOURCES:
         raise ValueError(f"NCM features from {source!r}; expected one of {SOURCES}")
@@ -86,6 +103,7 @@ def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str
         reader = CacheReader(wd.cache, manifest, [name], checkpoint_hashes={name: key["checkpoint_sha256"]})
         key["views_per_image"] = reader.views
         key["allocation"] = reader.prov["allocation"]
+    keep = keep_features and source == "images"
     out = ncm_report_path(folder, source)
     if out.is_file():
         try:
@@ -93,7 +111,7 @@ def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str
         except FileDamaged as e:        # only a record of what NCM gives: compute it again
             log(f"[ncm] {str(e).split('; write it again')[0]}; computing it again")
             report = {}
-        if all(report.get(k) == v for k, v in key.items()):
+        if all(report.get(k) == v for k, v in key.items()) and (not keep or load_kept_features(folder, key)):
             return report
     net, _ = load_checkpoint(ckpt)
     if reader is not None:
@@ -107,6 +125,15 @@ def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str
     test = _model_features(net, manifest, manifest.eval_split, cfg, runtime)
     preds = ncm_predict(test["features"], center, means)
     report = {**accuracy_report(test["labels"], preds, manifest.train.class_counts), **key, "model": ref}
+    if keep:
+        splits = {"train": out_train, manifest.eval_split: test}
+        for split in [s for s in manifest.eval_splits if s not in splits]:   # val: Figure 1's PCA
+            splits[split] = _model_features(net, manifest, split, cfg, runtime)
+        arrays = {f"{s}_{k}": (v[k].astype(np.float16) if k == "features" else v[k])
+                  for s, v in splits.items() for k in ("features", "labels")}
+        buf = io.BytesIO()
+        np.savez(buf, key=json.dumps(key), **arrays)
+        atomic_write_bytes(kept_features(folder), buf.getvalue())
     write_json(out, report)
     log(f"[ncm] {ref} ({source} features): top-1 {report['top1']:.2f}")
     return report

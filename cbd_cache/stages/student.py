@@ -3,10 +3,12 @@
 targets = "cache"  reads each view's targets from the cache and replays that view: no teacher runs.
 targets = "none"   cross-entropy only: the single-stage baselines, and fine-tuning with `init`.
 distill            what is distilled: descriptors (feature, Eq. 2/4), logits (Eq. 3) or both (hybrid).
+loss               "balanced_softmax": Balanced Softmax, a single-stage baseline (targets = "none").
 The other second-stage trainers build on this module: `online.py` (targets = "online": the teachers
 run every step on fresh views; targets = "replay": they run on the cache's stored views, a fidelity
-check of the cache that must train like "cache" up to float16 rounding) and `crt.py`
-(classifier_only); `pipeline.train_student` picks one. This module never imports
+check of the cache that must train like "cache" up to float16 rounding), `crt.py` (classifier_only,
+and rebalance = "lws": a classifier on init's frozen features) and `rebalance.py` (rebalance =
+"tau_norm" / "logit_adjust": post-hoc, tau chosen on val); `pipeline.train_student` picks one. This module never imports
 teacher code: a cached student runs no teacher and loads none (tests/test_imports.py checks it).
 """
 from __future__ import annotations
@@ -18,16 +20,17 @@ from pathlib import Path
 
 from cbd_cache.cache.reader import CacheReader
 from cbd_cache.cache.schema import CACHE_SETTINGS
-from cbd_cache.config import Config, StudentCfg
+from cbd_cache.config import CHOSEN_ON_VAL, Config, StudentCfg
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.stream import CacheSpec, TrainStream
 from cbd_cache.errors import ConfigError
-from cbd_cache.models.checkpoints import load_checkpoint
+from cbd_cache.models.checkpoints import load_checkpoint, read_torch
+from cbd_cache.models.losses import log_prior
 from cbd_cache.models.networks import Network, descriptor_dim, projection_dim
 from cbd_cache.system.digests import file_sha256
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
-from cbd_cache.train.runs import RunPlan, flat_config, is_done, run_settings, student_run_name
+from cbd_cache.train.runs import RunPlan, flat_config, frozen_from_cache, is_done, run_settings, student_run_name
 from cbd_cache.train.skeleton import train_model
 from cbd_cache.train.steps import LossFn, cross_entropy_step, distillation_step
 from cbd_cache.views import ViewSpec
@@ -45,14 +48,22 @@ class StudentPlan(RunPlan):
     init: Path | None = None                            # the checkpoint fine-tuning and cRT start from
 
 
+REBALANCE_KINDS = {"lws": "LWS", "tau_norm": "tau-norm", "logit_adjust": "logit adjustment"}
+
+
 def student_kind(cfg: Config) -> str:
     s = cfg.student
     if s.classifier_only:
         return f"cRT ({s.init})"
+    if s.rebalance != "none":
+        return f"{REBALANCE_KINDS[s.rebalance]} ({s.init})"
     if s.targets == "none":
         if s.init:
             return f"fine-tuning ({s.init}, {s.sampling})"
-        return f"single-stage ({s.sampling})" if s.type == "standard" else f"single-stage (data_aug, {s.sampling})"
+        extra = "".join(f"{x}, " for x in ("data_aug" if s.type != "standard" else "",
+                                           "balanced softmax" if s.loss != "ce" else "",
+                                           "linear head" if s.head != "cosine" else "") if x)
+        return f"single-stage ({extra}{s.sampling})"
     method = "CBD" if s.distill == "feature" else f"{s.distill} distillation"
     return f"{method} K={len(cfg.student_teachers())} ({s.targets})"
 
@@ -77,7 +88,7 @@ def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
     teachers = cfg.student_teachers() if s.targets != "none" else []
     logits = s.distill != "feature"
     cache, provenance, dims, reader = None, {}, [], None
-    if s.classifier_only:
+    if frozen_from_cache(s):
         teacher = s.init.split("/", 1)[1]
         hashes = {teacher: file_sha256(ckpt)} if (ckpt := wd.teacher_checkpoint(teacher)).is_file() else {}
         reader = CacheReader(wd.cache, manifest, [teacher], s.views, checkpoint_hashes=hashes)
@@ -104,11 +115,43 @@ def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
     if s.distill == "logit":
         dims = []
     init = init_checkpoint(wd, s) if s.init else None
+    if s.rebalance != "none":
+        check_rebalance(cfg, manifest, init)
     recipe = {"settings": run_settings(cfg), "manifest": manifest.fingerprint, "teachers": provenance,
               "init": file_sha256(init) if init else None,
               "cache_schema": reader.prov["schema_version"] if reader else None}
     return StudentPlan(name, wd.student_dir(name), recipe, student_kind(cfg), "student", teachers, dims, cache,
                        provenance, init)
+
+
+SELECTION_SPLIT = "val"   # where anything is chosen (tau): never the split results report
+
+
+def selection_split(manifest: Manifest, what: str) -> str:
+    """The split choices are made on: val, when the data has one that is not also the reported split."""
+    if SELECTION_SPLIT not in manifest.splits:
+        raise ConfigError(f"{what} chooses tau on the val split, and this data has none (val: "
+                          f"{manifest.source.get('val', 'none')}); hold one out with --set data.val_per_class=N "
+                          "(a source cut by data.profile), or give --set student.tau=T")
+    if manifest.eval_split == SELECTION_SPLIT:
+        raise ConfigError(f"{what} chooses tau on the val split, but val is this data's only held-out split, the one "
+                          "results report (no test split): give --set student.tau=T chosen elsewhere")
+    return SELECTION_SPLIT
+
+
+def check_rebalance(cfg: Config, manifest: Manifest, init: Path) -> None:
+    """Refuse, before anything is written, a rebalancing that cannot mean anything or cannot choose honestly."""
+    s = cfg.student
+    what = f"student.rebalance={s.rebalance} on {s.init}"
+    head = read_torch(init)["network"]["head"]
+    if s.rebalance == "tau_norm" and head != "linear":
+        raise ConfigError(f"{what}: its classifier is cosine, which divides every row by its norm, so every tau gives "
+                          "the same model; tau-normalise a model trained with --set student.head=linear")
+    if s.rebalance == "lws" and head != "cosine" and frozen_from_cache(s):
+        raise ConfigError(f"{what}: its classifier is linear and the cache holds its descriptors L2-normalised, "
+                          "which a linear classifier does not see; use a cosine-head teacher, or cRT")
+    if s.rebalance in CHOSEN_ON_VAL and s.tau < 0:
+        selection_split(manifest, what)
 
 
 def already_done(plan: StudentPlan) -> bool:
@@ -143,12 +186,15 @@ def load_init(net: Network, ckpt: Path, ref: str) -> None:
 
 def train_student(cfg: Config, wd: Workdir, runtime: Runtime, plan: StudentPlan) -> Path:
     """A student with cached targets, or cross-entropy only (targets = "none")."""
-    if cfg.student.targets in ("online", "replay") or cfg.student.classifier_only:
-        raise ConfigError(f"[student {plan.name}] online or replayed targets and cRT train through pipeline.train_student")
+    s = cfg.student
+    if s.targets in ("online", "replay") or s.classifier_only or s.rebalance != "none":
+        raise ConfigError(f"[student {plan.name}] online or replayed targets, cRT and rebalancing train through "
+                          "pipeline.train_student")
     if already_done(plan):
         return plan.checkpoint
-    step_fn = (cross_entropy_step(runtime) if cfg.student.targets == "none"
-               else distillation_step(runtime, plan.dims, cfg.student))
+    prior = log_prior(Manifest.load(wd.manifest).train.class_counts) if s.loss == "balanced_softmax" else None
+    step_fn = (cross_entropy_step(runtime, prior) if s.targets == "none"
+               else distillation_step(runtime, plan.dims, s))
     return train_network(cfg, wd, runtime, plan, step_fn)
 
 
@@ -159,7 +205,7 @@ def train_network(cfg: Config, wd: Workdir, runtime: Runtime, plan: StudentPlan,
 
     def build() -> Network:
         net = Network(s.arch, manifest.channels, manifest.num_classes, s.gamma,
-                      projection_dim(descriptor_dim(s.arch), plan.dims))
+                      projection_dim(descriptor_dim(s.arch), plan.dims), head=s.head)
         if plan.init:
             load_init(net, plan.init, s.init)
         return net

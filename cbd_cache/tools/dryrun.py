@@ -15,7 +15,7 @@ import torch
 from cbd_cache.cache.schema import default_chunk_views, make_layout
 from cbd_cache.config import Config
 from cbd_cache.data.longtail import SHOT_GROUPS, shot_group
-from cbd_cache.data.prepare import plan_splits
+from cbd_cache.data.prepare import plan_splits, val_origin
 from cbd_cache.data.sampling import view_counts
 from cbd_cache.data.sources import open_source
 from cbd_cache.models.networks import Network, descriptor_dim
@@ -111,6 +111,7 @@ def dry_run(cfg: Config, runtime: Runtime) -> str:
     out = [f"dry run: {cfg.data.format} at {cfg.data.root}; nothing is written",
            "images listed: " + ", ".join(f"{s} {p.listed:,}" for s, p in plans.items())
            + (f"; {len(source.skipped)} label problems skipped (data.on_error=skip)" if source.skipped else ""),
+           f"val: {val_origin(source, cfg)}",
            f"training images after data.profile={cfg.data.profile}: {len(train.records):,} in {len(names)} classes "
            f"({', '.join(f'{groups.count(g)} {g}-shot' for g in SHOT_GROUPS)})",
            *source.summary(), "class counts (training images per class):", *histogram_lines(counts, names)]

@@ -59,6 +59,11 @@ def export_model(ckpt: Path, out: Path, manifest: Manifest, spec: ViewSpec, ref:
     if n["arch"].startswith(TIMM):
         raise ConfigError(f"--run {ref}: {n['arch']} is a timm model; export-model writes the torchvision and small "
                           "ResNets the README's loader rebuilds (load a timm model with timm and its checkpoint)")
+    if n.get("per_class") or (n["head"] == "linear" and n["projection_dim"]):
+        raise ConfigError(f"export-model: {ref} has a {'per-class scaled ' if n.get('per_class') else ''}{n['head']} "
+                          f"head{'' if n.get('per_class') else ' after a projection'} (LWS, logit adjustment, or "
+                          "student.head=linear with several teachers); model.json describes a cosine head, or a plain "
+                          "linear fc (an imported teacher's), so export one of those")
     out.mkdir(parents=True, exist_ok=True)
     weights = save({portable_name(k): v.contiguous() for k, v in net.state_dict().items()})
     atomic_write_bytes(out / "model.safetensors", weights)   # (write then rename, as every writer here)

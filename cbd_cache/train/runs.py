@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cbd_cache.cache.schema import CACHE_SETTINGS
-from cbd_cache.config import TABLES, Config, load_config
+from cbd_cache.config import TABLES, Config, StudentCfg, load_config
 from cbd_cache.models.checkpoints import save_checkpoint
 from cbd_cache.models.networks import Network
 from cbd_cache.system.digests import digest, file_sha256
@@ -49,7 +49,7 @@ def run_settings(cfg: Config) -> dict[str, Any]:
     augmentation that a `type = data_aug` student shares.
     """
     s = cfg.student
-    cached = s.targets in ("cache", "replay") or s.classifier_only
+    cached = s.targets in ("cache", "replay") or frozen_from_cache(s)
     used = set(cfg.student_teachers()) if s.targets != "none" else set()
     if s.init.startswith("teachers/"):
         used.add(s.init.split("/", 1)[1])
@@ -63,6 +63,11 @@ def run_settings(cfg: Config) -> dict[str, Any]:
         keys += ["teacher.aug_style", "teacher.noise_std", "teacher.jitter"]
     flat = flat_config(cfg)
     return {k: flat[k] for k in keys}
+
+
+def frozen_from_cache(s: StudentCfg) -> bool:
+    """cRT or LWS on a teacher: trained on its cached descriptors (on a student's features of the images otherwise)."""
+    return (s.classifier_only or s.rebalance == "lws") and s.init.startswith("teachers/")
 
 
 def _fields(obj: Any) -> list[str]:

@@ -1,4 +1,4 @@
-"""One training run, whatever it trains: seed -> build -> fit -> evaluate -> save.
+"""One training run, whatever it trains: seed -> build -> fit -> evaluate -> save (`finish_run`: evaluate -> save).
 
 Teachers, students and cRT differ only in what they hand in: the module to build (a network, or
 cRT's classifier), the stream, the step function, and how the trained module becomes the network
@@ -46,14 +46,26 @@ def train_model(plan: RunPlan, t: TrainCfg, build: Callable[[], torch.nn.Module]
     summaries.close()
     if not runtime.dist.main:   # under torchrun rank 0 evaluates and writes the run folder
         return plan.checkpoint
-    net = network(model)
+    return finish_run(plan, network(model), arch or t.arch, t.gamma, cfg, manifest, runtime, meta, history, wall_s,
+                      splits)
+
+
+def finish_run(plan: RunPlan, net: Network, arch: str, gamma: float, cfg: Config, manifest: Manifest,
+               runtime: Runtime, meta: dict[str, Any], history: list[dict], wall_s: float,
+               splits: tuple[str, ...] = (), report_extra: dict[str, Any] | None = None) -> Path:
+    """Evaluate `net` on the held-out split (and `splits`, logged first), then save the run folder (run.json last).
+
+    A run that trains nothing (post-hoc rebalancing) comes here directly, with an empty history;
+    `report_extra` goes into its eval.json (say, the tau it chose on val).
+    """
     held_out = manifest.eval_split
     reports = {s: evaluate_network(net, manifest, cfg, runtime, s) for s in (held_out, *splits)}
-    spec = network_spec(net, arch or t.arch, manifest.channels, manifest.num_classes, t.gamma)
+    spec = network_spec(net, arch, manifest.channels, manifest.num_classes, gamma)
     meta = {**meta, **{f"{s}_top1": reports[s]["top1"] for s in splits}, "test_top1": reports[held_out]["top1"],
             "train_wall_s": wall_s}
-    ckpt = save_run(plan.folder, net, spec, meta, plan.identity, history, reports[held_out], manifest.class_names)
-    write_evaluation(plan.folder, cfg.pipeline.tensorboard, reports, history[-1]["step"])
+    ckpt = save_run(plan.folder, net, spec, meta, plan.identity, history, {**reports[held_out], **(report_extra or {})},
+                    manifest.class_names)
+    write_evaluation(plan.folder, cfg.pipeline.tensorboard, reports, history[-1]["step"] if history else 0)
     log(f"[{plan.tag}] done in {wall_s:.0f}s: "
-        + ", ".join(f"{s} top-1 {reports[s]['top1']:.2f}" for s in (*splits, held_out)))
+        + ", ".join(f"{s} top-1 {reports[s]['top1']:.2f}, ECE {reports[s]['ece']:.2f}" for s in (*splits, held_out)))
     return ckpt

@@ -1,8 +1,8 @@
 """The step functions `fit` trains with: (model, batch) -> (loss, {term: value}), one per method.
 
-Cross-entropy (teachers, single-stage baselines, fine-tuning), cached distillation (the student:
-targets from the batch), online distillation (targets from teacher networks it is handed) and the
-classifier step of cRT (descriptors in, no backbone).
+Cross-entropy (teachers, single-stage baselines, fine-tuning, Balanced Softmax), cached distillation (the
+student: targets from the batch), online distillation (targets from teacher networks it is handed) and the
+classifier step of cRT and LWS on cached descriptors (descriptors in, no backbone).
 """
 from __future__ import annotations
 
@@ -12,19 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from cbd_cache.config import StudentCfg
-from cbd_cache.models.losses import distillation_loss, normalize_per_teacher, teacher_target
+from cbd_cache.models.losses import balanced_softmax_loss, distillation_loss, normalize_per_teacher, teacher_target
 from cbd_cache.system.runtime import Runtime
 
 # loss_fn(model, batch) -> (loss, {name: detached scalar tensor}); batch as TrainStream collates it
 LossFn = Callable[[torch.nn.Module, tuple], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def cross_entropy_step(runtime: Runtime) -> LossFn:
-    """Plain cross-entropy on the batch: teachers, and the single-stage and fine-tuning baselines."""
+def cross_entropy_step(runtime: Runtime, prior_log: torch.Tensor | None = None) -> LossFn:
+    """Plain cross-entropy on the batch: teachers, the single-stage and fine-tuning baselines, and cRT / LWS on
+    frozen features; with `prior_log` (`losses.log_prior`), Balanced Softmax."""
     def step(model: torch.nn.Module, batch: tuple):
         x, y = runtime.to_device(batch[0]), batch[1].to(runtime.device, non_blocking=True)
         logits, _ = model(x)
-        ce = F.cross_entropy(logits.float(), y)
+        ce = F.cross_entropy(logits.float(), y) if prior_log is None else balanced_softmax_loss(logits, y, prior_log)
         return ce, {"ce": ce.detach()}
     return step
 

@@ -72,11 +72,11 @@ class Summaries:
 
 
 def write_evaluation(folder: Path, enabled: bool, reports: dict[str, dict[str, Any]], step: int) -> None:
-    """Top-1 and many / medium / few of each report (by split name) at `step`; a group with no class is left out."""
+    """Top-1, many / medium / few and ECE of each report (by split name) at `step`; a group with no class is left out."""
     if not enabled or (writer := open_writer(folder)) is None:
         return
     for split, report in reports.items():
-        for key in ("top1", *SHOT_GROUPS):
+        for key in ("top1", *SHOT_GROUPS, "ece"):
             if report.get(key) is not None:
                 writer.add_scalar(f"{split}/{key}", report[key], step)
     writer.close()

@@ -32,7 +32,7 @@ if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
 __all__ = ["SPLITS", "DataError", "Record", "Source", "Unreadable", "encode_png", "open_source"]
 
 # data.format -> reader: a new format is one new file, registered here
-READERS = {"fashion_mnist": lambda cfg: FashionMNIST(cfg.root), "synthetic": Synthetic,
+READERS = {"fashion_mnist": FashionMNIST, "synthetic": Synthetic,
            "imagenet_lt": SplitLists, "inat": INaturalist, "imagefolder": ImageFolder, "glyphs": Glyphs,
            "cifar": CIFAR}
 
@@ -41,3 +41,8 @@ def open_source(cfg: DataCfg) -> Source:
     if cfg.format not in READERS:
         raise ConfigError(f"data.format={cfg.format!r}: no reader for this format")
     return READERS[cfg.format](cfg)
+
+
+def has_balanced_train(cfg: DataCfg) -> bool:
+    """The source's training split is a whole balanced set that the long-tail profile cuts (`Source.balanced_train`)."""
+    return READERS[cfg.format].balanced_train and cfg.profile != "none"

@@ -31,6 +31,8 @@ class Source(ABC):
     splits: tuple[str, ...] = ("train", "test")
     description: dict[str, Any]         # recorded in the manifest
     skipped: list[dict[str, Any]] = []  # label problems left out under data.on_error=skip (see LabelCheck)
+    balanced_train: bool = False        # the training split is a whole balanced set that data.profile cuts:
+                                        # the paper table's upper bound trains on all of it
 
     @abstractmethod
     def records(self, split: str) -> list[Record]:

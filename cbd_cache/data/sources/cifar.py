@@ -48,6 +48,7 @@ def load_pickle(path: Path) -> dict[bytes, Any]:
 
 class CIFAR(Source):
     channels = 3
+    balanced_train = True
 
     def __init__(self, cfg: DataCfg):
         folder, (train, test, meta, self.label_key, names_key) = find_layout(Path(cfg.root))

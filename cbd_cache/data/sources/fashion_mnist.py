@@ -4,11 +4,15 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cbd_cache.data.sources.base import Record, Source, encode_png
 from cbd_cache.errors import ConfigError
+
+if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+    from cbd_cache.config import DataCfg
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -42,11 +46,12 @@ def find_idx(root: Path, name: str) -> Path:
 class FashionMNIST(Source):
     class_names = FASHION_MNIST_CLASSES
     channels = 1
+    balanced_train = True
 
-    def __init__(self, root: str):
-        self.root = Path(root)
+    def __init__(self, cfg: DataCfg):
+        self.root = Path(cfg.root)
         if not self.root.is_dir():
-            raise ConfigError(f"data.root={root}: no such directory; {FASHION_MNIST_HINT}")
+            raise ConfigError(f"data.root={cfg.root}: no such directory; {FASHION_MNIST_HINT}")
         self.paths = {s: tuple(find_idx(self.root, n) for n in names) for s, names in FASHION_MNIST_FILES.items()}
         self.arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.description = {"format": "fashion_mnist", "root": str(self.root)}

@@ -16,10 +16,12 @@ class Synthetic(Source):
     """A learnable toy: class c is an oriented colour grating (hue c/C, angle pi*c/C) with random phase and noise.
 
     Generated from `data.seed` alone, so tests and the smoke pipeline need no files. The training
-    split has n_max images per class and is cut to the long-tail profile by `prepare` like any other.
+    split has n_max + `data.val_per_class` images per class and is cut to the long-tail profile by
+    `prepare` like any other; the val split is then held out of what the cut leaves (`prepare.hold_out_val`).
     """
 
     channels = 3
+    balanced_train = True
 
     def __init__(self, cfg: DataCfg):
         self.cfg = cfg
@@ -27,7 +29,7 @@ class Synthetic(Source):
         self.description = {"format": "synthetic", "num_classes": cfg.num_classes, "image_px": cfg.image_px}
 
     def records(self, split: str) -> list[Record]:
-        per_class = self.cfg.n_max if split == "train" else self.cfg.test_per_class
+        per_class = self.cfg.n_max + self.cfg.val_per_class if split == "train" else self.cfg.test_per_class
         return [Record(f"{split}-{c:03d}-{j:05d}", c, (split, c, j))
                 for c in range(self.cfg.num_classes) for j in range(per_class)]
 
