@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cbd_cache.cache.integrity import mend, shards_to_rewrite
+from cbd_cache.cache.integrity import mend, restore_root, shards_to_rewrite
 from cbd_cache.cache.schema import TeacherRecord, cache_counts, default_chunk_views, make_layout, provenance
 from cbd_cache.cache.writer import CacheWriter
 from cbd_cache.config import Config
@@ -79,6 +79,9 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime, repair: bool = Fals
     prov = provenance(manifest, cfg.pipeline.seed, spec.to_dict(), e.views, e.allocation, e.min_views, e.dtype,
                       layout, records, e.logits)
     d = runtime.dist
+    if d.main and repair and restore_root(wd.cache, prov, layout):
+        log(f"[export] repair: wrote {wd.cache}/zarr.json (the group's metadata) again from the pipeline's settings; "
+            "`cbd-cache cache verify` checks the descriptors against the teachers")
     writer = CacheWriter(wd.cache, prov, layout) if d.main else None   # one rank creates the store, then the others open it
     barrier()
     writer = writer or CacheWriter(wd.cache, prov, layout, create=False)
