@@ -37,6 +37,8 @@ from cbd_cache.workdir import Workdir
 
 class Context:
     def __init__(self, cfg: Config, workdir: Path):
+        if workdir.exists() and not workdir.is_dir():
+            raise ConfigError(f"--workdir {workdir} is a file, not a folder: choose another --workdir")
         self.cfg = cfg
         self.wd = Workdir(workdir, cfg.pipeline.data_url, cfg.pipeline.cache_url)
         self._runtime = None
@@ -104,6 +106,11 @@ class CLI(click.Group):
             line, code = interrupted_line(e, ctx.invoked_subcommand or "cbd-cache")
             click.echo(f"cbd-cache: {line}", err=True)
             sys.exit(code)
+        except click.UsageError as e:    # a bad option value: one line too
+            if e.ctx is None or ctx.params.get("debug"):
+                raise
+            click.echo(f"cbd-cache: error: {e.format_message().rstrip('.')}; see `{e.ctx.command_path} --help`", err=True)
+            sys.exit(2)
         except Exception as e:
             line = exit_line(e, ctx.invoked_subcommand)
             if line is None or ctx.params.get("debug"):
@@ -253,6 +260,8 @@ def predict(ctx: Context, paths: tuple[str, ...], ref: str, top_k: int, out: str
 
     Images are read as prepare reads them, under the workdir's evaluation view; a bad file is a row with its error.
     """
+    if out != "-" and Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a folder: give the CSV file's name (or - for stdout)")
     manifest = Manifest.load(ctx.wd.manifest)
     files = list_inputs(paths)
     k = min(top_k, manifest.num_classes)
@@ -322,7 +331,8 @@ def cache():
 
 
 @cache.command()
-@click.option("--rows", default=64, show_default=True, help="Random rows to recompute with the stored teachers.")
+@click.option("--rows", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Random rows to recompute with the stored teachers.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the row sample.")
 @click.option("--tolerance", default=5e-3, show_default=True, help="Largest cosine error (1 - cos) accepted.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")

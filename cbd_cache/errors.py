@@ -64,6 +64,8 @@ BAD_INPUT = (ConfigError, CacheError, FileNotFoundError)                        
 FAILED_STAGE = (NonFiniteLoss, JobsFailed, Busy, ShardDamaged, CacheDamaged, FileDamaged)    # exit 1
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)                                          # exit 1: free space, run again
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)                          # exit 2: another --workdir
+WRONG_KIND = {errno.EISDIR: "is a folder where a file belongs", errno.ENOTDIR: "lies under a file, not a folder",
+              errno.EEXIST: "is a file where a folder belongs"}                 # exit 2: another path
 TRAINING = ("train-teacher", "train-student", "run", "sweep", "paper-table")    # commands that continue from resume.pt
 
 
@@ -86,6 +88,8 @@ def os_error_line(e: OSError, command: str) -> tuple[str, int] | None:
                 f"again{again}; what was finished is kept"), 1
     if e.errno in NOT_WRITABLE:
         return f"cannot write {where} ({e.strerror}): choose a writable --workdir, or make it writable", 2
+    if e.errno in WRONG_KIND:
+        return f"{where} {WRONG_KIND[e.errno]}: choose another path (--workdir, --out, ...)", 2
     return None
 
 
@@ -107,3 +111,12 @@ def exit_line(e: BaseException, command: str) -> tuple[str, int] | None:
     if isinstance(e, FAILED_STAGE):
         return one_line(e), 1
     return None
+
+
+def stalled_line(rank: int | None, world: int, me: int, seconds: float, why: str = "") -> str:
+    """The line a torchrun rank prints before it exits 1 because another rank (or the store) stopped answering."""
+    first = (why.strip().splitlines() or [""])[0][:160]
+    who = f"rank {rank} of {world}" if rank is not None else f"the rendezvous store ({first})"
+    return (f"{who} has not answered for {seconds:.0f} s (stopped, hung, or its machine lost): rank {me} gives up "
+            "(pipeline.rank_timeout_minutes sets how long to wait); find out what stopped it, then run the same "
+            "command again (training continues from its last resume point)")

@@ -1,7 +1,8 @@
 """The stage order and its safeguards, in one place: `run`, each stage's command, `paper-table`, the sweeps
 and the test fixtures all reach the stages through here.
 
-    prepare  -> rank 0 (a remote `pipeline.data_url` is prepared locally, then uploaded); the others wait
+    prepare  -> rank 0, under the data folder's lock (a remote `pipeline.data_url` is prepared locally, then
+                uploaded); the others wait
     teachers -> each under its run folder's lock (rank 0's), or J at a time in processes of their own
     export   -> under a lock per teacher group it writes (rank 0's, a local cache's): one job per teacher, so
                 exports of different teachers may fill one cache at once
@@ -14,6 +15,7 @@ Under torchrun every stage ends at a barrier, so no rank reads what rank 0 has n
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from contextlib import ExitStack, nullcontext
@@ -36,19 +38,27 @@ from cbd_cache.system.locks import hold
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
 from cbd_cache.system.storage import is_url, upload
-from cbd_cache.workdir import Workdir, cache_lock, run_lock
+from cbd_cache.workdir import Workdir, cache_lock, data_lock, run_lock
 
 
 def prepare_data(cfg: Config, wd: Workdir, runtime: Runtime) -> Manifest:
     """Rank 0 prepares; with a remote `pipeline.data_url` it prepares W/data, then uploads it there."""
     if runtime.dist.main:
-        if is_url(wd.data):
-            local = dataclasses.replace(wd, data_url="")
-            prepare(cfg, local)
-            log(f"[prepare] uploading {local.data} to {wd.data}")
-            upload(local.data, wd.data)
-        else:
-            prepare(cfg, wd)
+        local = dataclasses.replace(wd, data_url="") if is_url(wd.data) else wd
+        lock = data_lock(local.data)
+        fresh = not lock.parent.exists()
+        try:
+            with hold(lock, str(local.data)):   # two prepares at once: the second is refused
+                prepare(cfg, local)
+                if local is not wd:
+                    log(f"[prepare] uploading {local.data} to {wd.data}")
+                    upload(local.data, wd.data)
+        except BaseException:
+            if fresh:    # a prepare refused before it wrote anything leaves no workdir behind
+                lock.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    lock.parent.rmdir()
+            raise
     distributed.barrier()
     return Manifest.load(wd.manifest)
 

@@ -2,6 +2,7 @@
 
     W/data/manifest.json            prepared dataset: class names, counts, shards, fingerprint
     W/data/{train,test}-NNNNNN.tar  WebDataset shards
+    W/data.lock                     held by the one process preparing the data
     W/teachers/<name>/              a stage-1 teacher's run folder (below)
     W/cache.zarr                    teacher descriptors per (image, view), the view parameters, provenance
     W/cache.zarr.locks/             teacher-<name>.lock: held by the one process exporting that teacher;
@@ -31,8 +32,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from cbd_cache.system.storage import Location, join, location
+from cbd_cache.errors import FileDamaged
+from cbd_cache.system.storage import Location, join, location, read_json
 
 CHECKPOINT = "checkpoint.pt"
 RECORD = "run.json"
@@ -48,12 +51,33 @@ RUN_KINDS = ("teachers", "students")   # the folders of W that hold run folders
 
 def rebuild_command(path: Path) -> str:
     """The command that writes a run folder's file again (for the line that refuses a torn or non-finite one)."""
-    folder = Path(path).parent
+    path = Path(path)
+    folder = path.parent
+    if path.name == RESUME:
+        return "remove it, then run the same training command again (it starts over from step 0)"
+    if path.name in (EVAL_JSON, EVAL_MD):
+        return "cbd-cache evaluate, with the same options (it evaluates the checkpoint again)"
+    if path.name.startswith("ncm_"):
+        return f"cbd-cache ncm {folder.parent.name}/{folder.name}, with the same options (remove the file first)"
     if folder.parent.name == "teachers":
-        return f"cbd-cache train-teacher --name {folder.name}, with the same options (remove the file first)"
+        return (f"cbd-cache train-teacher --name {folder.name} (or import-teacher {folder.name} --checkpoint FILE for "
+                "an imported one), with the same options (remove the file first)")
     if folder.parent.name == "students":
         return "cbd-cache train-student with the same options (remove the file first)"
     return "the command that wrote it"
+
+
+def read_run_json(path: Path) -> dict[str, Any]:
+    """A JSON file of a run folder (run.json, eval.json, ncm_*.json); a torn one is `FileDamaged`, naming the file
+    and the command that writes it again."""
+    try:
+        d = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError is a ValueError
+        raise FileDamaged(f"{path} is torn (not JSON: {e}); write it again: {rebuild_command(path)}") from None
+    if not isinstance(d, dict):
+        raise FileDamaged(f"{path} is not what this tool wrote (a JSON {type(d).__name__}); write it again: "
+                          f"{rebuild_command(path)}")
+    return d
 
 
 def ncm_report(folder: Path, features: str) -> Path:
@@ -68,6 +92,11 @@ def kept_features(folder: Path) -> Path:
 def run_lock(folder: Path) -> Path:
     """The lock file of a run folder (teachers/<name>, students/<run>)."""
     return folder / LOCK
+
+
+def data_lock(data: Path) -> Path:
+    """The lock file beside the data folder, held by the one process preparing it."""
+    return Path(data).with_name(Path(data).name + LOCK)
 
 
 def cache_lock(cache: Path, part: str) -> Path:

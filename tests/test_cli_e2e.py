@@ -92,9 +92,9 @@ def test_smoke_pipeline_end_to_end(tmp_path):
 def test_mismatched_cache_is_refused_with_a_clear_message(tmp_path, smoke_workdir):
     wd = tmp_path / "wd"
     shutil.copytree(smoke_workdir.root, wd)
-    manifest = json.loads((wd / "data" / "manifest.json").read_text())
-    manifest["fingerprint"] = "0" * 64
-    (wd / "data" / "manifest.json").write_text(json.dumps(manifest))
+    meta = json.loads((wd / "cache.zarr" / "zarr.json").read_text())      # a cache of other data
+    meta["attributes"]["provenance"]["manifest_fingerprint"] = "0" * 64
+    (wd / "cache.zarr" / "zarr.json").write_text(json.dumps(meta))
     result = cbd("train-student", "--pipeline", str(SMOKE), "--workdir", str(wd), check=False)
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]

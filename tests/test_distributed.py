@@ -1,8 +1,11 @@
 """Beyond one process: the stream's rank slices, 2-process torchrun (gloo) runs of every stage, parallel teachers."""
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from itertools import islice
 
 import numpy as np
@@ -126,3 +129,52 @@ def test_teachers_train_in_parallel_processes(smoke_workdir, tmp_path):
     for t in ("std0", "aug0"):
         assert (wd / "teachers" / t / "run.json").is_file()
         assert f"[teacher {t}] done" in result.stderr
+
+
+# Rank 1 stops itself (SIGSTOP, as a frozen node or a debugger would) in its second optimiser step.
+STOPPER = r"""
+import os, signal, sys
+import torch
+count, step = [0], torch.optim.SGD.step
+def stopping_step(self, *a, **k):
+    count[0] += 1
+    if count[0] == 2 and os.environ["RANK"] == "1":
+        open(os.environ["STOPPED_PID"], "w").write(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return step(self, *a, **k)
+torch.optim.SGD.step = stopping_step
+import cli
+sys.argv = ["cbd-cache", *sys.argv[1:]]
+cli.main()
+"""
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_is_given_up_on_within_the_timeout_and_named(smoke_workdir, tmp_path):
+    """A SIGSTOPped rank holds the others in their next collective; they give up within
+    pipeline.rank_timeout_minutes (here 6 s), in one line naming it, and exit 1."""
+    wd = tmp_path / "wd"
+    shutil.copytree(smoke_workdir.root, wd)
+    stopped = tmp_path / "stopped.pid"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+               sys.executable, "-c", STOPPER, "train-student", "--pipeline", str(SMOKE), "--workdir", str(wd),
+               "--set", "pipeline.rank_timeout_minutes=0.1"]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "STOPPED_PID": str(stopped), "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if stopped.exists() and "has not answered" in log.read_text():
+                os.kill(int(stopped.read_text()), signal.SIGKILL)   # torchrun would wait 30 s to kill it itself
+                break
+            time.sleep(0.5)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [line for line in log.read_text().splitlines() if line.startswith("cbd-cache: error:")]
+    assert len(lines) == 1, log.read_text()[-3000:]
+    assert "rank 1 of 2 has not answered for" in lines[0] and "rank 0 gives up" in lines[0]
+    assert "pipeline.rank_timeout_minutes" in lines[0]

@@ -11,6 +11,7 @@ prepare`) restores the cache or shards bit-identical to the undamaged ones.
 """
 import hashlib
 import io
+import json
 import struct
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import iter_shard
 from cli import main
 
+from .cli_faults import batch, case, error_line, hashes
 from .conftest import ROOT, SMOKE
 from .image_fixtures import data_overrides, good_items, write_dataset
 
@@ -240,3 +242,28 @@ def test_a_cache_without_group_metadata_is_one_line_naming_the_fix(smoke_copy):
     assert result.exit_code == 2, result.output
     assert f"{smoke_copy.cache} has no readable group metadata" in result.stderr and "rm -r" in result.stderr
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_repair_writes_a_lost_or_garbled_root_metadata_again_as_the_settings_give_it(smoke_copy, tmp_path):
+    """`export --repair` rewrites the cache's lost zarr.json (group metadata and provenance) from the pipeline's
+    settings, when the arrays it holds are the ones those settings give; every other file stays byte for byte."""
+    root, meta = smoke_copy.root, smoke_copy.cache / "zarr.json"
+    before, attrs = hashes(root, "cache.zarr"), json.loads(meta.read_text())["attributes"]
+    results = batch([case("train-student", workdir=root, files={meta: None}),
+                     case("export", "--repair", "--set", "export.views=4", workdir=root),
+                     case("export", "--repair", workdir=root),
+                     case("cache verify", workdir=root),
+                     case("export", "--repair", workdir=root, files={meta: b'{"zarr_format": 3, "node'}),
+                     case("cache verify", workdir=root)], tmp_path)
+    line = error_line(results[0], 2)
+    assert "has no readable group metadata" in line and "`cbd-cache export --repair` writes it again" in line
+    line = error_line(results[1], 2)
+    assert "its arrays are not the ones this pipeline's settings give" in line and "views:" in line
+    for repaired, verified in (results[2:4], results[4:6]):
+        assert repaired.returncode == 0 and "zarr.json (the group's metadata) again" in repaired.stderr
+        assert verified.returncode == 0 and verified.stdout.strip().endswith("OK"), verified.stdout
+    after = json.loads(meta.read_text())["attributes"]
+    assert {**after, "created_utc": ""} == {**attrs, "created_utc": ""}
+    assert {k: v for k, v in hashes(root, "cache.zarr").items() if k != "cache.zarr/zarr.json"} == \
+        {k: v for k, v in before.items() if k != "cache.zarr/zarr.json"}

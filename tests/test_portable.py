@@ -42,6 +42,7 @@ def test_names_map_to_a_plain_network():
     assert portable_name("backbone.layer1.0.conv1.weight") == "layer1.0.conv1.weight"
     assert portable_name("projection.0.weight") == "fc.projection.0.weight"
     assert portable_name("classifier.weight") == "fc.weight"
+    assert portable_name("classifier.bias") == "fc.bias"          # an imported teacher's own Linear fc
 
 
 @pytest.mark.slow
@@ -57,6 +58,12 @@ def test_the_readme_snippet_loads_the_exported_student_without_cbd_cache_and_giv
             m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
     save_checkpoint(smoke_copy.student_dir("rn18") / "checkpoint.pt", rn18,
                     network_spec(rn18, "resnet18", manifest.channels, manifest.num_classes, 16.0), {"kind": "test"})
+    # and an imported teacher: its own Linear fc (bias too) and its own input mean / std
+    imported = Network("resnet18", manifest.channels, manifest.num_classes, 16.0, head="linear",
+                       mean=[0.4] * manifest.channels, std=[0.2] * manifest.channels)
+    torch.nn.init.uniform_(imported.classifier.bias, -1, 1)
+    save_checkpoint(smoke_copy.teacher_dir("imp") / "checkpoint.pt", imported,
+                    network_spec(imported, "resnet18", manifest.channels, manifest.num_classes, 16.0), {"kind": "test"})
 
     stream = EvalStream(manifest, "test", ViewSpec.from_cfg(cfg.views))
     x = to_unit(torch.stack([img for img, _, _ in list(stream)[:32]]))  # what evaluate feeds the network
@@ -64,20 +71,26 @@ def test_the_readme_snippet_loads_the_exported_student_without_cbd_cache_and_giv
     script = tmp_path / "snippet.py"
     script.write_text(RUN_SNIPPET.format(snippet=readme_snippet()))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    for run, family in (("portable", "small_resnet"), ("rn18", "torchvision")):
+    for run, family in (("students/portable", "small_resnet"), ("students/rn18", "torchvision"),
+                        ("teachers/imp", "torchvision")):
         out = tmp_path / run
         result = CliRunner().invoke(main, ["export-model", "--pipeline", str(SMOKE), "--workdir", str(smoke_copy.root),
-                                           "--run", f"students/{run}", str(out)])
+                                           "--run", run, str(out)])
         assert result.exit_code == 0, result.output
         info = json.loads((out / "model.json").read_text())
         assert info["family"] == family and info["class_names"] == manifest.class_names
-        assert info["input"]["shape"] == [manifest.channels, 16, 16] and info["input"]["mean"] == [0.0] * manifest.channels
-        subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "x.pt"), str(tmp_path / "z.pt")],
+        mean, std = ([0.4], [0.2]) if run == "teachers/imp" else ([0.0], [1.0])
+        assert info["input"]["shape"] == [manifest.channels, 16, 16] and (info["input"]["mean"], info["input"]["std"]) \
+            == (mean * manifest.channels, std * manifest.channels)
+        assert info["classifier"] == ("linear" if run == "teachers/imp" else "cosine")
+        torch.save((x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1), tmp_path / "xn.pt")
+        subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "xn.pt"), str(tmp_path / "z.pt")],
                        cwd=tmp_path, env=env, check=True)
-        net, _ = load_checkpoint(smoke_copy.student_dir(run) / "checkpoint.pt")
+        net, _ = load_checkpoint(smoke_copy.root / run / "checkpoint.pt")
         with torch.no_grad():
             expected, _ = net.eval()(x)
         got = torch.load(tmp_path / "z.pt")
         assert got.shape == expected.shape and expected.abs().max() > 1
         assert (got - expected).abs().max() <= 1e-5
-    assert info["projection_dim"] == 0 and json.loads((tmp_path / "portable" / "model.json").read_text())["projection_dim"] == 128
+    assert info["projection_dim"] == 0
+    assert json.loads((tmp_path / "students" / "portable" / "model.json").read_text())["projection_dim"] == 128

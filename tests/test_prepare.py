@@ -321,8 +321,10 @@ def test_max_short_px_stores_photos_at_a_bounded_size(tmp_path):
     from PIL import Image
 
     from cbd_cache.data.shards import decode_image
+    from cbd_cache.data.sources import Record
     from cbd_cache.data.sources.images import bound_image
-    from cbd_cache.tools.predict import view_of
+    from cbd_cache.data.sources.images import bounded as bounded_source
+    from cbd_cache.tools.predict import ImageFiles
     from cbd_cache.views import ViewSpec
 
     def stored(bound: int) -> tuple[Manifest, list]:
@@ -344,7 +346,8 @@ def test_max_short_px_stores_photos_at_a_bounded_size(tmp_path):
     assert bound_image(buf.getvalue(), "jpg", 30) == buf.getvalue()
     (tmp_path / "x.jpg").write_bytes(buf.getvalue())
     spec = ViewSpec(16, (0.35, 1), (0.75, 4 / 3), True, 0)
-    assert torch.equal(view_of(tmp_path / "x.jpg", 3, spec, 20), view_of_bytes(bound_image(buf.getvalue(), "jpg", 20), spec))
+    read, _ = bounded_source(ImageFiles(3), 20).read(Record("0", 0, str(tmp_path / "x.jpg")))   # what predict reads
+    assert torch.equal(view_of_bytes(read, spec), view_of_bytes(bound_image(buf.getvalue(), "jpg", 20), spec))
 
 
 def view_of_bytes(data: bytes, spec) -> "torch.Tensor":

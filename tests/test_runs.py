@@ -101,7 +101,7 @@ def test_a_crash_between_checkpoint_and_run_json_retrains_and_is_not_evaluated(w
     monkeypatch.undo()
     train(cfg, wd, runtime)
     assert "already trained" not in capfd.readouterr().err
-    assert runs.is_done(folder) and runs.is_done(folder, runs.read_json(folder / "run.json")["identity"])
+    assert runs.is_done(folder) and runs.is_done(folder, read_json(folder / "run.json")["identity"])
     assert [r["model"] for r in evaluation.evaluate_workdir(cfg, wd, runtime)] == ["std0", "aug0", "student"]
 
 

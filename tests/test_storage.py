@@ -1,5 +1,9 @@
-"""Shared and remote storage (fsspec memory:// and file:// here, no network) and `cache verify`."""
+"""Shared and remote storage (fsspec memory:// and file:// here, no network), atomic writes, and `cache verify`."""
+import os
 import shutil
+import stat
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ from cbd_cache.errors import CacheError
 from cbd_cache.pipeline import train_student
 from cbd_cache.stages.export import export_cache
 from cbd_cache.system.runtime import make_runtime
-from cbd_cache.system.storage import location
+from cbd_cache.system.storage import atomic_write_bytes, location
 from cbd_cache.tools.verify import verify_cache
 from cbd_cache.workdir import Workdir
 from cli import main
@@ -103,3 +107,38 @@ def test_a_cut_short_creation_is_redone_and_a_foreign_folder_is_left_alone(smoke
         export_cache(cfg, wd, make_runtime(cfg.pipeline))
     assert (foreign / "notes.txt").read_text() == "keep me"
     np.testing.assert_array_equal(zarr.open_group(str(smoke_copy.cache), mode="r")["views_done"][:], 1)
+
+
+def test_atomic_writes_replace_regular_files_only_and_give_the_umask(tmp_path):
+    """A new file gets the umask's mode (not mkstemp's 0600), an old one keeps its own; a symlink's target
+    is written and the link stays; a FIFO and /dev/null are written in place; a folder is refused."""
+    old = os.umask(0o027)
+    try:
+        atomic_write_bytes(tmp_path / "new", b"a")
+        assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+    (tmp_path / "mine").write_bytes(b"old")
+    (tmp_path / "mine").chmod(0o600)
+    atomic_write_bytes(tmp_path / "mine", b"b")
+    assert stat.S_IMODE((tmp_path / "mine").stat().st_mode) == 0o600 and (tmp_path / "mine").read_bytes() == b"b"
+
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    (tmp_path / "dangling").symlink_to(tmp_path / "sub" / "later")
+    atomic_write_bytes(tmp_path / "link", b"c")
+    atomic_write_bytes(tmp_path / "dangling", b"d")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "mine").read_bytes() == b"c"
+    assert (tmp_path / "dangling").is_symlink() and (tmp_path / "sub" / "later").read_bytes() == b"d"
+
+    os.mkfifo(tmp_path / "fifo")
+    got = []
+    reader = threading.Thread(target=lambda: got.append((tmp_path / "fifo").read_bytes()))
+    reader.start()
+    atomic_write_bytes(tmp_path / "fifo", b"e")
+    reader.join(timeout=10)
+    assert got == [b"e"] and stat.S_ISFIFO((tmp_path / "fifo").lstat().st_mode)
+    atomic_write_bytes(Path("/dev/null"), b"f")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    with pytest.raises(IsADirectoryError):
+        atomic_write_bytes(tmp_path, b"g")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "fifo", "link", "mine", "new", "sub"]

@@ -9,14 +9,27 @@ that teacher alone.
 """
 from __future__ import annotations
 
+import datetime
+import shlex
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import zarr
 
-from cbd_cache.cache.schema import PER_ROW, TEACHERS, ArraySpec, Layout, array_specs, done_array
-from cbd_cache.cache.store import create_array, holes, metadata_problems, read_chunks, why
+from cbd_cache import __version__
+from cbd_cache.cache.schema import (
+    PER_ROW,
+    TEACHERS,
+    VIEWS_DONE,
+    ArraySpec,
+    Layout,
+    array_specs,
+    done_array,
+    shared_specs,
+)
+from cbd_cache.cache.store import create_array, holes, metadata_problems, read_chunks, store, why
+from cbd_cache.errors import CacheError
 from cbd_cache.system.logs import Progress
 from cbd_cache.system.storage import Location, exists, join, remove
 
@@ -152,6 +165,57 @@ def _chunks_missing(chunks: list[int]) -> list[str]:
         return []
     return [f"chunk {chunks[0]} is missing" if len(chunks) == 1 else
             f"chunks {', '.join(map(str, chunks))} are missing"]
+
+
+def restore_root(path: Location, prov: dict[str, Any], layout: Layout) -> bool:
+    """Write a lost or garbled root `zarr.json` (the group's metadata and provenance) again, from the provenance the
+    pipeline gives, when the cache's arrays are the ones it gives: `views`, `view_count`, `view_offset` and
+    `views_done` with the schema's metadata, and `view_count` the layout's (the data, budget and allocation
+    agree). True when it wrote it; CacheError when the arrays belong to other settings. The creation time
+    (`created_utc`) becomes the repair's; `cache verify` then checks the descriptors against
+    the teachers. The teacher groups keep their own metadata and provenance."""
+    root = join(path, "zarr.json")
+    if not exists(path):
+        return False
+    if exists(root):
+        try:
+            zarr.open_group(store(path), mode="r")
+            return False
+        except (FileNotFoundError, ValueError):     # garbled: written again below
+            pass
+    specs = shared_specs(prov, layout)
+    problems = {}
+    for name in ("views", *PER_ROW, VIEWS_DONE):
+        try:
+            arr = zarr.open_array(store=store(path), path=name, mode="r")
+        except (FileNotFoundError, KeyError, ValueError, TypeError):
+            problems[name] = "missing or unreadable"
+            continue
+        want = specs[name]
+        if (tuple(arr.shape), tuple(arr.chunks), str(arr.dtype)) != (want.shape, want.chunks, want.dtype):
+            problems[name] = f"{arr.shape} {arr.dtype} where the pipeline gives {want.shape} {want.dtype}"
+        elif name == "view_count" and _differs(arr, want, layout.counts):
+            problems[name] = "another view allocation than the pipeline's"
+    if problems:
+        raise CacheError(f"{path} has lost its group metadata (zarr.json), and its arrays are not the ones this "
+                         f"pipeline's settings give ({'; '.join(f'{k}: {v}' for k, v in problems.items())}): repair it "
+                         f"with the settings it was exported with, or delete it (rm -r {shlex.quote(str(path))}) "
+                         "and run `cbd-cache export`")
+    attrs = {"tool_version": __version__, "provenance": prov,
+             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if exists(root):
+        remove(root)
+    zarr.open_group(store(path), mode="a", attributes=attrs)   # writes zarr.json only: the arrays stay
+    return True
+
+
+def _differs(arr: zarr.Array, spec: ArraySpec, expected: np.ndarray) -> bool:
+    """A readable, whole per-row array that holds other values than `expected` (damage is mend's to fix)."""
+    try:
+        x = arr[:]
+    except ValueError:
+        return False
+    return not len(holes(x, spec.fill)) and not np.array_equal(x, expected)
 
 
 def mend(group: zarr.Group, path: Location, prov: dict[str, Any], layout: Layout,

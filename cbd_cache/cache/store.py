@@ -114,8 +114,9 @@ def store(path: Location) -> str:
 
 def no_group(path: Location) -> CacheError:
     return CacheError(f"{path} has no readable group metadata (zarr.json): it is not a cbd-cache cache, or that file "
-                      f"was lost. If it is this pipeline's cache, delete it (rm -r {shlex.quote(str(path))}) and run "
-                      "`cbd-cache export` again; otherwise choose another cache location")
+                      "was lost. If it is this pipeline's cache, `cbd-cache export --repair` writes it again (or delete "
+                      f"it, rm -r {shlex.quote(str(path))}, and run `cbd-cache export`); otherwise choose another cache "
+                      "location")
 
 
 def open_group(path: Location) -> zarr.Group:

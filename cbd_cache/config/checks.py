@@ -45,6 +45,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.pipeline.workers >= -1, f"pipeline.workers={cfg.pipeline.workers}: must be >= 0, or -1 for auto")
     _require(cfg.pipeline.accumulate >= 1, f"pipeline.accumulate={cfg.pipeline.accumulate}: must be >= 1")
     _require(cfg.pipeline.checkpoint_steps >= 0, f"pipeline.checkpoint_steps={cfg.pipeline.checkpoint_steps}: must be >= 0")
+    _require(cfg.pipeline.rank_timeout_minutes > 0,
+             f"pipeline.rank_timeout_minutes={cfg.pipeline.rank_timeout_minutes}: must be > 0")
     _require(cfg.pipeline.checkpoint_minutes >= 0,
              f"pipeline.checkpoint_minutes={cfg.pipeline.checkpoint_minutes}: must be >= 0")
     d = cfg.data

@@ -31,6 +31,7 @@ class PipelineCfg:
     accumulate: int = 1            # micro-batches per optimiser step: each process's batch_size / N in this many parts
     checkpoint_steps: int = 0      # training: also write a resume checkpoint every N steps (0: by time only)
     checkpoint_minutes: float = 10.0   # training: write a resume checkpoint at least this often (0: never by time)
+    rank_timeout_minutes: float = 10.0   # torchrun: give up on a rank that has not answered for this long, naming it
     data_url: str = ""             # manifest + shards: a path or fsspec URL ("" = W/data)
     cache_url: str = ""            # the cache: a path or fsspec URL ("" = W/cache.zarr)
     tensorboard: bool = True       # TensorBoard event files in each run folder (needs the tensorboard package)

@@ -1,6 +1,7 @@
 """Reading records in worker processes: the decoder training uses (libpng) can kill the process it runs in
 on input PIL accepts, so every untrusted image is decoded in a worker, and the record that kills one is
-unreadable, never the caller's crash. `prepare` reads every source record through here.
+unreadable, never the caller's crash. `prepare` reads every source record through here, `predict`
+every file it is given, and `cache verify` the shard images it recomputes (`Encoded`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,21 @@ from cbd_cache.data.sources import Record, Source, Unreadable
 
 READ_CHUNK = 16   # records per task handed to a worker process
 _worker_source: Source | None = None
+
+
+class Encoded(Source):
+    """Images already encoded as a shard stores them (a record's ref: (bytes, ext)), to decode in a worker."""
+
+    splits = ()
+
+    def __init__(self, channels: int):
+        self.channels, self.class_names, self.description = channels, [], {}
+
+    def records(self, split: str) -> list[Record]:
+        return []
+
+    def read(self, record: Record) -> tuple[bytes, str]:
+        return record.ref
 
 
 def _init_worker(source: Source) -> None:

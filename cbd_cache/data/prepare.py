@@ -33,10 +33,11 @@ import numpy as np
 from cbd_cache.config import Config
 from cbd_cache.data.isolated import read_in_order
 from cbd_cache.data.longtail import cifar_lt_subset, longtail_subset, profile_counts
-from cbd_cache.data.manifest import EVAL_SPLITS, Manifest, ShardInfo, SplitInfo
-from cbd_cache.data.shards import Sample, ShardWriter, content_hash, shard_intact, shard_name
+from cbd_cache.data.manifest import EVAL_SPLITS, HEAL, Manifest, ShardInfo, SplitInfo
+from cbd_cache.data.shards import Sample, ShardWriter, content_hash, read_labels, shard_intact, shard_name
 from cbd_cache.data.sources import DataError, Record, Source, open_source
 from cbd_cache.data.sources.images import bounded
+from cbd_cache.errors import FileDamaged
 from cbd_cache.system.logs import Progress, log
 from cbd_cache.system.runtime import cpu_count
 from cbd_cache.system.storage import atomic_write_bytes
@@ -232,26 +233,18 @@ def write_split(source: Source, split: str, plan: SplitPlan, wd: Workdir, shard_
 def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
     """Shards + manifest + report from `data.format`'s reader, or from `source` when given (benchmarks bring their own)."""
     data_config = dataclasses.asdict(cfg.data)
-    plans = None
+    plans, existing = None, None
     if wd.manifest.is_file():
-        existing = Manifest.load(wd.manifest)
-        if existing.data_config == data_config:
-            (wd.data / JOURNAL).unlink(missing_ok=True)   # left by a prepare killed after its manifest
-            damaged = shards_to_rebuild(existing)
-            if not damaged:
-                log(f"[prepare] {wd.manifest} is up to date ({existing.train.num_samples} training images, "
-                    "every shard intact); skipping")
-                return existing
-            log(f"[prepare] {len(damaged)} shard(s) missing, truncated or changed: "
-                f"{', '.join(info.name for _, info in damaged)}; rebuilding them")
-            source = bounded(source or open_source(cfg.data), cfg.data.max_short_px)
-            plans = plan_splits(source, cfg)
-            if all(rebuild_shard(source, plans[split], existing, split, info, wd, cfg) for split, info in damaged):
-                log(f"[prepare] rebuilt {len(damaged)} shard(s), bit for bit; fingerprint {existing.fingerprint[:12]}")
-                return existing
-            log(f"[prepare] the source at data.root={cfg.data.root} changed since it was prepared; preparing again")
-        else:
-            log(f"[prepare] {wd.manifest} was made from other data settings; preparing again")
+        try:
+            existing = Manifest.read(wd.manifest)
+        except FileDamaged as e:
+            log(f"[prepare] {str(e).removesuffix(f'; {HEAL}')}; preparing again (the same shards, bit for bit)")
+    if existing is not None and existing.data_config != data_config:
+        log(f"[prepare] {wd.manifest} was made from other data settings; preparing again")
+    elif existing is not None:
+        kept, source, plans = keep_prepared(existing, cfg, wd, source)
+        if kept is not None:
+            return kept
     source = bounded(source or open_source(cfg.data), cfg.data.max_short_px)
     plans = plans or plan_splits(source, cfg)
     for p in source.skipped[:LOG_REJECTS]:
@@ -294,6 +287,38 @@ def prepare(cfg: Config, wd: Workdir, source: Source | None = None) -> Manifest:
             f"listed in {wd.data / REPORT}")
     for warning in class_warnings(manifest):
         log(f"[prepare] warning: {warning}")
+    return manifest
+
+
+def keep_prepared(existing: Manifest, cfg: Config, wd: Workdir, source: Source | None
+                  ) -> tuple[Manifest | None, Source | None, dict[str, SplitPlan] | None]:
+    """(the manifest or None to prepare again, the source, the plans): intact shards kept, damaged ones rebuilt."""
+    (wd.data / JOURNAL).unlink(missing_ok=True)   # left by a prepare killed after its manifest
+    damaged, plans = shards_to_rebuild(existing), None
+    if not damaged:
+        log(f"[prepare] {wd.manifest} is up to date ({existing.train.num_samples} training images, "
+            "every shard intact); skipping")
+        return sealed(existing, wd.manifest), source, plans
+    log(f"[prepare] {len(damaged)} shard(s) missing, truncated or changed: "
+        f"{', '.join(info.name for _, info in damaged)}; rebuilding them")
+    source = bounded(source or open_source(cfg.data), cfg.data.max_short_px)
+    plans = plan_splits(source, cfg)
+    if all(rebuild_shard(source, plans[split], existing, split, info, wd, cfg) for split, info in damaged):
+        log(f"[prepare] rebuilt {len(damaged)} shard(s), bit for bit; fingerprint {existing.fingerprint[:12]}")
+        return sealed(existing, wd.manifest), source, plans
+    log(f"[prepare] the source at data.root={cfg.data.root} changed since it was prepared; preparing again")
+    return None, source, plans
+
+
+def sealed(manifest: Manifest, path: Path) -> Manifest | None:
+    """The manifest; one an older cbd-cache wrote without a checksum gets it once its counts are its shards' labels'."""
+    if not manifest.checksum and any(np.bincount(read_labels(manifest, split), minlength=manifest.num_classes).tolist()
+                                     != info.class_counts for split, info in manifest.splits.items()):
+        log(f"[prepare] {path}: its class counts are not the shards'; preparing again")
+        return None
+    if not manifest.checksum:
+        manifest.save(path)
+        log(f"[prepare] {path}: its class counts agree with the shards; checksum added")
     return manifest
 
 

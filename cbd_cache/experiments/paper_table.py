@@ -43,9 +43,8 @@ from cbd_cache.stages.evaluate import evaluate_checkpoint
 from cbd_cache.stages.ncm import ncm_report
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
-from cbd_cache.system.storage import read_json
 from cbd_cache.train.runs import is_done
-from cbd_cache.workdir import RECORD, Workdir
+from cbd_cache.workdir import RECORD, Workdir, read_run_json
 
 
 def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limit_min: float = 0,
@@ -86,7 +85,7 @@ def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limi
         complete, failed = False, e
     for r in [r for r in chosen.get("controls", []) if r.label == UPPER_EXTRACTOR]:
         if is_done(folder := wd.student_dir(r.name)):   # trained on the full set: its report, on this one's groups
-            evaluate_checkpoint(folder, r.name, read_json(folder / RECORD)["kind"], Manifest.load(wd.manifest),
+            evaluate_checkpoint(folder, r.name, read_run_json(folder / RECORD)["kind"], Manifest.load(wd.manifest),
                                 base_cfg, runtime)
     ncm = ncm_rows(base_cfg, wd, runtime, runs, timing) if "table2" in chosen else []   # on the models finished so far
     write_paper_table(cfg, base, wd, runs, ncm, timing, out, complete and len(chosen) == len(runs))

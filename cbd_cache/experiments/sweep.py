@@ -7,8 +7,8 @@ whichever sweep (or table) asks for it, and a finished run is skipped when a swe
 (a table may point some runs at a second cache with `pipeline.cache_url`, see `paper_table.py`).
 The table gives mean ± std (sample std over seeds) per grid point, as Markdown and JSON.
 With `jobs` > 1 the runs train side by side, one `cbd-cache train-student` process each
-(`jobs.run_parallel`), with their output in `W/sweeps/logs/<run>.log`; a failed run does not stop
-the others, the table is written from those that finished, and the next sweep retries only it.
+(`jobs.run_parallel`), with their output in `W/sweeps/logs/<run>.log`. Either way a failed run does
+not stop the others, the table is written from those that finished, and the next sweep retries only it.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,17 +25,17 @@ import numpy as np
 
 from cbd_cache.config import Config, load_config
 from cbd_cache.data.longtail import SHOT_GROUPS
-from cbd_cache.errors import ConfigError, JobsFailed
+from cbd_cache.errors import ConfigError, JobsFailed, exit_line, one_line
 from cbd_cache.pipeline import train_student
 from cbd_cache.stages.student import plan_student
 from cbd_cache.system import distributed
 from cbd_cache.system.jobs import gpus_for, run_parallel
 from cbd_cache.system.logs import format_seconds, log
 from cbd_cache.system.runtime import Runtime
-from cbd_cache.system.storage import read_json, write_json
+from cbd_cache.system.storage import write_json
 from cbd_cache.system.tables import markdown_table, pm
 from cbd_cache.train.runs import is_done, student_run_name
-from cbd_cache.workdir import EVAL_JSON, Workdir
+from cbd_cache.workdir import EVAL_JSON, Workdir, read_run_json
 
 METRICS = ("top1", *SHOT_GROUPS)
 
@@ -123,7 +124,7 @@ def unique(runs: Sequence[Run]) -> list[Run]:
 def execute(runs: Sequence[Run], pipeline: str | Path, wd: Workdir, runtime: Runtime,
             deadline: float | None = None, on_trained=None, jobs: int = 1) -> bool:
     """Train every run not yet finished, in order (each name once), `jobs` at a time. Returns False if
-    `deadline` stopped it; raises JobsFailed (after the others finish) if a parallel run failed.
+    `deadline` stopped it; raises JobsFailed (after the others finish) if a run failed.
 
     Every run is planned first (cache, teachers and init checked), so a bad run fails before any trains.
     """
@@ -138,17 +139,38 @@ def execute(runs: Sequence[Run], pipeline: str | Path, wd: Workdir, runtime: Run
     if jobs > 1 and len(todo) > 1:
         return execute_parallel([r for r, _, _ in todo], pipeline, wd, jobs, gpus_for(todo[0][1].pipeline.device),
                                 deadline, on_trained)
-    started = time.perf_counter()
+    started, failed = time.perf_counter(), []
     for i, (r, cfg, plan) in enumerate(todo):
         if deadline is not None and time.time() >= deadline:
             log(f"[sweep] time limit reached: {len(todo) - i} runs left; run the same command again to continue")
-            return False
+            complete = False
+            break
         t0 = time.perf_counter()
-        train_student(cfg, run_workdir(wd, cfg), runtime, plan)
+        try:
+            train_student(cfg, run_workdir(wd, cfg), runtime, plan)
+        except Exception as e:     # as under --jobs J: a failed run stops no other (Ctrl-C / SIGTERM still do)
+            failed.append(failure(wd, r, e))
+            log(f"[sweep] {i + 1}/{len(todo)} failed ({r.name}): {failed[-1]}")
+            continue
         if on_trained is not None:
             on_trained(r, time.perf_counter() - t0)
         log(f"[sweep] {i + 1}/{len(todo)} trained ({r.name}); elapsed {format_seconds(time.perf_counter() - started)}")
-    return True
+    else:
+        complete = True
+    if failed:
+        raise JobsFailed(f"{len(failed)} of {len(todo)} runs failed: {'; '.join(failed)}")
+    return complete
+
+
+def failure(wd: Workdir, run: Run, e: Exception) -> str:
+    """What a failed run's line says: its one error line, or, for a bug, where its traceback went (its log)."""
+    line = exit_line(e, "train-student")
+    if line is not None:
+        return f"`{run.name}`: {line[0]}"
+    path = log_path(wd, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(traceback.format_exc())
+    return f"`{run.name}`: {type(e).__name__}: {one_line(e)}; traceback in {path}"
 
 
 def log_path(wd: Workdir, run: Run) -> Path:
@@ -185,7 +207,7 @@ def run_workdir(wd: Workdir, cfg: Config) -> Workdir:
 
 def load_report(wd: Workdir, run: Run) -> dict[str, Any] | None:
     path = wd.student_dir(run.name) / EVAL_JSON
-    return read_json(path) if path.is_file() else None
+    return read_run_json(path) if path.is_file() else None
 
 
 def summarise(runs: Sequence[Run], wd: Workdir) -> list[dict[str, Any]]:
@@ -236,7 +258,7 @@ def run_sweep(cfg: Config, wd: Workdir, runtime: Runtime, grid: list[tuple[str, 
               name: str = "", jobs: int = 1) -> tuple[list[dict[str, Any]], Path]:
     """Train the grid x seeds (skipping finished runs), then write W/sweeps/<name>.{md,json}.
 
-    If parallel runs failed, the table is written from those that finished before JobsFailed is raised.
+    If runs failed, the table is written from those that finished before JobsFailed is raised.
     """
     runs = make_runs(cfg.source, cfg.overrides, grid_points(grid), seeds)
     failed = None

@@ -6,16 +6,17 @@ from typing import Any
 
 from cbd_cache.config import Config
 from cbd_cache.data.manifest import Manifest
+from cbd_cache.errors import FileDamaged
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.system.digests import file_sha256
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
-from cbd_cache.system.storage import read_json, write_json
+from cbd_cache.system.storage import write_json
 from cbd_cache.system.tables import fmt
 from cbd_cache.train.evaluation import evaluate_splits, results_table, split_reports, write_report
 from cbd_cache.train.runs import is_done
 from cbd_cache.train.summaries import write_evaluation
-from cbd_cache.workdir import CHECKPOINT, EVAL_JSON, RECORD, Workdir
+from cbd_cache.workdir import CHECKPOINT, EVAL_JSON, RECORD, Workdir, read_run_json, rebuild_command
 
 
 def evaluate_checkpoint(folder: Path, name: str, kind: str, manifest: Manifest, cfg: Config,
@@ -24,8 +25,12 @@ def evaluate_checkpoint(folder: Path, name: str, kind: str, manifest: Manifest, 
     ckpt = folder / CHECKPOINT
     sha = file_sha256(ckpt)
     eval_json = folder / EVAL_JSON
+    report = {}
     if eval_json.is_file():
-        report = read_json(eval_json)
+        try:
+            report = read_run_json(eval_json)
+        except FileDamaged as e:        # only a record of what evaluation gives: evaluate again
+            log(f"[evaluate] {str(e).split('; write it again')[0]}; evaluating {name} again")
         if (report.get("checkpoint_sha256") == sha and report.get("manifest_fingerprint") == manifest.fingerprint
                 and set(manifest.eval_splits) <= set(split_reports(report)) and "calibration" in report):
             return report
@@ -33,7 +38,7 @@ def evaluate_checkpoint(folder: Path, name: str, kind: str, manifest: Manifest, 
     report = evaluate_splits(net, manifest, cfg, runtime)
     report.update(checkpoint_sha256=sha, manifest_fingerprint=manifest.fingerprint)
     write_report(folder, name, kind, report, manifest.class_names)
-    history = read_json(folder / RECORD).get("history") if (folder / RECORD).is_file() else None
+    history = read_run_json(folder / RECORD).get("history") if (folder / RECORD).is_file() else None
     write_evaluation(folder, cfg.pipeline.tensorboard, report["splits"], history[-1]["step"] if history else 0)
     for split, r in report["splits"].items():
         log(f"[evaluate] {kind} {name} {split}: top-1 {r['top1']:.2f}  many {fmt(r['many'])}  "
@@ -46,8 +51,8 @@ def reportable(folder: Path, ref: str) -> bool:
     if is_done(folder):
         return True
     if (folder / CHECKPOINT).is_file():
-        log(f"[evaluate] warning: {ref} left out: its checkpoint.pt is not the one its run.json records "
-            "(a run cut short while saving); train it again")
+        log(f"[evaluate] warning: {ref} left out: {folder / CHECKPOINT} is not the one its run.json records (torn, "
+            f"or a run cut short while saving); write it again: {rebuild_command(folder / CHECKPOINT)}")
     return False
 
 
@@ -62,7 +67,7 @@ def evaluate_workdir(cfg: Config, wd: Workdir, runtime: Runtime) -> list[dict[st
     for s in wd.students():
         folder = wd.student_dir(s)
         if reportable(folder, f"students/{s}"):
-            kind = read_json(folder / RECORD)["kind"]
+            kind = read_run_json(folder / RECORD).get("kind", "?")
             rows.append({"model": s, "kind": kind, **evaluate_checkpoint(folder, s, kind, manifest, cfg, runtime)})
     if not rows:
         raise FileNotFoundError(f"{wd.root}: no teacher or student checkpoints to evaluate")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cbd_cache.cache.integrity import mend, shards_to_rewrite
+from cbd_cache.cache.integrity import mend, restore_root, shards_to_rewrite
 from cbd_cache.cache.schema import (
     VIEWS_DONE,
     TeacherRecord,
@@ -147,6 +147,12 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime, repair: bool = Fals
     writer = None
     if d.main:    # one rank creates the store and the teacher groups, then the others open them
         clear_trash(wd.cache)
+        if repair:
+            with shared_lock(wd.cache):
+                restored = restore_root(wd.cache, prov, layout)
+            if restored:
+                log(f"[export] repair: wrote {wd.cache}/zarr.json (the group's metadata) again from the pipeline's "
+                    "settings; `cbd-cache cache verify` checks the descriptors against the teachers")
         writer = CacheWriter(wd.cache, prov, layout)
         open_groups(writer, records, replace)
     barrier()

@@ -20,14 +20,15 @@ from cbd_cache.cache.reader import CacheReader
 from cbd_cache.config import Config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import read_labels
+from cbd_cache.errors import FileDamaged
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.system.digests import file_sha256
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
-from cbd_cache.system.storage import atomic_write_bytes, read_json, write_json
+from cbd_cache.system.storage import atomic_write_bytes, write_json
 from cbd_cache.train.evaluation import accuracy_report, eval_loader, predict
 from cbd_cache.views import ViewSpec
-from cbd_cache.workdir import CHECKPOINT, Workdir, kept_features
+from cbd_cache.workdir import CHECKPOINT, Workdir, kept_features, read_run_json
 from cbd_cache.workdir import ncm_report as ncm_report_path
 
 SOURCES = ("images", "cache")
@@ -105,7 +106,11 @@ def ncm_report(cfg: Config, wd: Workdir, runtime: Runtime, ref: str, source: str
     keep = keep_features and source == "images"
     out = ncm_report_path(folder, source)
     if out.is_file():
-        report = read_json(out)
+        try:
+            report = read_run_json(out)
+        except FileDamaged as e:        # only a record of what NCM gives: compute it again
+            log(f"[ncm] {str(e).split('; write it again')[0]}; computing it again")
+            report = {}
         if all(report.get(k) == v for k, v in key.items()) and (not keep or load_kept_features(folder, key)):
             return report
     net, _ = load_checkpoint(ckpt)

@@ -17,12 +17,11 @@ from cbd_cache.models.networks import Network
 from cbd_cache.system.digests import digest
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
-from cbd_cache.system.storage import read_json
 from cbd_cache.train.runs import RunPlan, is_done
 from cbd_cache.train.skeleton import train_model
 from cbd_cache.train.steps import cross_entropy_step
 from cbd_cache.views import ViewSpec
-from cbd_cache.workdir import CHECKPOINT, RECORD, Workdir
+from cbd_cache.workdir import CHECKPOINT, RECORD, Workdir, read_run_json
 
 # what an imported teacher's checkpoint depends on in its [[teachers]] entry (the rest is metadata)
 IMPORTED_FIELDS = ("arch", "mean", "std")
@@ -50,7 +49,7 @@ def teacher_network(t: TeacherCfg, manifest: Manifest, head: str = "cosine") -> 
 def imported_teacher(t: TeacherCfg, wd: Workdir, manifest: Manifest) -> Path:
     """An imported teacher's checkpoint, once `import-teacher` has made it under the entry's current settings."""
     folder = wd.teacher_dir(t.name)
-    run = read_json(folder / RECORD) if (folder / RECORD).is_file() else {}
+    run = read_run_json(folder / RECORD) if (folder / RECORD).is_file() else {}
     if not is_done(folder, imported_identity(t, manifest, run.get("source_sha256"))):
         problem = ("was imported under another arch, mean / std or dataset" if run.get("source_sha256")
                    else "has no checkpoint yet")

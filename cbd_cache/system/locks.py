@@ -4,6 +4,8 @@ A second writer refuses at once, naming the holder's pid, rather than waiting: a
 a training run reads as a hang, and what the second one would do next (skip a finished run, or train
 another config) is clearer rerun than queued. Only a lock held for moments (creating a cache, writing
 one shard of its shared views) is waited for. A SIGKILLed holder leaves the file but not the lock.
+A process forked while the lock is held (a prepare's reader, a loader worker) closes its copy of the
+lock file at once, so the lock is its holder's alone and ends with it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,17 @@ from pathlib import Path
 from typing import Iterator
 
 from cbd_cache.errors import Busy
+
+_held: set = set()    # the lock files this process holds open
+
+
+def _close_in_child() -> None:
+    for f in _held:
+        f.close()      # the child's copy of the descriptor: the parent keeps its lock
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 @contextmanager
@@ -34,7 +47,9 @@ def hold(lock: Path, what: str, wait: bool = False) -> Iterator[None]:
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
+        _held.add(f)
         yield
     finally:
+        _held.discard(f)
         f.close()   # closing releases the lock
 

@@ -99,7 +99,7 @@ def make_runtime(cfg: PipelineCfg) -> Runtime:
             raise ConfigError(f"pipeline.device={cfg.device}: under torchrun each process takes cuda:LOCAL_RANK; "
                               "use auto or cuda")
         device = torch.device("cuda", world.local_rank)
-    rank = distributed.init(device)
+    rank = distributed.init(device, cfg.rank_timeout_minutes)
     cuda = device.type == "cuda"
     amp = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "off": None}[cfg.amp]
     channels_last = {"auto": cuda, "on": True, "off": False}[cfg.channels_last]

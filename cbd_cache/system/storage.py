@@ -6,8 +6,10 @@ a Path; every function here treats both alike.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -76,12 +78,49 @@ def upload(folder: Path, url: str) -> None:
             fs.put_file(str(f), f"{path}/{f.name}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _in_place(path: Path) -> bool:
+    """True where a rename would replace the wrong thing: a pipe, a device, a socket, or a path under
+    /proc or /dev (`/proc/self/fd/1`, `/dev/stdout`) that names an open file rather than a file."""
+    if str(path).startswith(("/proc/", "/dev/")):
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write then rename, so a killed process never leaves a half-written file under the final name."""
+    """Write then rename, so a killed process never leaves a half-written file under the final name.
+
+    Only a regular file (or a new one) is replaced so: a symlink is followed and its target written,
+    a pipe, device or /proc/self/fd path is written in place, and a folder is refused. The new file
+    gets the mode the old one had, or the user's umask (0644 under the usual 022), like any other file.
+    """
+    path = Path(path)
+    if not _in_place(path):
+        path = Path(os.path.realpath(path))     # a symlink's target (where it points, even if absent)
+    if _in_place(path):
+        with open(path, "wb") as f:
+            f.write(data)
+        return
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             f.write(data)
         os.replace(tmp, path)
     except BaseException:

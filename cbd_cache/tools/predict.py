@@ -2,8 +2,11 @@
 
 Each file goes through what a training image goes through: prepare's check (`shard_image`: JPEG and
 PNG kept as they are, other formats re-encoded losslessly, unreadable ones refused with the reason),
-the workdir's `data.max_short_px` bound, the shards' decoder, and the workdir's evaluation view (`views.eval_view`), so a file gets the
-prediction `evaluate` gives the same image. A file that cannot be read is a row with its error.
+the workdir's `data.max_short_px` bound and the shards' decoder, all in worker processes as prepare
+runs them (`data.isolated`: a file that kills the decoder, such as a PNG with a bad CRC, is
+unreadable, not the end of the command), then the workdir's evaluation view (`views.eval_view`), so
+a file gets the prediction `evaluate` gives the same image. A file that cannot be read is a row with
+its error.
 """
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ from typing import Iterable, Sequence
 
 import torch
 
+from cbd_cache.data.isolated import read_in_order
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import decode_image
-from cbd_cache.data.sources.base import Unreadable
-from cbd_cache.data.sources.images import bound_image, is_image_file, shard_image
+from cbd_cache.data.sources.base import Record, Source, Unreadable
+from cbd_cache.data.sources.images import bounded, is_image_file, shard_image
 from cbd_cache.errors import ConfigError
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.system.runtime import Runtime
@@ -41,10 +45,23 @@ def list_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def view_of(path: Path, channels: int, spec: ViewSpec, max_short_px: int = 0) -> torch.Tensor:
-    """The uint8 evaluation view of an image file, read as prepare and the evaluation read it."""
-    stored, ext = shard_image(path.read_bytes())
-    return eval_view(decode_image(bound_image(stored, ext, max_short_px), channels), spec)
+class ImageFiles(Source):
+    """The files given to `predict`, read as prepare reads a source's files (a record's ref is its path)."""
+
+    splits = ()
+
+    def __init__(self, channels: int):
+        self.channels, self.class_names, self.description = channels, [], {}
+
+    def records(self, split: str) -> list[Record]:
+        return []
+
+    def read(self, record: Record) -> tuple[bytes, str]:
+        try:
+            data = Path(record.ref).read_bytes()
+        except OSError as e:
+            raise Unreadable(f"cannot read the file: {e.strerror or e}") from None
+        return shard_image(data)
 
 
 def model_checkpoint(root: Path, ref: str) -> Path:
@@ -66,24 +83,23 @@ def predict_files(ckpt: Path, files: Sequence[Path], manifest: Manifest, spec: V
                           f"{manifest.channels}; use the --workdir it was trained in")
     net = runtime.prepare_model(net).eval()
     k = min(top_k, manifest.num_classes)
-    rows = []
-    for start in range(0, len(files), batch_size):
-        chunk, views = [], []
-        for path in files[start:start + batch_size]:
-            row = {"path": str(path), "error": "", "classes": [], "scores": []}
-            try:
-                views.append(view_of(path, manifest.channels, spec, manifest.data_config.get("max_short_px", 0)))
-                chunk.append(row)
-            except (Unreadable, OSError, ValueError, RuntimeError) as e:
-                row["error"] = str(e) or type(e).__name__
-            rows.append(row)
-        if not views:
-            continue
-        with runtime.autocast():
-            logits, _ = net(runtime.to_device(torch.stack(views)))
-        scores, classes = logits.float().softmax(1).topk(k, dim=1)
-        for row, s, c in zip(chunk, scores.cpu().tolist(), classes.cpu().tolist()):
-            row["classes"], row["scores"] = [manifest.class_names[i] for i in c], s
+    rows = [{"path": str(path), "error": "", "classes": [], "scores": []} for path in files]
+    batch: list[tuple[dict, torch.Tensor]] = []
+    records = [Record(str(i), 0, str(path)) for i, path in enumerate(files)]
+    source = bounded(ImageFiles(manifest.channels), manifest.data_config.get("max_short_px", 0))
+    for record, data, why in read_in_order(source, records, runtime.workers):
+        row = rows[int(record.key)]
+        if data is None:
+            row["error"] = why
+        else:    # decoded once in a worker already: this decoder survives these bytes
+            batch.append((row, eval_view(decode_image(data, manifest.channels), spec)))
+        if len(batch) == batch_size or (batch and int(record.key) == len(files) - 1):
+            with runtime.autocast():
+                logits, _ = net(runtime.to_device(torch.stack([view for _, view in batch])))
+            scores, classes = logits.float().softmax(1).topk(k, dim=1)
+            for (r, _), s, c in zip(batch, scores.cpu().tolist(), classes.cpu().tolist()):
+                r["classes"], r["scores"] = [manifest.class_names[i] for i in c], s
+            batch = []
     return rows
 
 

@@ -7,17 +7,40 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cbd_cache.workdir import LOG, RUN_KINDS
+from cbd_cache.errors import FileDamaged
+from cbd_cache.workdir import LOG, RECORD, RUN_KINDS, read_run_json
 
 
 def run_logs(root: Path) -> list[tuple[str, list[dict[str, Any]]]]:
-    """(`teachers/<name>` or `students/<run>`, its log.jsonl lines) for every run folder under workdir `root`."""
+    """(`teachers/<name>` or `students/<run>`, its log.jsonl lines) for every run folder under workdir `root`;
+    a finished run without its log.jsonl gives the same lines from its run.json's history."""
     runs = []
     for kind in RUN_KINDS:
-        for path in sorted((root / kind).glob(f"*/{LOG}")):
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            runs.append((f"{kind}/{path.parent.name}", lines))
+        for folder in sorted(p for p in (root / kind).glob("*") if (p / LOG).is_file() or (p / RECORD).is_file()):
+            if (folder / LOG).is_file():
+                runs.append((f"{kind}/{folder.name}", read_log(folder / LOG)))
+            elif history := read_run_json(folder / RECORD).get("history"):
+                runs.append((f"{kind}/{folder.name}", history))
     return runs
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """A log.jsonl's lines; a torn one is `FileDamaged`, naming the file and how to get it back."""
+    lines = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if not isinstance(entry, dict):
+            fix = ("remove it: `cbd-cache logs` then reads the same lines from the run's run.json"
+                   if (path.parent / RECORD).is_file() else
+                   "run the training command again: it writes the file again from its resume point")
+            raise FileDamaged(f"{path}, line {n}, is torn (not a JSON object); {fix}")
+        lines.append(entry)
+    return lines
 
 
 def logs_csv(root: Path) -> str:

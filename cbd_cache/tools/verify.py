@@ -18,9 +18,11 @@ from cbd_cache.cache.codec import dequantize_int8
 from cbd_cache.cache.integrity import VIEWS, scan_cache
 from cbd_cache.cache.schema import TEACHERS, Layout, cache_counts, done_array, make_layout, teacher_array
 from cbd_cache.cache.store import open_group, provenance_of, read_whole, teacher_folders, teacher_record
+from cbd_cache.data.isolated import Encoded, read_in_order
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.shards import content_hash, read_shard
-from cbd_cache.errors import CacheDamaged, FileDamaged
+from cbd_cache.data.shards import Sample, content_hash, read_shard
+from cbd_cache.data.sources import Record
+from cbd_cache.errors import CacheDamaged, FileDamaged, ShardDamaged
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.models.losses import teacher_target
 from cbd_cache.system.digests import file_sha256
@@ -103,24 +105,44 @@ def verify_cache(path: Location, manifest: Manifest, checkpoints: Mapping[str, A
     sound = scan.sound(VIEWS)
     sample = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
     sample = sample[[bool(sound[_shard_of(prov["shards"], r)]) for r in sample]]   # rows of sound, finished shards
+    if not same_data:    # the rows are another data's: nothing to recompute them from
+        sample = sample[:0]
     by_shard: dict[int, list[int]] = {}
     for row in sample.tolist():
         by_shard.setdefault(_shard_of(prov["shards"], row), []).append(row)
+    picked: list[Sample] = []
     for index, chosen in by_shard.items():
         info = manifest.train.shards[index]
-        samples = read_shard(manifest.shard_path(info), info.start, info.stop)
-        if content_hash(samples) != info.sha256:
+        try:
+            samples = read_shard(manifest.shard_path(info), info.start, info.stop)
+        except ShardDamaged as e:
+            found.append((SHARED, str(e)))
+            continue
+        if content_hash(samples) != info.sha256:      # not what prepare checked: its images are not decoded
             found.append((SHARED, f"shard {info.name}: its content no longer matches the manifest's hash"))
-        picked = [samples[row - info.start] for row in chosen]
-        flat = np.concatenate([np.arange(offsets[r], offsets[r] + counts[r]) for r in chosen])
-        stored = np.split(group["views"].oindex[flat], np.cumsum(counts[chosen])[:-1])
-        dims = [image_dims(s, spec, manifest.channels) for s in picked]
-        for s, (height, width, _), views in zip(picked, dims, stored):
+            continue
+        picked += [samples[row - info.start] for row in chosen]
+    decodable = set()    # decoded in a worker first, as prepare decodes: a decoder crash is a problem, not verify's end
+    encoded = [Record(s.key, s.label, (s.data, s.ext)) for s in picked]
+    for r, data, why in read_in_order(Encoded(manifest.channels), encoded, runtime.workers) if encoded else ():
+        if data is None:
+            found.append((SHARED, f"{r.key}: its image does not decode ({why})"))
+        else:
+            decodable.add(r.key)
+    for index, info in enumerate(manifest.train.shards):
+        chosen = [s for s in picked if info.start <= s.row < info.stop and s.key in decodable]
+        if not chosen:
+            continue
+        kept = [s.row for s in chosen]
+        flat = np.concatenate([np.arange(offsets[r], offsets[r] + counts[r]) for r in kept])
+        stored = np.split(group["views"].oindex[flat], np.cumsum(counts[kept])[:-1])
+        dims = [image_dims(s, spec, manifest.channels) for s in chosen]
+        for s, (height, width, _), views in zip(chosen, dims, stored):
             derived = derive_views(prov["view_seed"], s.key, len(views), height, width, spec)
             if not np.array_equal(derived, views):
                 found.append((SHARED, f"row {s.row}: stored views differ from the views derived from its key"))
         x = concat([render(s, views, spec, manifest.channels, image) for s, (_, _, image), views in
-                    zip(picked, dims, stored)])   # the pixels export gave the teachers, under the cache's decode policy
+                    zip(chosen, dims, stored)])   # the pixels export gave the teachers, under the cache's decode policy
         for name, net in nets.items():
             if not scan.sound(teacher_array(name, "shard_done"))[index]:
                 continue

@@ -17,9 +17,9 @@ from cbd_cache.config import TABLES, Config, StudentCfg, load_config
 from cbd_cache.models.checkpoints import save_checkpoint
 from cbd_cache.models.networks import Network
 from cbd_cache.system.digests import digest, file_sha256
-from cbd_cache.system.storage import read_json, write_json
+from cbd_cache.system.storage import write_json
 from cbd_cache.train.evaluation import write_report
-from cbd_cache.workdir import CHECKPOINT, RECORD, RESUME
+from cbd_cache.workdir import CHECKPOINT, RECORD, RESUME, read_run_json
 
 NAME_CHARS = re.compile(r"[^A-Za-z0-9_.+=-]")   # what config.NAME_RE accepts after the first character
 LOCATIONS = ("data.root",)        # where the data is, not what it is: the manifest's fingerprint covers that
@@ -148,7 +148,7 @@ def is_done(folder: Path, identity: str | None = None) -> bool:
     ckpt, record = folder / CHECKPOINT, folder / RECORD
     if not (ckpt.is_file() and record.is_file()):
         return False
-    run = read_json(record)
+    run = read_run_json(record)
     return (run.get("checkpoint_sha256") == file_sha256(ckpt)
             and (identity is None or run.get("identity") == identity))
 
