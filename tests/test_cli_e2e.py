@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cbd_cache.cache.schema import sealed
+
 from .conftest import ROOT, SMOKE
 
 CLI = str(Path(sys.executable).parent / "cbd-cache")
@@ -93,7 +95,8 @@ def test_mismatched_cache_is_refused_with_a_clear_message(tmp_path, smoke_workdi
     wd = tmp_path / "wd"
     shutil.copytree(smoke_workdir.root, wd)
     meta = json.loads((wd / "cache.zarr" / "zarr.json").read_text())      # a cache of other data
-    meta["attributes"]["provenance"]["manifest_fingerprint"] = "0" * 64
+    prov = {**meta["attributes"]["provenance"], "manifest_fingerprint": "0" * 64}
+    meta["attributes"]["provenance"] = sealed(prov)      # sealed again: another data's cache, not a damaged one
     (wd / "cache.zarr" / "zarr.json").write_text(json.dumps(meta))
     result = cbd("train-student", "--pipeline", str(SMOKE), "--workdir", str(wd), check=False)
     assert result.returncode == 2

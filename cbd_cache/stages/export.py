@@ -135,7 +135,8 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime, repair: bool = Fals
     (`integrity.mend`) and the export then rewrites just the damaged shards, bit-identical."""
     manifest = Manifest.load(wd.manifest)
     names = export_names(cfg, teachers, replace)
-    records = {n: checkpoint_record(cfg, wd, n).to_dict() for n in names}
+    loaded, recs = load_teachers(cfg, wd, names)   # every checkpoint read (and refused) before anything is written
+    records = {r.name: r.to_dict() for r in recs}
     spec = ViewSpec.from_cfg(cfg.views)
     e = cfg.export
     counts = cache_counts(manifest, e.views, e.allocation, e.min_views)
@@ -191,7 +192,7 @@ def export_cache(cfg: Config, wd: Workdir, runtime: Runtime, repair: bool = Fals
         f"A = {e.views}), ({len(todo)}/{len(shards)} shards to go) on {runtime.device}"
         + (f", dealt over {d.world} ranks" if d.world > 1 else ""))
     todo = todo[d.rank::d.world]
-    nets = dict(zip(running, (runtime.prepare_teacher(n) for n in load_teachers(cfg, wd, running)[0])))
+    nets = {name: runtime.prepare_teacher(net) for name, net in zip(names, loaded) if name in running}
     need = {s: [n for n in running if teacher_todo[n][s]] for s in todo}
     stream = ExportStream(manifest, todo, spec, cfg.pipeline.seed, counts, e.batch_size)
     loader = DataLoader(stream, batch_size=None, **runtime.loader_kwargs())
