@@ -178,10 +178,18 @@ def import_teacher(ctx: Context, name: str, path: str, arch: str, keys: tuple[st
 @main.command()
 @click.option("--repair", is_flag=True,
               help="Read every chunk, then rewrite only the damaged shards (and lost metadata), bit-identical.")
+@click.option("--teachers", default="", metavar="A,B", help="Export only these teachers [every teacher of the pipeline].")
+@click.option("--replace", "replace", multiple=True, metavar="NAME",
+              help="Rewrite teacher NAME's group (after retraining it); the other groups stay (repeatable).")
 @pipeline_options
-def export(ctx: Context, repair: bool):
-    """Run every teacher over A views of every training image into the Zarr cache (resumable)."""
-    pipeline.export(ctx.cfg, ctx.wd, ctx.runtime, repair)
+def export(ctx: Context, repair: bool, teachers: str, replace: tuple[str, ...]):
+    """Run the teachers the cache lacks over A views of every training image into the Zarr cache (resumable).
+
+    Teachers already in the cache are not run again; each teacher is a group of its own, so exports of
+    different teachers (--teachers) may run at once.
+    """
+    names = [n.strip() for n in teachers.split(",") if n.strip()]
+    pipeline.export(ctx.cfg, ctx.wd, ctx.runtime, repair, names, list(replace))
 
 
 @main.command("train-student")
@@ -335,8 +343,7 @@ def verify(ctx: Context, rows: int, seed: int, tolerance: float, as_json: bool):
     Exits 1 on any mismatch.
     """
     manifest = Manifest.load(ctx.wd.manifest)
-    checkpoints = {t.name: ctx.wd.teacher_checkpoint(t.name) for t in ctx.cfg.teachers}
-    report = verify_cache(ctx.wd.cache, manifest, checkpoints, ctx.runtime, rows, seed, tolerance)
+    report = verify_cache(ctx.wd.cache, manifest, ctx.wd.teacher_checkpoint, ctx.runtime, rows, seed, tolerance)
     click.echo(json.dumps(report, indent=1) if as_json else verify_text(report))
     if report["problems"]:
         sys.exit(1)
@@ -346,9 +353,17 @@ def verify(ctx: Context, rows: int, seed: int, tolerance: float, as_json: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @pipeline_options
 def info(ctx: Context, as_json: bool):
-    """Arrays, shapes, dtypes, chunking, fingerprint, completeness and bytes on disk."""
-    d = cache_info(ctx.wd.cache)
+    """Arrays, shapes, dtypes, chunking, fingerprint, completeness, bytes, and each teacher's state."""
+    d = cache_info(ctx.wd.cache, ctx.wd.teacher_checkpoint, [t.name for t in ctx.cfg.teachers])
     click.echo(json.dumps(d, indent=1) if as_json else info_text(d))
+
+
+@cache.command()
+@click.argument("name")
+@pipeline_options
+def drop(ctx: Context, name: str):
+    """Remove teacher NAME's group from the cache, at once; the other teachers and the views stay."""
+    pipeline.drop_teacher(ctx.wd, name)
 
 
 if __name__ == "__main__":

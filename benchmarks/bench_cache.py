@@ -36,7 +36,7 @@ from common import Timer, bench_config, bench_workdir, runtime_info, write_resul
 
 from cbd_cache.cache.info import cache_info
 from cbd_cache.cache.reader import CacheReader
-from cbd_cache.cache.schema import TeacherRecord, provenance
+from cbd_cache.cache.schema import TeacherRecord, default_chunk_views, make_layout, provenance
 from cbd_cache.cache.writer import CacheWriter
 from cbd_cache.config import TrainCfg
 from cbd_cache.data.manifest import Manifest, ShardInfo, SplitInfo
@@ -74,16 +74,20 @@ def write_synthetic_cache(path: Path, manifest: Manifest, views: int, teachers: 
     if path.exists() and cache_info(path)["complete"]:
         return
     shutil.rmtree(path, ignore_errors=True)
-    records = [TeacherRecord(f"t{k}", "standard", "synthetic", k, "0" * 64, dim) for k in range(teachers)]
-    rows = manifest.train.shards[0].rows
-    writer = CacheWriter(path, provenance(manifest, 0, {}, views, dtype, rows, records, False))
+    counts = np.full(manifest.train.num_samples, views, dtype=np.int64)
+    layout = make_layout([[s.start, s.stop] for s in manifest.train.shards], counts,
+                         default_chunk_views(manifest.train.shards[0].rows, views))
+    writer = CacheWriter(path, provenance(manifest, 0, {}, views, "uniform", 1, dtype, layout, False), layout)
+    records = [TeacherRecord(f"t{k}", "standard", "synthetic", k, "0" * 64, dim, [0.0], [1.0]) for k in range(teachers)]
+    for r in records:
+        writer.add_teacher(r.to_dict())
     rng = np.random.default_rng(0)
     for s, info in enumerate(manifest.train.shards):
         d = {}
         for r in records:
-            x = rng.standard_normal((info.rows, views, dim), dtype=np.float32)
+            x = rng.standard_normal((info.rows * views, dim), dtype=np.float32)
             d[r.name] = x / np.linalg.norm(x, axis=-1, keepdims=True)
-        v = rng.integers(0, 28, (info.rows, views, 5)).astype(np.int32)
+        v = rng.integers(1, 28, (info.rows * views, 5)).astype(np.int32)
         writer.write_shard(s, v, d)
 
 
@@ -267,7 +271,7 @@ def bench_bytes(root: Path) -> list[dict]:
             path = root / f"bytes-{shape}-{dtype}.zarr"
             write_synthetic_cache(path, manifest, a, k, d, dtype)
             info = cache_info(path)
-            desc = sum(v["bytes_stored"] for n, v in info["arrays"].items() if n.startswith(("descriptors/", "scales/")))
+            desc = sum(v["bytes_stored"] for n, v in info["arrays"].items() if n.endswith(("/descriptors", "/scales")))
             per = rows * a * k
             out.append({"shape": shape, "dtype": dtype, "A": a, "K": k, "d": d, "rows": rows,
                         "descriptor_bytes_per_ivt": desc / per, "total_bytes_per_ivt": info["bytes_on_disk"] / per})
@@ -318,8 +322,8 @@ def markdown(res: dict) -> str:
         lines.append("")
     if res.get("bytes"):
         lines += ["## Bytes on disk per (image · view · teacher)", "",
-                  "From `cache info` of caches written by `CacheWriter`. Descriptors: `descriptors/` (+ `scales/` "
-                  "for int8); total: the whole group (views, shard_done, metadata) divided by N·A·K.", "",
+                  "From `cache info` of caches written by `CacheWriter`. Descriptors: `teachers/<t>/descriptors` (+ `scales` "
+                  "for int8); total: the whole group (views, done-marks, metadata) divided by N·A·K.", "",
                   "| row shape | dtype | descriptor bytes | ÷ float16 | total bytes | ÷ float16 |",
                   "|---|---|---:|---:|---:|---:|"]
         for r in res["bytes"]:

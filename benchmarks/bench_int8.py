@@ -71,17 +71,17 @@ def compare(wds: dict[str, Workdir]) -> dict:
     """Cosine of every float16 / int8 descriptor to the float32 one, and bytes per (image . view . teacher)."""
     manifest = Manifest.load(wds["float32"].manifest)
     ref_group = zarr.open_group(str(wds["float32"].cache), mode="r")
-    teachers = sorted(dict(ref_group.attrs)["provenance"]["teachers"])
+    teachers = sorted(cache_info(wds["float32"].cache)["teachers"])
     out: dict = {"teachers": teachers, "rows": manifest.train.num_samples}
     for dtype in ("float16", "int8"):
         group = zarr.open_group(str(wds[dtype].cache), mode="r")
         reader = CacheReader(wds[dtype].cache, manifest, teachers)
         stored, served = [], []
         for t in teachers:
-            ref = ref_group[f"descriptors/{t}"][:]
-            raw = group[f"descriptors/{t}"][:]
+            ref = ref_group[f"teachers/{t}/descriptors"][:]
+            raw = group[f"teachers/{t}/descriptors"][:]
             if dtype == "int8":
-                raw = dequantize_int8(raw, group[f"scales/{t}"][:])
+                raw = dequantize_int8(raw, group[f"teachers/{t}/scales"][:])
             stored.append(cosines(raw, ref).ravel())
             served.append(cosines(reader.descriptors(t, 0, manifest.train.num_samples), ref).ravel())
         stored, served = np.concatenate(stored), np.concatenate(served)
@@ -91,7 +91,7 @@ def compare(wds: dict[str, Workdir]) -> dict:
     for dtype in DTYPES:
         info = cache_info(wds[dtype].cache)
         per = info["views_stored"] * len(info["teachers"])
-        desc = sum(v["bytes_stored"] for n, v in info["arrays"].items() if n.startswith(("descriptors/", "scales/")))
+        desc = sum(v["bytes_stored"] for n, v in info["arrays"].items() if n.endswith(("/descriptors", "/scales")))
         out.setdefault(dtype, {}).update(descriptor_bytes=desc, total_bytes=info["bytes_on_disk"],
                                          descriptor_bytes_per_ivt=desc / per, total_bytes_per_ivt=info["bytes_on_disk"] / per)
     for dtype in DTYPES:

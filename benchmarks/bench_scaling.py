@@ -160,7 +160,7 @@ def small_markdown(res: dict) -> list[str]:
     lines = ["Embedded default (Fashion-MNIST-LT, 28 px, untrained ResNet-8 teachers, d = 64, float16), one axis "
              "varied at a time. Export: `export_cache` end to end. Student: the CBD student on cached targets, real "
              "loop, images/s. Schema bytes: N'·A·(20 + K·d·2) + S, chunks only, with N' = N rounded up to whole "
-             "chunks of one shard (Zarr stores the last chunk whole) and S shard_done bytes.", "",
+             "chunks of one shard (Zarr stores the last chunk whole) and S done-mark bytes per part.", "",
              "| varied | N | A | K | export (s) | µs per image·view·teacher | cache on disk (MiB) | chunk bytes = "
              "schema? | student img/s |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for axis, r in zip([p[0] for p in POINTS], res["points"]):

@@ -4,7 +4,8 @@ and the test fixtures all reach the stages through here.
     prepare  -> rank 0, under the data folder's lock (a remote `pipeline.data_url` is prepared locally, then
                 uploaded); the others wait
     teachers -> each under its run folder's lock (rank 0's), or J at a time in processes of their own
-    export   -> under the cache's lock (rank 0's, a local cache's): one exporting job per cache
+    export   -> under a lock per teacher group it writes (rank 0's, a local cache's): one job per teacher, so
+                exports of different teachers may fill one cache at once
     student  -> planned once (a refused config writes nothing), then trained under its run folder's lock
                 by the method the config picks: cRT / LWS, post-hoc rebalancing, online or replayed targets,
                 or cached targets
@@ -17,17 +18,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
+from cbd_cache.cache.store import open_group, teacher_folders
+from cbd_cache.cache.writer import remove_group
 from cbd_cache.config import Config, TeacherCfg
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare
-from cbd_cache.errors import ConfigError
+from cbd_cache.errors import CacheError, ConfigError
 from cbd_cache.stages import crt, online, rebalance, student
 from cbd_cache.stages.evaluate import evaluate_workdir
-from cbd_cache.stages.export import export_cache
+from cbd_cache.stages.export import export_cache, export_names
 from cbd_cache.stages.teachers import train_teacher
 from cbd_cache.system import distributed
 from cbd_cache.system.jobs import gpus_for, run_parallel
@@ -87,12 +90,30 @@ def train_teachers_in_parallel(cfg: Config, wd: Workdir, names: list[str], jobs:
                  gpus_for(cfg.pipeline.device))
 
 
-def export(cfg: Config, wd: Workdir, runtime: Runtime, repair: bool = False) -> None:
-    """The cache, under its lock: one exporting job per cache."""
-    local = not is_url(wd.cache)
-    with rank0_lock(cache_lock(Path(wd.cache)), str(wd.cache), runtime) if local else nullcontext():
-        export_cache(cfg, wd, runtime, repair)
+def export(cfg: Config, wd: Workdir, runtime: Runtime, repair: bool = False, teachers: list[str] | tuple = (),
+           replace: list[str] | tuple = ()) -> None:
+    """The cache's `teachers` (all by default), each group under its own lock: one exporting job per teacher."""
+    names = export_names(cfg, teachers, replace)
+    with ExitStack() as locks:
+        if not is_url(wd.cache):
+            for name in names:
+                locks.enter_context(rank0_lock(cache_lock(Path(wd.cache), f"teacher-{name}"),
+                                               f"teacher {name} of {wd.cache}", runtime))
+        export_cache(cfg, wd, runtime, repair, names, replace)
     distributed.barrier()
+
+
+def drop_teacher(wd: Workdir, name: str) -> None:
+    """`cache drop`: teacher `name`'s group leaves the cache at once (under its lock); the rest is untouched."""
+    open_group(wd.cache)    # a cache of this schema, its provenance intact
+    folders = teacher_folders(wd.cache)
+    if name not in folders:
+        raise CacheError(f"{wd.cache} holds no teacher {name!r}; it holds {folders}")
+    with nullcontext() if is_url(wd.cache) else hold(cache_lock(Path(wd.cache), f"teacher-{name}"),
+                                                      f"teacher {name} of {wd.cache}"):
+        remove_group(wd.cache, name)
+    log(f"[cache] dropped teacher {name} from {wd.cache}; a student that names it is refused until "
+        "`cbd-cache export` adds it again")
 
 
 def train_student(cfg: Config, wd: Workdir, runtime: Runtime, plan: student.StudentPlan | None = None) -> Path:

@@ -5,7 +5,8 @@
     W/data.lock                     held by the one process preparing the data
     W/teachers/<name>/              a stage-1 teacher's run folder (below)
     W/cache.zarr                    teacher descriptors per (image, view), the view parameters, provenance
-    W/cache.zarr.lock               held by the one process exporting into the cache
+    W/cache.zarr.locks/             teacher-<name>.lock: held by the one process exporting that teacher;
+                                    shared.lock: held for moments, to create the cache or write a shard's views
     W/students/<run>/               a stage-2 student's (or baseline's) run folder
     W/results.{md,json}             the evaluation table of every model in the workdir
 
@@ -98,9 +99,10 @@ def data_lock(data: Path) -> Path:
     return Path(data).with_name(Path(data).name + LOCK)
 
 
-def cache_lock(cache: Path) -> Path:
-    """The lock file beside a cache folder (a zarr store holds only its own files)."""
-    return cache.with_name(cache.name + LOCK)
+def cache_lock(cache: Path, part: str) -> Path:
+    """A lock file of a cache, in a folder beside it (a zarr store holds only its own files): `teacher-<name>`
+    for the export of one teacher group, `shared` for the shared arrays."""
+    return cache.with_name(cache.name + ".locks") / f"{part}.lock"
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def test_int8_cosines_are_cosines(bench):
 
 
 @pytest.mark.parametrize("script, option", [("bench_cache", "--export-rounds"), ("bench_int8", "--teachers-from"),
-                                            ("bench_malloc", "--batch-size"), ("bench_scaling", "--warmup"),
+                                            ("bench_malloc", "--batch-size"), ("bench_scaling", "--warmup"), ("bench_add_teacher", "--rounds"),
                                             ("bench_student", "--case"), ("prepare_throughput", "--sizes"),
                                             ("bench_sweep_jobs", "--runs")])
 def test_benchmark_command_line_parses(bench, monkeypatch, capsys, script, option):

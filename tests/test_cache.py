@@ -1,4 +1,5 @@
 
+import json
 from itertools import islice
 
 import numpy as np
@@ -9,15 +10,16 @@ import zarr
 
 from cbd_cache.cache.info import cache_info
 from cbd_cache.cache.reader import CacheReader
-from cbd_cache.cache.schema import make_layout
+from cbd_cache.cache.schema import make_layout, sealed
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import decode_image, read_shard
-from cbd_cache.errors import CacheDamaged, CacheError
+from cbd_cache.errors import CacheDamaged, CacheError, FileDamaged
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.stages.export import export_cache
 from cbd_cache.system.runtime import make_runtime
 from cbd_cache.tools.verify import verify_cache
 from cbd_cache.views import ViewSpec, replay, to_unit
+from cbd_cache.workdir import Workdir
 
 from .conftest import smoke_config
 
@@ -41,7 +43,7 @@ def test_cache_row_i_holds_the_descriptors_of_manifest_sample_i(smoke_workdir):
         for name, net in nets.items():
             with torch.no_grad():
                 expected = F.normalize(net.features(x), dim=1).numpy()
-            cached = group[f"descriptors/{name}"][:][flat].astype(np.float32)
+            cached = group[f"teachers/{name}/descriptors"][:][flat].astype(np.float32)
             np.testing.assert_allclose(cached, expected, atol=2e-3)      # float16 storage
             # and a shifted row does not match: the alignment is what is being tested
             assert not np.allclose(cached[2:], expected[:-2], atol=2e-3)
@@ -51,7 +53,7 @@ def test_cache_row_i_holds_the_descriptors_of_manifest_sample_i(smoke_workdir):
 
 def test_descriptors_are_float16_and_unit_norm_and_the_padding_is_zero(smoke_workdir):
     group = zarr.open_group(str(smoke_workdir.cache), mode="r")
-    d = group["descriptors/std0"][:]
+    d = group["teachers/std0/descriptors"][:]
     offsets, counts = group["view_offset"][:], group["view_count"][:]
     used = np.zeros(len(d), bool)
     for o, c in zip(offsets, counts):
@@ -64,7 +66,7 @@ def test_descriptors_are_float16_and_unit_norm_and_the_padding_is_zero(smoke_wor
 def test_shard_blocks_start_on_chunk_boundaries(smoke_workdir):
     info = cache_info(smoke_workdir.cache)
     manifest = Manifest.load(smoke_workdir.manifest)
-    chunk = info["arrays"]["descriptors/std0"]["chunks"][0]
+    chunk = info["arrays"]["teachers/std0/descriptors"]["chunks"][0]
     offsets = zarr.open_group(str(smoke_workdir.cache), mode="r")["view_offset"][:]
     assert chunk == info["chunk_views"] and all(offsets[s.start] % chunk == 0 for s in manifest.train.shards)
     assert info["views_total"] - info["views_stored"] < chunk * len(manifest.train.shards)
@@ -134,25 +136,118 @@ def test_a_draws_cache_puts_views_where_the_student_draws_and_serves_smaller_bud
 
 
 def test_an_old_schema_cache_is_refused_with_how_to_re_export(smoke_copy, tmp_path):
+    """A schema-3 cache (one provenance for all teachers, no fingerprint) is refused by every reader and by
+    export, with the command that exports it again, its path quoted for the shell."""
     group = zarr.open_group(str(smoke_copy.cache), mode="r+")
-    group.attrs["provenance"] = {**dict(group.attrs)["provenance"], "schema_version": 1}
-    with pytest.raises(CacheError) as e:
-        CacheReader(smoke_copy.cache, Manifest.load(smoke_copy.manifest), ["std0"])
-    assert "older cbd-cache (schema 1); re-export it: rm -r" in str(e.value)
+    prov = {k: v for k, v in dict(group.attrs)["provenance"].items() if k != "fingerprint"}
+    group.attrs["provenance"] = {**prov, "schema_version": 3, "teachers": {"std0": {"descriptor_dim": 64}}}
     spaced = tmp_path / "my cache.zarr"
     smoke_copy.cache.rename(spaced)
-    with pytest.raises(CacheError) as e:
-        CacheReader(spaced, Manifest.load(smoke_copy.manifest), ["std0"])
-    assert f"rm -r '{spaced}' && cbd-cache export" in str(e.value)
+    cfg = smoke_config()
+    for refused in (lambda: CacheReader(spaced, Manifest.load(smoke_copy.manifest), ["std0"]),
+                    lambda: cache_info(spaced),
+                    lambda: export_cache(cfg, Workdir(smoke_copy.root, cache_url=str(spaced)),
+                                         make_runtime(cfg.pipeline))):
+        with pytest.raises(CacheError) as e:
+            refused()
+        assert f"older cbd-cache (schema 3); re-export it: rm -r '{spaced}' && cbd-cache export" in str(e.value)
+
+
+def edit_json(path, edit) -> None:
+    """Edit a zarr.json by hand, as a user would."""
+    meta = json.loads(path.read_text())
+    edit(meta["attributes"])
+    path.write_text(json.dumps(meta))
+
+
+def test_provenance_edited_by_hand_is_refused_naming_the_file_and_the_fix(smoke_copy):
+    manifest = Manifest.load(smoke_copy.manifest)
+    root, aug0 = smoke_copy.cache / "zarr.json", smoke_copy.cache / "teachers" / "aug0" / "zarr.json"
+    original = root.read_text()
+    edit_json(root, lambda a: a["provenance"].update(views_per_image=4))
+    for refused in (lambda: CacheReader(smoke_copy.cache, manifest, ["std0"]), lambda: cache_info(smoke_copy.cache)):
+        with pytest.raises(FileDamaged, match=rf"{root}: the cache's provenance does not match its fingerprint "
+                                              r"\(edited by hand\?\); put the file back .* rm -r"):
+            refused()
+    root.write_text(original)
+    edit_json(aug0, lambda a: a["teacher"].update(descriptor_dim=32))
+    CacheReader(smoke_copy.cache, manifest, ["std0"])                      # a group it does not read: not checked
+    with pytest.raises(FileDamaged, match=rf"{aug0}: teacher aug0's provenance does not match its fingerprint .*"
+                                          "cbd-cache export --replace aug0"):
+        CacheReader(smoke_copy.cache, manifest, ["std0", "aug0"])
+    assert cache_info(smoke_copy.cache)["teachers"]["aug0"]["state"] == "edited"
+
+
+def test_metadata_that_agrees_with_its_fingerprint_still_has_to_agree_with_the_data(smoke_copy):
+    """Swapped shard ranges, or a view budget that is not what view_count holds, are refused even when whoever
+    edited them also recomputed the fingerprint: never trained on."""
+    manifest = Manifest.load(smoke_copy.manifest)
+    root = smoke_copy.cache / "zarr.json"
+    original = root.read_text()
+
+    def forge(**change):
+        root.write_text(original)
+        edit_json(root, lambda a: a.update(provenance=sealed({**a["provenance"], **change})))
+    shards = json.loads(original)["attributes"]["provenance"]["shards"]
+    forge(shards=[shards[1], shards[0], *shards[2:]])
+    with pytest.raises(CacheDamaged, match=r"shard row ranges in its provenance differ from the manifest's "
+                                           r"\(first at shard 0\)"):
+        CacheReader(smoke_copy.cache, manifest, ["std0"])
+    forge(views_per_image=4)
+    with pytest.raises(CacheDamaged, match=r"view_count does not hold the views per image its provenance claims "
+                                           r"\(uniform allocation of A = 4"):
+        CacheReader(smoke_copy.cache, manifest, ["std0"])
+    forge(allocation="draws")
+    with pytest.raises(CacheDamaged, match="view_count does not hold"):
+        CacheReader(smoke_copy.cache, manifest, ["std0"])
+    root.write_text(original)
+    CacheReader(smoke_copy.cache, manifest, ["std0"])
+
+
+def test_info_and_verify_tell_each_teacher_groups_state(smoke_copy, tmp_path):
+    """cache info: complete, partial, stale (its checkpoint changed since), without provenance, or absent from
+    the cache; cache verify checks each group against its own record."""
+    from cbd_cache.cache.info import info_text
+    from cbd_cache.models.checkpoints import load_checkpoint, save_checkpoint
+    from cbd_cache.system.digests import file_sha256
+
+    wd = smoke_copy
+    group = zarr.open_group(str(wd.cache), mode="r+")
+    group["teachers/std0/shard_done"][5] = 0
+    ckpt = wd.teacher_checkpoint("aug0")
+    net, meta = load_checkpoint(ckpt)
+    with torch.no_grad():
+        next(net.parameters()).mul_(1.5)
+    save_checkpoint(ckpt, net, meta["network"], {k: v for k, v in meta.items() if k != "network"})
+    (wd.cache / "teachers" / "ghost").mkdir()                     # what a cut-short export leaves
+    info = cache_info(wd.cache, wd.teacher_checkpoint, ["std0", "aug0", "rn18"])
+    states = {name: t["state"] for name, t in info["teachers"].items()}
+    assert states == {"aug0": "stale", "ghost": "no provenance", "std0": "partial"} and info["missing"] == ["rn18"]
+    assert not info["complete"] and info["teachers"]["std0"]["shards_done"] == 7
+    assert info["teachers"]["aug0"]["bytes_on_disk"] > 0 and info["teachers"]["aug0"]["finished_utc"]
+    assert {"checkpoint_sha256", "arch", "descriptor_dim", "input_mean", "input_std"} <= info["teachers"]["std0"].keys()
+    text = info_text(info)
+    assert "teacher std0: PARTIAL (7/8 shards; `cbd-cache export` finishes it)" in text
+    assert "teacher aug0: STALE (its checkpoint changed since; `cbd-cache export --replace aug0` rewrites it)" in text
+    assert "teacher rn18: ABSENT" in text and "teacher ghost: NO PROVENANCE" in text
+
+    report = verify_cache(wd.cache, Manifest.load(wd.manifest), wd.teacher_checkpoint,
+                          make_runtime(smoke_config().pipeline), rows=8)
+    groups = report["groups"]
+    assert groups["views"] == [] and groups["std0"] == ["teacher std0: incomplete: 7/8 shards exported"]
+    assert groups["aug0"] == ["teacher aug0: its checkpoint changed since its group was written "
+                              "(`cbd-cache export --replace aug0` rewrites it)"]
+    assert "no provenance" in groups["ghost"][0] and report["teachers_recomputed"] == ["std0"]
+    assert file_sha256(ckpt) != info["teachers"]["aug0"]["checkpoint_sha256"]
 
 
 def test_a_flipped_byte_fails_the_read(smoke_copy):
-    chunk = smoke_copy.cache / "descriptors" / "std0" / "c" / "1" / "0"
+    chunk = smoke_copy.cache / "teachers" / "std0" / "descriptors" / "c" / "1" / "0"
     data = bytearray(chunk.read_bytes())
     data[10] ^= 0xFF
     chunk.write_bytes(bytes(data))
     reader = CacheReader(smoke_copy.cache, Manifest.load(smoke_copy.manifest), ["std0"])
-    with pytest.raises(CacheDamaged, match=r"cache.zarr/descriptors/std0/c/1/0 \(shard 1\) fails its checksum; run `cbd-cache export --repair`"):
+    with pytest.raises(CacheDamaged, match=r"cache.zarr/teachers/std0/descriptors/c/1/0 \(shard 1\) fails its checksum; run `cbd-cache export --repair`"):
         reader.read(32, 64)
 
 
@@ -169,9 +264,13 @@ def test_refuses_a_missing_teacher_an_incomplete_cache_and_a_retrained_teacher(s
         CacheReader(smoke_copy.cache, manifest, ["std0", "ghost"])
     with pytest.raises(CacheError, match="retrained"):
         CacheReader(smoke_copy.cache, manifest, ["std0"], checkpoint_hashes={"std0": "f" * 64})
-    zarr.open_group(str(smoke_copy.cache), mode="r+")["shard_done"][2] = 0
-    with pytest.raises(CacheError, match="incomplete: 7/8"):
+    zarr.open_group(str(smoke_copy.cache), mode="r+")["teachers/std0/shard_done"][2] = 0
+    with pytest.raises(CacheError, match="teacher std0 is incomplete: 7/8"):
         CacheReader(smoke_copy.cache, manifest, ["std0"])
+    CacheReader(smoke_copy.cache, manifest, ["aug0"])             # the other teacher's group is complete
+    zarr.open_group(str(smoke_copy.cache), mode="r+")["views_done"][2] = 0
+    with pytest.raises(CacheError, match="is incomplete: 7/8"):
+        CacheReader(smoke_copy.cache, manifest, ["aug0"])
 
 
 
@@ -207,12 +306,12 @@ def test_int8_export_stores_half_the_bytes_and_reads_back_the_same_targets(smoke
     def chunk_bytes(*arrays):   # the data itself; each array's zarr.json adds ~0.5 kB, which dwarfs a tiny cache
         return sum(f.stat().st_size for a in arrays for f in (smoke_copy.cache / a / "c").rglob("*") if f.is_file())
 
-    f16_bytes = chunk_bytes("descriptors/std0")
+    f16_bytes = chunk_bytes("teachers/std0/descriptors")
     shutil.rmtree(smoke_copy.cache)
     export_cache(cfg, smoke_copy, make_runtime(cfg.pipeline))
     info = cache_info(smoke_copy.cache)
-    assert info["dtype"] == "int8" and info["arrays"]["descriptors/std0"]["dtype"] == "int8"
-    assert chunk_bytes("descriptors/std0", "scales/std0") <= 0.52 * f16_bytes     # (d + 2) / 2d at d = 64
+    assert info["dtype"] == "int8" and info["arrays"]["teachers/std0/descriptors"]["dtype"] == "int8"
+    assert chunk_bytes("teachers/std0/descriptors", "teachers/std0/scales") <= 0.52 * f16_bytes     # (d + 2) / 2d at d = 64
     reader = CacheReader(smoke_copy.cache, manifest, ["std0", "aug0"])
     targets = reader.read(0, manifest.train.num_samples).targets
     assert targets.dtype == np.float16 and targets.shape == f16.shape

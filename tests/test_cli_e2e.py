@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cbd_cache.cache.schema import sealed
+
 from .conftest import ROOT, SMOKE
 
 CLI = str(Path(sys.executable).parent / "cbd-cache")
@@ -34,7 +36,7 @@ def test_help_lists_every_command_and_each_command_its_options():
 
     from cli import main
 
-    assert set(main.commands) == COMMANDS and set(main.commands["cache"].commands) == {"info", "verify"}
+    assert set(main.commands) == COMMANDS and set(main.commands["cache"].commands) == {"info", "verify", "drop"}
     runner = CliRunner()
     top = runner.invoke(main, ["--help"], prog_name="cbd-cache")
     assert top.exit_code == 0
@@ -75,9 +77,9 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert "skipping" in again.stderr and "nothing to do" in again.stderr
 
     info = json.loads(cbd("cache", "info", *common, "--json").stdout)
-    assert info["complete"] and info["arrays"]["descriptors/std0"]["dtype"] == "float16"
+    assert info["complete"] and info["arrays"]["teachers/std0/descriptors"]["dtype"] == "float16"
     assert info["arrays"]["views"]["shape"] == [512, 5]     # 8 shard blocks of 64 views (32 rows x A = 2), padded
-    assert info["views_stored"] == 227 * 2 and info["allocation"] == "uniform" and info["schema_version"] == 3
+    assert info["views_stored"] == 227 * 2 and info["allocation"] == "uniform" and info["schema_version"] == 4
 
     # the student loads no teacher: it trains with every teacher checkpoint gone
     shutil.rmtree(tmp_path / "smoke" / "teachers")
@@ -93,7 +95,8 @@ def test_mismatched_cache_is_refused_with_a_clear_message(tmp_path, smoke_workdi
     wd = tmp_path / "wd"
     shutil.copytree(smoke_workdir.root, wd)
     meta = json.loads((wd / "cache.zarr" / "zarr.json").read_text())      # a cache of other data
-    meta["attributes"]["provenance"]["manifest_fingerprint"] = "0" * 64
+    prov = {**meta["attributes"]["provenance"], "manifest_fingerprint": "0" * 64}
+    meta["attributes"]["provenance"] = sealed(prov)      # sealed again: another data's cache, not a damaged one
     (wd / "cache.zarr" / "zarr.json").write_text(json.dumps(meta))
     result = cbd("train-student", "--pipeline", str(SMOKE), "--workdir", str(wd), check=False)
     assert result.returncode == 2

@@ -60,7 +60,7 @@ def assert_same_cache(a, b) -> None:
     hashes_a, hashes_b = array_hashes(a), array_hashes(b)
     assert hashes_a.keys() == hashes_b.keys()
     for name in hashes_a:
-        if name.startswith("descriptors/"):
+        if name.endswith("/descriptors"):
             x, y = ga[name][:], gb[name][:]
             assert x.dtype == y.dtype and x.shape == y.shape
             np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=0, atol=1e-3, err_msg=name)
@@ -102,6 +102,9 @@ def test_two_process_smoke_pipeline_with_uneven_shards(tmp_path):
     single = Workdir(tmp_path / "single")
     shutil.copytree(wd.root, single.root, ignore=shutil.ignore_patterns("cache.zarr"))
     export_cache(cfg, single, make_runtime(cfg.pipeline))
+    assert_same_cache(wd.cache, single.cache)
+    out = torchrun("export", *common, "--replace", "aug0").stderr    # one teacher group rewritten by 2 ranks
+    assert "replacing teacher aug0" in out and "running aug0 (5 shards)" in out and "dealt over 2 ranks" in out
     assert_same_cache(wd.cache, single.cache)
 
     out = torchrun("train-student", *common).stderr

@@ -163,15 +163,15 @@ def chunk_of(wd, array: str, c: int = 1):
 
 
 def delete_chunk(wd):
-    chunk_of(wd, "descriptors/std0").unlink()
+    chunk_of(wd, "teachers/std0/descriptors").unlink()
 
 
 def truncate_chunk(wd):
-    truncate(chunk_of(wd, "descriptors/std0"))
+    truncate(chunk_of(wd, "teachers/std0/descriptors"))
 
 
 def flip_chunk_byte(wd):
-    path = chunk_of(wd, "descriptors/std0")
+    path = chunk_of(wd, "teachers/std0/descriptors")
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0x40
     path.write_bytes(bytes(data))
@@ -179,17 +179,17 @@ def flip_chunk_byte(wd):
 
 def retype_chunk(wd):
     """The chunk's values written again as float32, with a valid CRC32C: only its size gives it away."""
-    path = chunk_of(wd, "descriptors/std0")
+    path = chunk_of(wd, "teachers/std0/descriptors")
     raw = np.frombuffer(path.read_bytes()[:-4], np.float16).astype(np.float32).tobytes()
     path.write_bytes(raw + google_crc32c.value(raw).to_bytes(4, "little"))
 
 
 def delete_metadata(wd):
-    (wd.cache / "descriptors" / "std0" / "zarr.json").unlink()
+    (wd.cache / "teachers" / "std0" / "descriptors" / "zarr.json").unlink()
 
 
 def retype_metadata(wd):
-    path = wd.cache / "descriptors" / "std0" / "zarr.json"
+    path = wd.cache / "teachers" / "std0" / "descriptors" / "zarr.json"
     path.write_text(path.read_text().replace('"float16"', '"float32"'))
 
 
@@ -198,13 +198,13 @@ def delete_views_chunk(wd):
 
 
 def flip_done_mark(wd):
-    path = wd.cache / "shard_done" / "c" / "2"
+    path = wd.cache / "teachers" / "std0" / "shard_done" / "c" / "2"
     data = bytearray(path.read_bytes())
     data[0] ^= 0x01
     path.write_bytes(bytes(data))
 
 
-ARRAY = {delete_views_chunk: "views", flip_done_mark: "shard_done"}
+ARRAY = {delete_views_chunk: "views", flip_done_mark: "teachers/std0/shard_done"}
 
 
 @pytest.mark.slow
@@ -214,10 +214,10 @@ def test_a_damaged_cache_stops_training_verify_names_it_and_repair_restores_it(s
     wd = smoke_copy
     common = ["--pipeline", str(SMOKE), "--workdir", str(wd.root)]
     before = cache_files(wd)
-    array = ARRAY.get(damage, "descriptors/std0")
+    array = ARRAY.get(damage, "teachers/std0/descriptors")
     damage(wd)
     result = cbd("train-student", *common, "--set", "student.epochs=1")
-    named = {flip_done_mark: "shard_done", delete_metadata: array, retype_metadata: array}.get(damage, f"{array}/c/1/0")
+    named = {flip_done_mark: array, delete_metadata: array, retype_metadata: array}.get(damage, f"{array}/c/1/0")
     assert_one_line_error(result, str(wd.cache), named, "cbd-cache export --repair")
     assert not (wd.root / "students" / "student_epochs=1" / "checkpoint.pt").exists()
 

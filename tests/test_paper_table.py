@@ -9,9 +9,11 @@ from cbd_cache.config import load_config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import read_labels
 from cbd_cache.experiments.paper_design import (
+    SECTION_KEYS,
     SEEDS,
     UPPER_EXTRACTOR,
     all_runs,
+    export_steps,
     fifth_teacher,
     needs_student,
     sections,
@@ -69,6 +71,27 @@ def test_paper_table_sections_run_table_1_and_the_data_aug_baselines():
     names = {(r.label, r.seed): r.name for r in runs["mix"]}
     k5 = names[("std0+std1+aug0+aug1+aug2", 0)]     # the fifth teacher's whole entry is a setting: a long name
     assert k5.startswith("student_teachers=std0+std1+aug0+aug1+aug2_views=8_") and len(k5) <= 180
+
+
+def test_table_1_k5_adds_the_fifth_teacher_to_the_one_cache():
+    """The K = 5 row's teacher is a group added to the cache of the other rows (only it runs), not a second
+    export; the view study's other allocation exports only the teachers its runs distil."""
+    cfg = load_config(FMNIST)
+    base = ("export.views=16", "export.logits=true", "student.views=8", *fifth_teacher(cfg))
+    full = load_config(FMNIST, base)
+    own = [t.name for t in cfg.teachers]
+    steps = export_steps(full, Path("W"), own, SECTION_KEYS)
+    assert [(s.label, s.sets, s.teachers) for s in steps] == [
+        ("export", (), ("std0", "std1", "aug0", "aug1")),
+        ("export aug2 (added for Table 1, K = 5)", (), ("aug2",)),
+        ("export uniform", ("export.allocation=uniform", "pipeline.cache_url=W/cache_uniform.zarr"),
+         ("std0", "std1", "aug0", "aug1"))]
+    k5 = {s.key: dict(s.points) for s in sections(full, Path("W"))}["mix"]["std0+std1+aug0+aug1+aug2"]
+    assert not any(o.startswith("pipeline.cache_url") for o in (*base, *k5))     # ...and its runs read that cache
+    assert [s.label for s in export_steps(full, Path("W"), own, ["table2", "alpha"])] == ["export"]
+    smoke = load_config(SMOKE)
+    assert [s.teachers for s in export_steps(smoke, Path("W"), ["std0", "aug0"], SECTION_KEYS)] == [
+        ("std0", "aug0"), ("std0", "aug0")]                          # smoke: no fifth teacher; draws' own cache
 
 
 def test_one_run_serves_every_table_that_asks_for_the_same_config():

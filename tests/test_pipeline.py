@@ -16,13 +16,14 @@ from cbd_cache.workdir import cache_lock, run_lock
 from .conftest import SMOKE, smoke_config
 
 
-def test_paper_table_exports_under_the_cache_lock(smoke_copy, tmp_path):
-    """A second job on the cache (an export, or another paper table) is refused before anything is written."""
+def test_paper_table_exports_under_the_teachers_locks(smoke_copy, tmp_path):
+    """A second job exporting one of its teachers into the cache (an export, or another paper table) is refused
+    before anything is written."""
     cfg = smoke_config()
     cache = Path(smoke_copy.cache)
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
-    with hold(cache_lock(cache), "another export"):
-        with pytest.raises(Busy, match=r"in use by process .*cache\.zarr\.lock"):
+    with hold(cache_lock(cache, "teacher-aug0"), "another export"):
+        with pytest.raises(Busy, match=r"in use by process .*cache\.zarr\.locks/teacher-aug0\.lock"):
             paper_table(cfg, smoke_copy, make_runtime(cfg.pipeline), tmp_path / "out")
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == before
     assert not (tmp_path / "out").exists()

@@ -241,13 +241,13 @@ def test_projected_cache_size_matches_an_exported_cache(smoke_workdir):
     labels = read_labels(manifest, "train")
     for overrides in ((), ("export.dtype=int8", "export.logits=true")):   # int8 adds scales; logits stay float16
         projected = projected_cache_bytes(load_config(SMOKE, overrides), labels, manifest.train.class_counts)
-        assert set(projected) >= {"views", "view_count", "view_offset", "descriptors/std0"}
+        assert set(projected) >= {"views", "view_count", "view_offset", "teachers/std0/descriptors"}
         if not overrides:
             assert projected == {name: group[name].nbytes for name in projected}
         else:
-            assert projected["scales/std0"] == group["views"].shape[0] * 2
-            assert projected["descriptors/std0"] == group["descriptors/std0"].nbytes // 2
-            assert projected["logits/std0"] == group["views"].shape[0] * manifest.num_classes * 2
+            assert projected["teachers/std0/scales"] == group["views"].shape[0] * 2
+            assert projected["teachers/std0/descriptors"] == group["teachers/std0/descriptors"].nbytes // 2
+            assert projected["teachers/std0/logits"] == group["views"].shape[0] * manifest.num_classes * 2
 
 
 def test_evaluation_reports_every_held_out_split(tmp_path):

@@ -22,13 +22,14 @@ from cbd_cache.system.runtime import make_runtime
 from cbd_cache.train.engine import fit
 from cbd_cache.train.steps import cross_entropy_step
 from cbd_cache.views import ViewSpec
+from cbd_cache.workdir import Workdir
 from cli import main
 
 from .conftest import ROOT, SMOKE, smoke_config
 
 # Runs the CLI in a subprocess that SIGKILLs itself at a chosen point: after the KILL_AT-th optimiser
-# step (training), or half-way through writing the KILL_AT-th shard (export: views written, the
-# descriptors and the shard_done mark not).
+# step (training), or half-way through writing the KILL_AT-th shard (export: views and half of the first
+# teacher's descriptors written, the rest and the done-marks not).
 KILLER = r"""
 import os, signal, sys
 import torch
@@ -52,6 +53,8 @@ def killing_write_shard(self, index, views, descriptors, logits=None):
     if count[0] == kill_at:
         start = int(self.layout.blocks[index][0])     # the shard's block of the flat arrays, half-written
         self.group["views"][start:start + len(views)] = views
+        name, half = next(iter(descriptors)), len(views) // 2
+        self.group[f"teachers/{name}/descriptors"][start:start + half] = descriptors[name][:half]
         die()
     return write_shard(self, index, views, descriptors, logits)
 CacheWriter.write_shard = killing_write_shard
@@ -135,7 +138,7 @@ def test_killed_export_resumes_to_a_bit_identical_cache(smoke_workdir, tmp_path)
     common = ["--pipeline", str(SMOKE), "--workdir", str(wd), *draws]
     killed = cli_process("export", *common, kill_at=4)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    done = zarr.open_group(str(wd / "cache.zarr"), mode="r")["shard_done"][:]
+    done = zarr.open_group(str(wd / "cache.zarr"), mode="r")["teachers/std0/shard_done"][:]
     assert done.sum() == 3 and not done.all()        # 3 shards done, the 4th half-written
     resumed = cli_process("export", *common)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -145,9 +148,35 @@ def test_killed_export_resumes_to_a_bit_identical_cache(smoke_workdir, tmp_path)
     expected = array_hashes(whole / "cache.zarr")
     counts = zarr.open_group(str(whole / "cache.zarr"), mode="r")["view_count"][:]
     assert counts.max() > 4 * counts.min()           # ragged indeed
-    # views, view_count, view_offset, shard_done, descriptors/std0, descriptors/aug0
-    assert len(expected) == 6
+    # view_count, view_offset, views, views_done, teachers/{std0,aug0}/{descriptors,shard_done}
+    assert len(expected) == 8
     assert array_hashes(wd / "cache.zarr") == expected
+
+
+@pytest.mark.slow
+def test_a_killed_add_resumes_to_the_uninterrupted_add(smoke_workdir, tmp_path):
+    """SIGKILL while a third (imported) teacher is added to a 2-teacher cache, then `export`: the cache is
+    bit-identical, array by array, to an add that was not interrupted; the others never ran."""
+    from .test_export import with_imported_teacher
+
+    wd, whole = Workdir(tmp_path / "wd"), Workdir(tmp_path / "whole")
+    shutil.copytree(smoke_workdir.root, wd.root)
+    pipeline = with_imported_teacher(wd, tmp_path)
+    shutil.copytree(wd.root, whole.root)
+    common = ["--pipeline", str(pipeline), "--workdir", str(wd.root)]
+    killed = cli_process("export", *common, kill_at=4)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert "running rn18 (8 shards); std0, aug0 complete, not run" in killed.stderr
+    done = zarr.open_group(str(wd.cache), mode="r")["teachers/rn18/shard_done"][:]
+    assert done.sum() == 3                          # 3 shards done, the 4th half-written
+    resumed = cli_process("export", *common)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "running rn18 (5 shards); std0, aug0 complete, not run" in resumed.stderr
+    assert "5/8 shards to go" in resumed.stderr and "adding" not in resumed.stderr
+    uninterrupted = cli_process("export", "--pipeline", str(pipeline), "--workdir", str(whole.root))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    expected = array_hashes(whole.cache)
+    assert "teachers/rn18/descriptors" in expected and array_hashes(wd.cache) == expected
 
 
 @pytest.mark.slow

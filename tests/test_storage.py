@@ -67,23 +67,25 @@ def test_verify_passes_a_sound_cache_and_names_each_kind_of_damage(smoke_copy):
     assert max(sound["max_cosine_error"].values()) < 1e-4           # float16 storage only
 
     group = zarr.open_group(str(smoke_copy.cache), mode="r+")
-    d = group["descriptors/std0"]
+    d = group["teachers/std0/descriptors"]
     offsets = group["view_offset"][:]          # A = 2: row r's views are offsets[r], offsets[r] + 1
     rows = d[offsets[10]:offsets[12]]
     d[offsets[10]:offsets[12]] = rows[::-1]    # two rows' views reversed: still unit-norm, only recomputing sees it
     swapped = verify_cache(smoke_copy.cache, manifest, checkpoints, runtime, rows=n)
-    assert len(swapped["problems"]) == 1 and "descriptors/std0" in swapped["problems"][0]
+    assert len(swapped["problems"]) == 1 and "teachers/std0/descriptors" in swapped["problems"][0]
+    assert swapped["groups"] == {"views": [], "std0": swapped["problems"], "aug0": []}     # by group
     assert swapped["max_cosine_error"]["std0"] > 5e-3 and swapped["max_cosine_error"]["aug0"] < 1e-4
     d[offsets[40]:offsets[40] + 2] = 0         # a lost row
-    group["shard_done"][7] = 0                 # and an unfinished shard
+    group["views_done"][7] = 0                 # and an unfinished shard
     result = CliRunner().invoke(main, ["cache", "verify", "--pipeline", str(SMOKE), "--workdir", str(smoke_copy.root)])
     assert result.exit_code == 1
     assert "incomplete: 7/8 shards" in result.stdout and "FAILED" in result.stdout
-    assert "descriptors/std0: 1 rows of shard 1 are not unit-norm (first: row 40)" in result.stdout
+    assert "teachers/std0/descriptors: 1 rows of shard 1 are not unit-norm (first: row 40)" in result.stdout
+    assert "  teacher aug0: OK (rows recomputed)" in result.stdout and "  views (shared): 1 problem(s)" in result.stdout
 
 
 def test_train_student_refuses_an_incomplete_cache(smoke_copy):
-    zarr.open_group(str(smoke_copy.cache), mode="r+")["shard_done"][0] = 0
+    zarr.open_group(str(smoke_copy.cache), mode="r+")["views_done"][0] = 0
     result = CliRunner().invoke(main, ["train-student", "--pipeline", str(SMOKE), "--workdir", str(smoke_copy.root)])
     assert result.exit_code == 2 and "incomplete: 7/8 shards exported" in result.stderr
     assert not (smoke_copy.root / "students").exists()
@@ -96,7 +98,7 @@ def test_a_cut_short_creation_is_redone_and_a_foreign_folder_is_left_alone(smoke
     with pytest.raises(CacheError, match="cut short"):
         CacheReader(smoke_copy.cache, Manifest.load(smoke_copy.manifest), ["std0"])
     export_cache(cfg, smoke_copy, make_runtime(cfg.pipeline))
-    assert zarr.open_group(str(smoke_copy.cache), mode="r")["shard_done"][:].all()
+    assert zarr.open_group(str(smoke_copy.cache), mode="r")["teachers/std0/shard_done"][:].all()
     foreign = smoke_copy.root / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -104,7 +106,7 @@ def test_a_cut_short_creation_is_redone_and_a_foreign_folder_is_left_alone(smoke
     with pytest.raises(CacheError, match="not a cbd-cache cache"):
         export_cache(cfg, wd, make_runtime(cfg.pipeline))
     assert (foreign / "notes.txt").read_text() == "keep me"
-    np.testing.assert_array_equal(zarr.open_group(str(smoke_copy.cache), mode="r")["shard_done"][:], 1)
+    np.testing.assert_array_equal(zarr.open_group(str(smoke_copy.cache), mode="r")["views_done"][:], 1)
 
 
 def test_atomic_writes_replace_regular_files_only_and_give_the_umask(tmp_path):

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cbd_cache.cache.schema import CACHE_SETTINGS
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.stream import CacheSpec, TrainStream
-from cbd_cache.errors import CacheError, ConfigError
+from cbd_cache.errors import CacheError, ConfigError, FileDamaged
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.pipeline import train_student
 from cbd_cache.system.runtime import make_runtime
@@ -128,3 +129,30 @@ def test_logit_and_hybrid_distillation_from_the_cache_and_online(smoke_copy):
         net, _ = load_checkpoint(ckpt)
         # logit distillation alone needs no projection h; hybrid distils two 64-d teachers through h
         assert net.classifier.weight.shape[1] == (128 if "student.distill=hybrid" in extra else 64)
+
+
+def test_a_run_is_named_and_recorded_under_the_settings_of_the_cache_it_read(smoke_copy, monkeypatch):
+    """The cache's own record of its settings names the run, never an override that claims to match it: an
+    edited provenance is refused, and even with the check of the config against the cache switched off a run
+    on this A = 2 cache is named and recorded as A = 2."""
+    import json
+
+    from cbd_cache.stages import student
+
+    root = smoke_copy.cache / "zarr.json"
+    original = root.read_text()
+    meta = json.loads(original)
+    meta["attributes"]["provenance"]["views_per_image"] = 4
+    root.write_text(json.dumps(meta))
+    with pytest.raises(FileDamaged, match="provenance does not match its fingerprint"):
+        student.plan_student(smoke_config("export.views=4"), smoke_copy)
+    root.write_text(original)
+
+    plan = student.plan_student(smoke_config(), smoke_copy)
+    prov = json.loads(original)["attributes"]["provenance"]
+    assert {k: plan.cache_settings[k] for k in CACHE_SETTINGS} == {k: prov[v] for k, v in CACHE_SETTINGS.items()}
+    assert plan.cache_settings["views.scale"] == [0.35, 1.0] and plan.recipe["settings"]["export.views"] == 2
+    monkeypatch.setattr(student, "check_cache_settings", lambda *a: None)
+    claimed = student.plan_student(smoke_config("export.views=4", "pipeline.seed=3"), smoke_copy)
+    assert claimed.name == plan.name == "student" and claimed.identity == plan.identity
+    assert claimed.recipe["settings"]["export.views"] == 2 and claimed.recipe["settings"]["pipeline.seed"] == 0

@@ -1,13 +1,24 @@
 """Reading a cache for a student: checked against the data and teachers first, then whole blocks of rows."""
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
 
 from cbd_cache.cache.codec import dequantize_int8
-from cbd_cache.cache.schema import array_specs, cache_counts, make_layout, row_specs
+from cbd_cache.cache.schema import (
+    TEACHER_DONE,
+    VIEWS_DONE,
+    cache_counts,
+    claimed_counts_agree,
+    make_layout,
+    row_specs,
+    shared_specs,
+    teacher_array,
+    teacher_specs,
+)
 from cbd_cache.cache.store import (
     REPAIR,
     chunk_key,
@@ -15,8 +26,11 @@ from cbd_cache.cache.store import (
     holes,
     metadata_problems,
     open_group,
+    provenance_of,
     read_chunks,
     read_whole,
+    teacher_folders,
+    teacher_record,
     why,
 )
 from cbd_cache.data.manifest import Manifest
@@ -58,33 +72,45 @@ class CacheReader:
                  checkpoint_hashes: dict[str, str] | None = None, with_logits: bool = False):
         self.path = path
         group = open_group(self.path)
-        prov = dict(group.attrs)["provenance"]
-        if prov["manifest_fingerprint"] != manifest.fingerprint:
-            raise CacheError(
-                f"{self.path} was exported for data with fingerprint {prov['manifest_fingerprint'][:12]}, but "
-                f"the manifest {join(manifest.folder, 'manifest.json')} has {manifest.fingerprint[:12]}; "
-                "re-run `cbd-cache export` for this data")
+        prov = provenance_of(group)
+        check_data(path, prov, manifest)
         for name, problem in metadata_problems(group, row_specs(prov)).items():
             raise damaged(path, name, problem)
-        self.layout = make_layout(prov["shards"], read_whole(group, path, "view_count"), prov["chunk_views"])
-        self.specs = array_specs(prov, self.layout)
-        used = ["views", *(f"{a}/{t}" for t in teachers if t in prov["teachers"] for a in
-                           ("descriptors", "scales", *(["logits"] if with_logits else [])))]
+        counts = read_whole(group, path, "view_count")
+        if not claimed_counts_agree(prov, counts, manifest.train.class_counts):
+            raise CacheDamaged(f"{path}: view_count does not hold the views per image its provenance claims "
+                               f"({prov['allocation']} allocation of A = {prov['views_per_image']}, min_views "
+                               f"{prov['min_views']}); run `cbd-cache cache verify`, or export the cache again")
+        self.layout = make_layout(prov["shards"], counts, prov["chunk_views"])
+        records = {t: teacher_record(group, path, t) for t in teachers}     # only those read are checked
+        missing = [t for t in teachers if records[t] is None]
+        if missing:
+            folders = teacher_folders(path)
+            cut = [t for t in missing if t in folders]
+            raise CacheError(f"{self.path} has no descriptors for teacher(s) {missing}"
+                             + (f" ({', '.join(cut)}: an export was cut short, or its group metadata lost)" if cut else "")
+                             + f"; it holds {[f for f in folders if f not in cut]}. Run `cbd-cache export` to add them")
+        for name, sha in (checkpoint_hashes or {}).items():
+            cached = records[name]["checkpoint_sha256"] if name in records else None
+            if name in teachers and cached != sha:
+                raise CacheError(f"{self.path}: teacher {name} was retrained after its export (checkpoint {sha[:12]}, "
+                                 f"cache {cached[:12]}); run `cbd-cache export --replace {name}` to rewrite its group")
+        self.specs = shared_specs(prov, self.layout)
+        for t in teachers:
+            self.specs.update(teacher_specs(prov, self.layout, t, records[t]["descriptor_dim"]))
+        used = ["views", VIEWS_DONE, *(teacher_array(t, k) for t in teachers for k in
+                                       ("descriptors", "scales", TEACHER_DONE, *(["logits"] if with_logits else [])))]
         for name, problem in metadata_problems(group, {k: self.specs[k] for k in used if k in self.specs}).items():
             raise damaged(path, name, problem)
-        done = read_whole(group, path, "shard_done")
+        done = read_whole(group, path, VIEWS_DONE)
         if not done.all():
             raise CacheError(f"{self.path} is incomplete: {int(done.sum())}/{len(done)} shards exported; "
                              "run `cbd-cache export` to finish it")
-        missing = [t for t in teachers if t not in prov["teachers"]]
-        if missing:
-            raise CacheError(f"{self.path} has no descriptors for teacher(s) {missing}; "
-                             f"it holds {sorted(prov['teachers'])}")
-        for name, sha in (checkpoint_hashes or {}).items():
-            cached = prov["teachers"].get(name, {}).get("checkpoint_sha256")
-            if name in teachers and cached != sha:
-                raise CacheError(f"{self.path}: teacher {name!r} was retrained after the export "
-                                 f"(checkpoint {sha[:12]}, cache {cached[:12]}); re-run `cbd-cache export`")
+        for t in teachers:
+            done = read_whole(group, path, teacher_array(t, TEACHER_DONE))
+            if not done.all():
+                raise CacheError(f"{self.path}: teacher {t} is incomplete: {int(done.sum())}/{len(done)} shards "
+                                 "exported; run `cbd-cache export` to finish it")
         if with_logits and not prov["logits"]:
             raise CacheError(f"{self.path} holds no teacher logits; export with --set export.logits=true")
         if views > prov["views_per_image"]:
@@ -92,10 +118,11 @@ class CacheReader:
                              f"({prov['allocation']} allocation), {views} were asked for")
         self.group = group
         self.prov = prov
+        self.records = {t: records[t] for t in teachers}
         self.teachers = list(teachers)
         self.views = views or prov["views_per_image"]
         self.with_logits = with_logits
-        self.dims = [prov["teachers"][t]["descriptor_dim"] for t in teachers]
+        self.dims = [records[t]["descriptor_dim"] for t in teachers]
         self.counts = self.layout.counts
         if self.views != prov["views_per_image"]:
             self.counts = np.minimum(self.counts, cache_counts(manifest, self.views, prov["allocation"],
@@ -117,16 +144,16 @@ class CacheReader:
         targets = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         logits = None
         if self.with_logits:
-            zs = [self.read_array(f"logits/{t}", lo, hi) for t in self.teachers]
+            zs = [self.read_array(teacher_array(t, "logits"), lo, hi) for t in self.teachers]
             logits = np.concatenate(zs, axis=-1) if len(zs) > 1 else zs[0]
         return ViewBlock(views, targets, logits, self.layout.offsets[start:stop] - lo, self.counts[start:stop])
 
     def descriptors(self, teacher: str, lo: int, hi: int) -> np.ndarray:
         """One teacher's descriptors of flat views [lo, hi): float16/float32 as stored, int8 dequantised."""
-        d = self.read_array(f"descriptors/{teacher}", lo, hi)
+        d = self.read_array(teacher_array(teacher, "descriptors"), lo, hi)
         if self.prov["dtype"] != "int8":
             return d
-        return dequantize_int8(d, self.read_array(f"scales/{teacher}", lo, hi), np.float16)
+        return dequantize_int8(d, self.read_array(teacher_array(teacher, "scales"), lo, hi), np.float16)
 
     def read_array(self, name: str, lo: int, hi: int) -> np.ndarray:
         """Flat views [lo, hi) of one array; a chunk that fails its check, or is missing, raises CacheDamaged."""
@@ -148,3 +175,20 @@ class CacheReader:
         if len(bad):
             raise chunk_damaged((lo + int(bad[0])) // cv, "is missing")
         return x
+
+
+def check_data(path: Location, prov: dict, manifest: Manifest) -> None:
+    """The cache was exported from this manifest's data, shard for shard: each shard's row range in the
+    provenance is the manifest's (swapped ranges would pair rows with another image's targets)."""
+    if prov["manifest_fingerprint"] != manifest.fingerprint:
+        raise CacheError(
+            f"{path} was exported for data with fingerprint {prov['manifest_fingerprint'][:12]}, but "
+            f"the manifest {join(manifest.folder, 'manifest.json')} has {manifest.fingerprint[:12]}; "
+            "re-run `cbd-cache export` for this data")
+    ranges = [[s.start, s.stop] for s in manifest.train.shards]
+    if prov["shards"] != ranges:
+        bad = next((i for i, (a, b) in enumerate(zip(prov["shards"], ranges)) if a != b), min(len(ranges),
+                                                                                             len(prov["shards"])))
+        raise CacheDamaged(f"{path}: the shard row ranges in its provenance differ from the manifest's (first at "
+                           f"shard {bad}); the cache's rows would not be the data's. Export it again: "
+                           f"rm -r {shlex.quote(str(path))} && cbd-cache export")

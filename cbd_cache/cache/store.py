@@ -2,19 +2,23 @@
 
 Every read goes chunk by chunk when a read fails, to name the chunk; a fill value where a stored
 value belongs is a missing chunk. Damage raises `CacheDamaged` naming the array, the shard and
-`cbd-cache export --repair`.
+`cbd-cache export --repair`. The provenance of the cache and of each teacher group is checked
+against its fingerprint whenever it is opened.
 """
 from __future__ import annotations
 
 import shlex
+import warnings
+from pathlib import Path
 from typing import Any, Iterator
 
+import fsspec
 import numpy as np
 import zarr
 
-from cbd_cache.cache.schema import FILL, PER_ROW, SCHEMA_VERSION, ArraySpec
-from cbd_cache.errors import CacheDamaged, CacheError
-from cbd_cache.system.storage import Location, exists, join
+from cbd_cache.cache.schema import FILL, PER_ROW, SCHEMA_VERSION, TEACHERS, ArraySpec, fingerprint
+from cbd_cache.errors import CacheDamaged, CacheError, FileDamaged
+from cbd_cache.system.storage import Location, exists, is_url, join
 
 REPAIR = "run `cbd-cache export --repair` (same --pipeline, --workdir and --set) to rewrite what is damaged"
 
@@ -87,15 +91,18 @@ def why(e: ValueError) -> str:
     return f"cannot be decoded ({text})"
 
 
-def _diff(a: dict, b: dict) -> list[str]:
+def diff_keys(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def _schema_error(path: Location, version: Any) -> CacheError:
-    q = shlex.quote(str(path))
+def re_export(path: Location) -> str:
+    """The shell command that exports a cache again from scratch, with the path quoted for the shell."""
+    return f"rm -r {shlex.quote(str(path))} && cbd-cache export (with the same --pipeline, --workdir and --set)"
+
+
+def schema_error(path: Location, version: Any) -> CacheError:
     if isinstance(version, int) and version < SCHEMA_VERSION:
-        return CacheError(f"{path} was written by an older cbd-cache (schema {version}); re-export it: "
-                          f"rm -r {q} && cbd-cache export (with the same --pipeline, --workdir and --set)")
+        return CacheError(f"{path} was written by an older cbd-cache (schema {version}); re-export it: {re_export(path)}")
     return CacheError(f"{path} has cache schema {version}, this cbd-cache reads schema {SCHEMA_VERSION}; "
                       "use the cbd-cache that wrote it")
 
@@ -105,7 +112,7 @@ def store(path: Location) -> str:
     return str(path)
 
 
-def _no_group(path: Location) -> CacheError:
+def no_group(path: Location) -> CacheError:
     return CacheError(f"{path} has no readable group metadata (zarr.json): it is not a cbd-cache cache, or that file "
                       "was lost. If it is this pipeline's cache, `cbd-cache export --repair` writes it again (or delete "
                       f"it, rm -r {shlex.quote(str(path))}, and run `cbd-cache export`); otherwise choose another cache "
@@ -113,18 +120,73 @@ def _no_group(path: Location) -> CacheError:
 
 
 def open_group(path: Location) -> zarr.Group:
+    """The cache's root group, once its provenance is this schema's and matches its fingerprint."""
     if not exists(path):
         raise CacheError(f"no cache at {path}; run `cbd-cache export` first")
     try:
         group = zarr.open_group(store(path), mode="r")
     except (FileNotFoundError, ValueError):     # GroupNotFoundError is both; a garbled zarr.json a ValueError
-        raise _no_group(path) from None
+        raise no_group(path) from None
     prov = dict(group.attrs).get("provenance")
     if not prov:
         raise CacheError(f"{path}: the cache's creation was cut short; run `cbd-cache export` to create it again")
-    if prov.get("schema_version") != SCHEMA_VERSION:
-        raise _schema_error(path, prov.get("schema_version"))
+    check_provenance(path, prov)
     return group
+
+
+def check_provenance(path: Location, prov: dict[str, Any]) -> None:
+    """The root provenance is this schema's and is what export wrote (its fingerprint recomputed)."""
+    if prov.get("schema_version") != SCHEMA_VERSION:
+        raise schema_error(path, prov.get("schema_version"))
+    if prov.get("fingerprint") != fingerprint(prov):
+        raise FileDamaged(f"{join(path, 'zarr.json')}: the cache's provenance does not match its fingerprint (edited "
+                          "by hand?); put the file back as export wrote it, or export the cache again: "
+                          f"{re_export(path)}")
+
+
+def provenance_of(group: zarr.Group) -> dict[str, Any]:
+    return dict(group.attrs)["provenance"]
+
+
+def teacher_folders(path: Location) -> list[str]:
+    """The folders under teachers/, whether or not they hold a teacher group (a lost or unwritten zarr.json)."""
+    folder = join(path, TEACHERS)
+    if not is_url(path):
+        return sorted(p.name for p in Path(folder).iterdir() if p.is_dir()) if Path(folder).is_dir() else []
+    fs, root = fsspec.core.url_to_fs(str(folder))
+    if not fs.exists(root):
+        return []
+    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=True) if e["type"] == "directory")
+
+
+def teacher_record(group: zarr.Group, path: Location, name: str) -> dict[str, Any] | None:
+    """Teacher `name`'s provenance, checked against its fingerprint; None when the cache holds no such
+    group, or one whose creation was cut short or whose group metadata was lost."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # zarr warns of folders without metadata
+            sub = group[f"{TEACHERS}/{name}"]
+    except (KeyError, FileNotFoundError, ValueError):
+        return None
+    record = dict(sub.attrs).get("teacher") if isinstance(sub, zarr.Group) else None
+    if record is None:
+        return None
+    if record.get("fingerprint") != fingerprint(record) or record.get("name") != name:
+        raise FileDamaged(f"{join(path, f'{TEACHERS}/{name}/zarr.json')}: teacher {name}'s provenance does not match "
+                          "its fingerprint (edited by hand?); put the file back as export wrote it, or export that "
+                          f"group again: cbd-cache export --replace {name} (with the same --pipeline, --workdir and --set)")
+    return record
+
+
+def teacher_records(group: zarr.Group, path: Location) -> dict[str, dict[str, Any]]:
+    """Every teacher group of the cache that holds its provenance, by name."""
+    records = {name: teacher_record(group, path, name) for name in teacher_folders(path)}
+    return {name: r for name, r in records.items() if r is not None}
+
+
+def group_attrs(group: zarr.Group, name: str) -> dict[str, Any]:
+    """A teacher group's attributes (created and finished times beside its record)."""
+    return dict(group[f"{TEACHERS}/{name}"].attrs)
 
 
 def damaged(path: Location, name: str, what: str, shard: int | None = None) -> CacheDamaged:
@@ -133,7 +195,7 @@ def damaged(path: Location, name: str, what: str, shard: int | None = None) -> C
 
 
 def read_whole(group: zarr.Group, path: Location, name: str) -> np.ndarray:
-    """A per-row or per-shard array, whole; damage raises CacheDamaged (a lost `shard_done` chunk reads
+    """A per-row or per-shard array, whole; damage raises CacheDamaged (a lost done-mark chunk reads
     0, "not done": export redoes that shard)."""
     try:
         x = group[name][:]

@@ -202,6 +202,27 @@ def controls(cfg: Config, root: Path) -> tuple[tuple[str, tuple[str, ...]], ...]
 
 
 @dataclass(frozen=True)
+class ExportStep:
+    label: str                        # its timing key
+    sets: tuple[str, ...]             # --set items of its config beyond the base (another allocation's cache)
+    teachers: tuple[str, ...]         # the teacher groups it writes
+
+
+def export_steps(cfg: Config, root: Path, pipeline_teachers: Sequence[str], chosen: Sequence[str]) -> list[ExportStep]:
+    """The exports the paper table runs for the sections `chosen`: the pipeline's teachers into the one
+    cache; Table 1's fifth teacher added to that same cache (`export --teachers`, no second export); the
+    view study's other allocation, with the teachers its runs distil."""
+    steps = [ExportStep("export", (), tuple(pipeline_teachers))]
+    added = tuple(t.name for t in cfg.teachers if t.name not in pipeline_teachers)
+    if added and "mix" in chosen:
+        steps.append(ExportStep(f"export {'+'.join(added)} (added for Table 1, K = 5)", (), added))
+    if "views" in chosen:
+        steps += [ExportStep(f"export {alloc}", sets, tuple(cfg.student_teachers()))
+                  for alloc in ALLOCATIONS if (sets := allocation_sets(cfg, root, alloc))]
+    return steps
+
+
+@dataclass(frozen=True)
 class Section:
     key: str
     points: tuple[tuple[str, tuple[str, ...]], ...]     # (label, student --set items)

@@ -137,7 +137,8 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
               "", f"## Table 1: which teachers (CBD, cached, A = {base_cfg.student.views})", "",
               "The paper's rows: K = 1 (one standard / one data-aug), K = 2 (two standard / two data-aug / one of "
               "each), K = 3 (one standard + two data-aug), K = 4 (two + two), K = 5 (two standard + three data-aug)."
-              + (f" The fifth teacher is trained for this table only (`--set {base_overrides_added[0]}`)."
+              + (f" The fifth teacher is trained for this table only (`--set {base_overrides_added[0]}`) and added "
+                 "to the one cache as a group of its own (`export --teachers`: the others are not run again)."
                  if base_overrides_added else ""), ""]
     mix_sets = dict(next(s for s in sections(base_cfg, wd.root) if s.key == "mix").points)
     std_n = sum(t.type == "standard" for t in base_cfg.teachers)

@@ -7,8 +7,9 @@ field's baselines), the control experiments and the upper bound (its extractor t
 source's whole balanced training set, prepared into W/data_full), Figures 1 and 4 (from NCM's
 feature pass), calibration, and per-class accuracy, each over `SEEDS`. One export with A = 16 views and teacher logits serves every row of
 its allocation: view a does not depend on A, so `student.views = V` is exactly an A = V export, and
-the default A = 8 is `student.views = 8`. The view study's other allocation gets its own A = 16
-export, `W/cache_<allocation>.zarr`. Every run is a `sweep` run: re-running skips finished runs,
+the default A = 8 is `student.views = 8`. Table 1's fifth teacher is added to that one cache (a
+teacher group of its own: the other teachers are not run again). The view study's other allocation
+gets its own A = 16 export, `W/cache_<allocation>.zarr`. Every run is a `sweep` run: re-running skips finished runs,
 `--time-limit-min` stops between runs so the work can be done in chunks, and `--sections` trains
 only some sections.
 """
@@ -21,7 +22,6 @@ from typing import Sequence
 from cbd_cache import pipeline
 from cbd_cache.config import Config, load_config
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.sampling import ALLOCATIONS
 from cbd_cache.errors import JobsFailed
 from cbd_cache.experiments.paper_design import (
     BASE,
@@ -30,7 +30,7 @@ from cbd_cache.experiments.paper_design import (
     SEEDS,
     UPPER_EXTRACTOR,
     all_runs,
-    allocation_sets,
+    export_steps,
     fifth_teacher,
     needs_student,
     stage1,
@@ -66,16 +66,12 @@ def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limi
             return False
         with timing(f"teacher {t.name}"):
             pipeline.train_teachers(base_cfg, wd, runtime, [t])
-    with timing("export"):
-        pipeline.export(base_cfg, wd, runtime)
     runs = all_runs(base_cfg, base, wd.root)
     chosen = {k: rs for k, rs in runs.items() if not only or k in only}
-    if "views" in chosen:
-        for alloc in ALLOCATIONS:
-            if sets := allocation_sets(base_cfg, wd.root, alloc):
-                other = load_config(source, (*base, *sets))
-                with timing(f"export {alloc}"):
-                    pipeline.export(other, run_workdir(wd, other), runtime)
+    for step in export_steps(base_cfg, wd.root, [t.name for t in cfg.teachers], list(chosen)):
+        step_cfg = load_config(source, (*base, *step.sets))
+        with timing(step.label):
+            pipeline.export(step_cfg, run_workdir(wd, step_cfg), runtime, teachers=list(step.teachers))
     if "controls" in chosen and (full := upper_bound_sets(base_cfg, wd.root)) is not None:
         full_cfg = load_config(source, (*base, *full))
         with timing("prepare full"):

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbd_cache.cache.reader import CacheReader
-from cbd_cache.cache.schema import CACHE_SETTINGS
 from cbd_cache.config import CHOSEN_ON_VAL, Config, StudentCfg
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.stream import CacheSpec, TrainStream
@@ -30,7 +29,15 @@ from cbd_cache.models.networks import Network, descriptor_dim, projection_dim
 from cbd_cache.system.digests import file_sha256
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import Runtime
-from cbd_cache.train.runs import RunPlan, flat_config, frozen_from_cache, is_done, run_settings, student_run_name
+from cbd_cache.train.runs import (
+    RunPlan,
+    cache_settings,
+    flat_config,
+    frozen_from_cache,
+    is_done,
+    run_settings,
+    student_run_name,
+)
 from cbd_cache.train.skeleton import train_model
 from cbd_cache.train.steps import LossFn, cross_entropy_step, distillation_step
 from cbd_cache.views import ViewSpec
@@ -46,6 +53,7 @@ class StudentPlan(RunPlan):
     cache: CacheSpec | None = None                      # where cached targets come from
     provenance: dict = field(default_factory=dict)      # teacher name -> checkpoint SHA-256
     init: Path | None = None                            # the checkpoint fine-tuning and cRT start from
+    cache_settings: dict | None = None                  # the settings the cache it reads recorded (None: no cache)
 
 
 REBALANCE_KINDS = {"lws": "LWS", "tau_norm": "tau-norm", "logit_adjust": "logit adjustment"}
@@ -83,7 +91,6 @@ def data_aug(cfg: Config):
 def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
     """Checks the inputs (manifest, cache, teachers, init) and derives the run's name and identity."""
     s = cfg.student
-    name = student_run_name(cfg)
     manifest = Manifest.load(wd.manifest)
     teachers = cfg.student_teachers() if s.targets != "none" else []
     logits = s.distill != "feature"
@@ -92,7 +99,7 @@ def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
         teacher = s.init.split("/", 1)[1]
         hashes = {teacher: file_sha256(ckpt)} if (ckpt := wd.teacher_checkpoint(teacher)).is_file() else {}
         reader = CacheReader(wd.cache, manifest, [teacher], s.views, checkpoint_hashes=hashes)
-        provenance = {teacher: reader.prov["teachers"][teacher]["checkpoint_sha256"]}
+        provenance = {teacher: reader.records[teacher]["checkpoint_sha256"]}
         cache = CacheSpec(wd.cache, (teacher,), reader.views)
     elif s.targets in ("cache", "replay"):
         hashes = {t: file_sha256(wd.teacher_checkpoint(t)) for t in teachers if wd.teacher_checkpoint(t).is_file()}
@@ -102,7 +109,7 @@ def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
                              with_logits=logits and s.targets == "cache")
         dims = reader.dims
         cache = CacheSpec(wd.cache, tuple(teachers), reader.views, with_logits=logits and s.targets == "cache")
-        provenance = {t: reader.prov["teachers"][t]["checkpoint_sha256"] for t in teachers}
+        provenance = {t: reader.records[t]["checkpoint_sha256"] for t in teachers}
     elif s.targets == "online":
         for t in teachers:
             if not wd.teacher_checkpoint(t).is_file():
@@ -110,18 +117,21 @@ def plan_student(cfg: Config, wd: Workdir) -> StudentPlan:
                                         "online targets need the teachers")
         provenance = {t: file_sha256(wd.teacher_checkpoint(t)) for t in teachers}
         dims = [descriptor_dim(cfg.teacher_by_name(t).arch) for t in teachers]
+    recorded = None
     if cache is not None:
         check_cache_settings(cfg, reader.prov, wd.cache)
+        recorded = cache_settings(reader.prov)     # the run is named and recorded under what the cache holds
+    name = student_run_name(cfg, recorded)
     if s.distill == "logit":
         dims = []
     init = init_checkpoint(wd, s) if s.init else None
     if s.rebalance != "none":
         check_rebalance(cfg, manifest, init)
-    recipe = {"settings": run_settings(cfg), "manifest": manifest.fingerprint, "teachers": provenance,
+    recipe = {"settings": run_settings(cfg, recorded), "manifest": manifest.fingerprint, "teachers": provenance,
               "init": file_sha256(init) if init else None,
               "cache_schema": reader.prov["schema_version"] if reader else None}
     return StudentPlan(name, wd.student_dir(name), recipe, student_kind(cfg), "student", teachers, dims, cache,
-                       provenance, init)
+                       provenance, init, recorded)
 
 
 SELECTION_SPLIT = "val"   # where anything is chosen (tau): never the split results report
@@ -165,8 +175,7 @@ def already_done(plan: StudentPlan) -> bool:
 def check_cache_settings(cfg: Config, prov: dict, path) -> None:
     """The cache's views win: a student whose view or export settings differ from what the cache
     recorded would train on crops, or under a name, that the teachers' targets do not belong to."""
-    recorded = {f"views.{k}": v for k, v in prov["view_spec"].items() if k != "eval_resize_px"}   # (evaluation only)
-    recorded.update({key: prov[name] for key, name in CACHE_SETTINGS.items()})
+    recorded = cache_settings(prov)
     mine = json.loads(json.dumps(flat_config(cfg)))   # as the cache's JSON attributes hold them (lists, not tuples)
     for key, value in recorded.items():
         if mine[key] != value:
@@ -221,4 +230,5 @@ def student_meta(cfg: Config, plan: StudentPlan, manifest: Manifest) -> dict:
     """What a second-stage run's checkpoint and run.json record of it, whatever the method."""
     s = cfg.student
     return {"kind": plan.kind, "name": plan.name, "seed": s.seed, "config": dataclasses.asdict(s),
-            "teachers": plan.provenance, "overrides": cfg.overrides, "manifest_fingerprint": manifest.fingerprint}
+            "teachers": plan.provenance, "overrides": cfg.overrides, "manifest_fingerprint": manifest.fingerprint,
+            "cache": plan.cache_settings}

@@ -2,7 +2,8 @@
 
 A second writer refuses at once, naming the holder's pid, rather than waiting: a wait of hours behind
 a training run reads as a hang, and what the second one would do next (skip a finished run, or train
-another config) is clearer rerun than queued. A SIGKILLed holder leaves the file but not the lock.
+another config) is clearer rerun than queued. Only a lock held for moments (creating a cache, writing
+one shard of its shared views) is waited for. A SIGKILLed holder leaves the file but not the lock.
 A process forked while the lock is held (a prepare's reader, a loader worker) closes its copy of the
 lock file at once, so the lock is its holder's alone and ends with it.
 """
@@ -30,13 +31,13 @@ os.register_at_fork(after_in_child=_close_in_child)
 
 
 @contextmanager
-def hold(lock: Path, what: str) -> Iterator[None]:
-    """Hold `lock` (created if needed) for the block, or raise Busy naming the holder."""
+def hold(lock: Path, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold `lock` (created if needed) for the block, or raise Busy naming the holder (`wait`: wait for it)."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     f = open(lock, "a+")
     try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             f.seek(0)
             pid = f.read().strip() or "?"

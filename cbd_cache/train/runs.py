@@ -41,12 +41,20 @@ def flat_config(cfg: Config) -> dict[str, Any]:
     return flat
 
 
-def run_settings(cfg: Config) -> dict[str, Any]:
+def cache_settings(prov: dict[str, Any]) -> dict[str, Any]:
+    """The settings a cache recorded, by their `--set` keys: the views it stored and `CACHE_SETTINGS`."""
+    recorded = {f"views.{k}": v for k, v in prov["view_spec"].items() if k != "eval_resize_px"}   # (evaluation only)
+    recorded.update({key: prov[name] for key, name in CACHE_SETTINGS.items()})
+    return recorded
+
+
+def run_settings(cfg: Config, cache: dict[str, Any] | None = None) -> dict[str, Any]:
     """The settings a student run's result depends on: its name and its identity cover exactly these.
 
     The student's own, the views, the data, and, as far as the run uses them, the cache (view seed,
     view budget and its allocation, dtype, logits), the teachers it distils or starts from, and the teachers' data
-    augmentation that a `type = data_aug` student shares.
+    augmentation that a `type = data_aug` student shares. `cache`: the cache's own record of its settings
+    (`cache_settings`), which then wins over the config's (a run is recorded under what it read).
     """
     s = cfg.student
     cached = s.targets in ("cache", "replay") or frozen_from_cache(s)
@@ -62,6 +70,8 @@ def run_settings(cfg: Config) -> dict[str, Any]:
     if s.type == "data_aug":
         keys += ["teacher.aug_style", "teacher.noise_std", "teacher.jitter"]
     flat = flat_config(cfg)
+    if cached and cache:
+        flat.update({k: tuple(v) if isinstance(flat[k], tuple) else v for k, v in cache.items() if k in flat})
     return {k: flat[k] for k in keys}
 
 
@@ -74,7 +84,7 @@ def _fields(obj: Any) -> list[str]:
     return [f.name for f in dataclasses.fields(obj)]
 
 
-def student_run_name(cfg: Config) -> str:
+def student_run_name(cfg: Config, cache: dict[str, Any] | None = None) -> str:
     """`student.name`, or `student` plus every run setting (`run_settings`) that differs from the pipeline file's.
 
     The student's own settings come first and bare (`alpha=0.2`), then the others by their full key
@@ -86,8 +96,9 @@ def student_run_name(cfg: Config) -> str:
         return cfg.student.name
     ref = flat_config(load_config(cfg.source))
     mine = flat_config(cfg)
-    changed = {k: v for k, v in run_settings(cfg).items() if v != ref.get(k)}
-    _collapse_teachers(changed, list(run_settings(cfg)), mine, ref)
+    settings = run_settings(cfg, cache)
+    changed = {k: v for k, v in settings.items() if v != ref.get(k)}
+    _collapse_teachers(changed, list(settings), mine, ref)
     own = sorted(k for k in changed if k.startswith("student.") and k != "student.seed")
     parts = [f"{k[8:]}={_text(changed[k])}" for k in own]
     parts += [f"{k}={_text(v)}" for k, v in sorted(changed.items()) if not k.startswith("student.")]
