@@ -54,7 +54,7 @@ from cbd_cache.system.seeding import seed_everything
 from cbd_cache.tools.dryrun import projected_cache_bytes
 from cbd_cache.train.engine import cosine_schedule, make_optimizer
 from cbd_cache.train.steps import distillation_step
-from cbd_cache.views import ViewSpec
+from cbd_cache.views import VIEW_FIELDS, ViewSpec
 from cbd_cache.workdir import Workdir
 
 N_MAX = {320: "N/4", 640: "N/2", 1280: "N"}
@@ -71,6 +71,17 @@ def schema_bytes(cfg, n: int, dtype: str) -> int:
     layout = make_layout([[lo, min(lo + size, n)] for lo in range(0, n, size)], np.full(n, a),
                          cfg.export.chunk_views or default_chunk_views(size, a))
     return sum(layout.array_bytes({t.name: descriptor_dim(t.arch) for t in cfg.teachers}, dtype, 0, False).values())
+
+
+def chunk_file_bytes(cfg, manifest: Manifest) -> int:
+    """What the cache's chunk files hold by the schema: every array's bytes (`dryrun.projected_cache_bytes`),
+    a 4-byte CRC32C per chunk, and a done-mark byte (with its CRC) per shard for the views and each teacher."""
+    arrays = projected_cache_bytes(cfg, read_labels(manifest, "train"), manifest.train.class_counts)
+    e, shards = cfg.export, len(manifest.train.shards)
+    views_total = arrays["views"] // (len(VIEW_FIELDS) * 4)          # V, padding included
+    chunk_views = e.chunk_views or default_chunk_views(cfg.data.shard_size, e.views)
+    chunks = (len(arrays) - 2) * views_total // chunk_views + 2     # the per-view arrays, then view_count, view_offset
+    return sum(arrays.values()) + 4 * chunks + (1 + len(cfg.teachers)) * shards * (1 + 4)
 
 
 def student_rate(cfg, wd: Workdir, runtime, teachers: list[str], warmup: int, steps: int) -> float:
@@ -117,8 +128,7 @@ def run_point(root: Path, n_max: int, a: int, k: int, warmup: int, steps: int) -
     chunk_bytes = sum(f.stat().st_size for f in wd.cache.rglob("*") if f.is_file() and "/c/" in str(f))
     r = {"N": n, "A": a, "K": k, "export_s": export_s, "export_us_per_ivt": 1e6 * export_s / (n * a * k),
          "cache_bytes": info["bytes_on_disk"], "chunk_bytes": chunk_bytes,
-         "schema_bytes": sum(projected_cache_bytes(cfg, read_labels(manifest, "train"),
-                                                   manifest.train.class_counts).values()),
+         "schema_bytes": chunk_file_bytes(cfg, manifest),
          "student_images_per_s": rate,
          "runtime": runtime_info(runtime)}
     log(f"[scaling] N={n} A={a} K={k}: export {export_s:.1f}s ({r['export_us_per_ivt']:.1f} us per image.view.teacher), "
@@ -159,8 +169,9 @@ def markdown(res: dict) -> str:
 def small_markdown(res: dict) -> list[str]:
     lines = ["Embedded default (Fashion-MNIST-LT, 28 px, untrained ResNet-8 teachers, d = 64, float16), one axis "
              "varied at a time. Export: `export_cache` end to end. Student: the CBD student on cached targets, real "
-             "loop, images/s. Schema bytes: N'·A·(20 + K·d·2) + S, chunks only, with N' = N rounded up to whole "
-             "chunks of one shard (Zarr stores the last chunk whole) and S done-mark bytes per part.", "",
+             "loop, images/s. Schema bytes, chunk files only: V·(20 + K·d·2) + 12·N by the layout (V: the flat views, "
+             "each shard's block padded to whole chunks; `dryrun.projected_cache_bytes`), a 4-byte CRC32C per chunk, "
+             "and a done-mark byte (with its CRC) per shard for the views and for each teacher.", "",
              "| varied | N | A | K | export (s) | µs per image·view·teacher | cache on disk (MiB) | chunk bytes = "
              "schema? | student img/s |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for axis, r in zip([p[0] for p in POINTS], res["points"]):

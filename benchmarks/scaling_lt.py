@@ -102,13 +102,22 @@ def source(cfg, fraction: float) -> Synthetic:
     return LongTail(cfg.data)
 
 
+def own_peak_kib() -> int:
+    """This process's peak RSS since its exec (VmHWM). Not ru_maxrss: Linux keeps that across fork and exec, so
+    a stage started by a large parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def run_stage(stage: str, root: Path, fraction: float) -> dict:
     """One stage at one fraction, in this process: {"seconds", "images", "peak_rss_mib"}."""
     cfg = stage_config(fraction)
     wd = Workdir(root / f"f{fraction:g}")
     runtime = make_runtime(cfg.pipeline)
     name = cfg.teachers[0].name
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = own_peak_kib() / 1024
     t0 = time.perf_counter()
     if stage == "prepare":
         prepare(cfg, wd, source(cfg, fraction))
@@ -133,7 +142,7 @@ def run_stage(stage: str, root: Path, fraction: float) -> dict:
         report = evaluate_network(net, manifest, cfg, runtime)
         images = report["num_test"]
     seconds = time.perf_counter() - t0
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    peak = max(own_peak_kib(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     return {"stage": stage, "fraction": fraction, "N": manifest.train.num_samples, "images": images,
             "seconds": seconds, "us_per_image": 1e6 * seconds / images, "peak_rss_mib": peak / 1024,
             "rss_after_imports_mib": rss0}
