@@ -86,7 +86,7 @@ def assert_same_training(a: dict, b: dict) -> None:
 @pytest.mark.slow
 def test_two_processes_take_the_steps_lrs_and_global_batch_of_one(prepared, tmp_path):
     one = probe(prepared, tmp_path / "one", 1)
-    two = probe(prepared, tmp_path / "two", 2)
+    two = probe(prepared, tmp_path / "two", 2, "pipeline.workers=0")      # pinned: one stream per process
     assert len(one["steps"]) == len(two["steps"]) == STEPS
     assert [s["lr"] for s in two["steps"]] == [s["lr"] for s in one["steps"]]
     assert [len(s["rows"]) for s in one["steps"]] == [len(s["rows"]) for s in two["steps"]] == [GLOBAL] * STEPS
@@ -103,7 +103,7 @@ def test_two_processes_take_the_steps_lrs_and_global_batch_of_one(prepared, tmp_
 @pytest.mark.slow
 def test_two_processes_accumulating_match_one_process_of_the_same_global_batch(prepared, tmp_path):
     one = probe(prepared, tmp_path / "one", 1)
-    two = probe(prepared, tmp_path / "two", 2, "pipeline.accumulate=2")
+    two = probe(prepared, tmp_path / "two", 2, "pipeline.workers=0", "pipeline.accumulate=2")
     assert [s["lr"] for s in two["steps"]] == [s["lr"] for s in one["steps"]] and len(one["steps"]) == STEPS
     assert [len(s["rows"]) for s in two["steps"]] == [GLOBAL] * STEPS
     assert [s["micro"] for s in two["steps"]] == [[8, 8, 8, 8]] * STEPS

@@ -69,8 +69,8 @@ def test_verify_passes_a_sound_cache_and_names_each_kind_of_damage(smoke_copy):
     group = zarr.open_group(str(smoke_copy.cache), mode="r+")
     d = group["teachers/std0/descriptors"]
     offsets = group["view_offset"][:]          # A = 2: row r's views are offsets[r], offsets[r] + 1
-    rows = d[offsets[10]:offsets[12]]
-    d[offsets[10]:offsets[12]] = rows[::-1]    # two rows' views reversed: still unit-norm, only recomputing sees it
+    d[offsets[10]:offsets[12]] = -d[offsets[10]:offsets[12]]   # two rows negated: still unit-norm, only recomputing
+    # sees it (not swapped: a barely trained teacher's views of two images can lie within the tolerance)
     swapped = verify_cache(smoke_copy.cache, manifest, checkpoints, runtime, rows=n)
     assert len(swapped["problems"]) == 1 and "teachers/std0/descriptors" in swapped["problems"][0]
     assert swapped["groups"] == {"views": [], "std0": swapped["problems"], "aug0": []}     # by group

@@ -6,6 +6,7 @@ every file it is given, and `cache verify` the shard images it recomputes (`Enco
 from __future__ import annotations
 
 import itertools
+import signal
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -36,6 +37,10 @@ class Encoded(Source):
 def _init_worker(source: Source) -> None:
     global _worker_source
     _worker_source = source
+    # not the CLI's handlers: the pool stops its workers with SIGTERM (after one dies, or at shutdown) and
+    # Ctrl-C reaches the whole process group; the caller speaks for both, a worker just ends
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def read_checked(source: Source, record: Record) -> tuple[bytes | None, str]:
