@@ -1,6 +1,7 @@
 """The GPU path's settings, exercised on CPU: bf16 autocast and channels_last change the numbers a little,
 not the result; loader workers are sized from the machine."""
 import shutil
+import signal
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ from cbd_cache.data.manifest import Manifest
 from cbd_cache.stages.export import export_cache
 from cbd_cache.system import allocator
 from cbd_cache.system.runtime import loader_workers, make_runtime
+from cbd_cache.system.signals import raise_on_signals
 
 from .conftest import smoke_config
 
@@ -22,6 +24,26 @@ def test_loader_workers_are_sized_from_the_machine():
     runtime = make_runtime(smoke_config("pipeline.workers=2").pipeline)
     kw = runtime.loader_kwargs()
     assert kw["num_workers"] == 2 and kw["persistent_workers"] and not kw["pin_memory"]   # pinned only on CUDA
+
+
+class SignalHandlers(torch.utils.data.IterableDataset):
+    """Yields, from inside a loader worker, what SIGTERM and SIGINT do there."""
+
+    def __iter__(self):
+        yield [str(signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT)]
+
+
+def test_loader_workers_leave_sigterm_and_ctrl_c_to_their_parent():
+    """The CLI's handlers raise Interrupted; a loader worker that inherited them would print a traceback on a
+    SLURM step's SIGTERM or a Ctrl-C, or die before its parent has finished the step it is feeding."""
+    raise_on_signals()
+    try:
+        runtime = make_runtime(smoke_config("pipeline.workers=1").pipeline)
+        loader = torch.utils.data.DataLoader(SignalHandlers(), batch_size=None, **runtime.loader_kwargs())
+        assert next(iter(loader)) == [str(signal.SIG_IGN)] * 2
+    finally:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
 
 
 class RecordingLibc:

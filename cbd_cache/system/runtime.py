@@ -11,6 +11,7 @@ from cbd_cache.config import PipelineCfg
 from cbd_cache.errors import ConfigError
 from cbd_cache.system import distributed
 from cbd_cache.system.distributed import Dist
+from cbd_cache.system.signals import loader_worker_signals
 from cbd_cache.views import EncodedBatch, to_unit
 
 
@@ -61,7 +62,7 @@ class Runtime:
         """Worker processes feed the step; on CUDA they copy into pinned memory for asynchronous transfers."""
         kw: dict = {"num_workers": self.workers, "pin_memory": self.cuda}
         if self.workers > 0:
-            kw.update(persistent_workers=True, prefetch_factor=4)
+            kw.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=loader_worker_signals)
         return kw
 
 

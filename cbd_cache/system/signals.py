@@ -25,6 +25,14 @@ def raise_on_signals() -> None:
             signal.signal(s, _raise)
 
 
+def loader_worker_signals(worker_id: int = 0) -> None:
+    """A loader worker leaves SIGTERM and Ctrl-C to its parent (a SLURM step signals every process): the parent
+    finishes its step and then stops the workers, which must still be serving it; and no worker prints a
+    traceback. (`worker_init_fn` of every DataLoader.)"""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 class StopRequests:
     """While entered, SIGTERM and SIGINT set `signum` instead of raising: the loop stops at a step's end."""
 
