@@ -70,7 +70,7 @@ def test_verify_passes_a_sound_cache_and_names_each_kind_of_damage(smoke_copy):
     d = group["teachers/std0/descriptors"]
     offsets = group["view_offset"][:]          # A = 2: row r's views are offsets[r], offsets[r] + 1
     d[offsets[10]:offsets[12]] = -d[offsets[10]:offsets[12]]   # two rows negated: still unit-norm, only recomputing
-    # sees it (not negated: a barely trained teacher's views of two images can lie within the tolerance)
+    # sees it (not swapped: a barely trained teacher's views of two images can lie within the tolerance)
     negated = verify_cache(smoke_copy.cache, manifest, checkpoints, runtime, rows=n)
     assert len(negated["problems"]) == 1 and "teachers/std0/descriptors" in negated["problems"][0]
     assert negated["groups"] == {"views": [], "std0": negated["problems"], "aug0": []}     # by group
