@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 import zarr
+from click.testing import CliRunner
 
 from cbd_cache import pipeline
 from cbd_cache.cache.reader import CacheReader
@@ -20,6 +21,7 @@ from cbd_cache.system.digests import file_sha256
 from cbd_cache.system.locks import hold
 from cbd_cache.system.runtime import make_runtime
 from cbd_cache.workdir import Workdir, cache_lock
+from cli import main
 
 from .conftest import SMOKE, smoke_config
 from .test_resume import array_hashes
@@ -140,15 +142,20 @@ def test_add_replace_and_drop_keep_int8_logits_and_draws_bit_identical(smoke_cop
     assert "running std0 (8 shards)" in log and array_hashes(wd.cache) == expected
 
 
-def test_a_retrained_teacher_is_refused_until_replace_rewrites_its_group_alone(smoke_copy, capsys):
-    cfg = smoke_config()
-    runtime = make_runtime(cfg.pipeline)
-    ckpt = smoke_copy.teacher_checkpoint("aug0")
+def retrain(ckpt) -> None:
+    """The teacher at `ckpt` as if trained again: other weights, so another checkpoint hash."""
     net, meta = load_checkpoint(ckpt)
     with torch.no_grad():
         for p in net.parameters():
             p.mul_(1.01)
     save_checkpoint(ckpt, net, meta["network"], {k: v for k, v in meta.items() if k != "network"})
+
+
+def test_a_retrained_teacher_is_refused_until_replace_rewrites_its_group_alone(smoke_copy, capsys):
+    cfg = smoke_config()
+    runtime = make_runtime(cfg.pipeline)
+    ckpt = smoke_copy.teacher_checkpoint("aug0")
+    retrain(ckpt)
     std0 = {p: p.stat().st_mtime_ns for p in (smoke_copy.cache / "teachers" / "std0").rglob("*")}
     with pytest.raises(CacheError, match=r"teacher aug0 was retrained since its group was written .*"
                                          r"`cbd-cache export --replace aug0` rewrites that group alone"):
@@ -217,17 +224,9 @@ def test_two_exports_of_different_teachers_at_once_give_one_exports_cache(smoke_
 def test_a_retrained_teacher_is_one_line_to_train_student_and_export_replace_fixes_it(smoke_copy):
     """Through the command line: train-student and export refuse a teacher retrained since its group was
     written, in one line naming it and `export --replace`; that command rewrites it and the student trains."""
-    from click.testing import CliRunner
-
-    from cli import main
-
     common = ["--pipeline", str(SMOKE), "--workdir", str(smoke_copy.root)]
     ckpt = smoke_copy.teacher_checkpoint("aug0")
-    net, meta = load_checkpoint(ckpt)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(1.01)
-    save_checkpoint(ckpt, net, meta["network"], {k: v for k, v in meta.items() if k != "network"})
+    retrain(ckpt)
 
     def cbd(*args):
         return CliRunner().invoke(main, [*args, *common, "--set", "student.epochs=1"])

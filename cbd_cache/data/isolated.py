@@ -19,8 +19,8 @@ READ_CHUNK = 16   # records per task handed to a worker process
 _worker_source: Source | None = None
 
 
-class Encoded(Source):
-    """Images already encoded as a shard stores them (a record's ref: (bytes, ext)), to decode in a worker."""
+class Handed(Source):
+    """Records the caller hands over (no splits to list): what `read_in_order` reads for `predict` and `verify`."""
 
     splits = ()
 
@@ -29,6 +29,10 @@ class Encoded(Source):
 
     def records(self, split: str) -> list[Record]:
         return []
+
+
+class Encoded(Handed):
+    """Images already encoded as a shard stores them (a record's ref: (bytes, ext)), to decode in a worker."""
 
     def read(self, record: Record) -> tuple[bytes, str]:
         return record.ref

@@ -17,10 +17,10 @@ from typing import Iterable, Sequence
 
 import torch
 
-from cbd_cache.data.isolated import read_in_order
+from cbd_cache.data.isolated import Handed, read_in_order
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import decode_image
-from cbd_cache.data.sources.base import Record, Source, Unreadable
+from cbd_cache.data.sources.base import Record, Unreadable
 from cbd_cache.data.sources.images import bounded, is_image_file, shard_image
 from cbd_cache.errors import ConfigError
 from cbd_cache.models.checkpoints import load_checkpoint
@@ -45,16 +45,8 @@ def list_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-class ImageFiles(Source):
+class ImageFiles(Handed):
     """The files given to `predict`, read as prepare reads a source's files (a record's ref is its path)."""
-
-    splits = ()
-
-    def __init__(self, channels: int):
-        self.channels, self.class_names, self.description = channels, [], {}
-
-    def records(self, split: str) -> list[Record]:
-        return []
 
     def read(self, record: Record) -> tuple[bytes, str]:
         try:
