@@ -227,3 +227,24 @@ def test_figures_1_and_4_are_drawn_from_the_features_ncm_kept(smoke_workdir, tmp
     train = np.eye(10)[read_labels(manifest, "train")]
     assert (read_labels(manifest, "train")[nearest(train, np.eye(10)[test_labels[queries]])] ==
             test_labels[queries][:, None]).all()       # clean features: every neighbour of its own class
+
+
+def test_hanzi_class_names_are_drawn_in_an_installed_cjk_face(tmp_path):
+    """The glyph source's class names ("U+5415 吕") must not come out as empty boxes (DejaVu Sans has no hanzi)."""
+    import warnings
+
+    from cbd_cache.experiments.paper_figures import plot_figure1, plot_figure4, text_fonts
+
+    if len(text_fonts()["font.family"]) < 2:
+        pytest.skip("no CJK font installed (`make data` installs them)")
+    names, counts = ["U+5415 吕", "U+4E00 一", "U+4EBA 人", "U+5927 大", "U+5C0F 小", "U+5C71 山", "U+6C34 水"], \
+        [100, 60, 30, 15, 8, 4, 2]
+    labels = np.repeat(np.arange(7), 3)
+    features = np.eye(7)[labels] + np.random.default_rng(0).normal(0, 0.1, (21, 7))
+    image = np.zeros((1, 28, 28), np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # matplotlib warns "Glyph ... missing from font(s)" for each box
+        plot_figure1(counts, names, [("Instance", features, labels)], "val", tmp_path / "f1.png")
+        plot_figure4([(image, 0), (image, 6)], [("Instance", [[(image, 1)], [(image, 6)]])], names, counts,
+                     tmp_path / "f4.png")
+    assert (tmp_path / "f1.png").stat().st_size > 5000

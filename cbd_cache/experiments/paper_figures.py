@@ -9,10 +9,12 @@ them: L2-normalised, centred on the training mean, normalised again, nearest by 
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+from matplotlib import font_manager, rc_context
 from matplotlib.figure import Figure  # drawn straight to a file: no pyplot, no GUI backend
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -20,6 +22,24 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from cbd_cache.data.longtail import shot_group
 
 GROUP_COLOURS = {"many": "C0", "medium": "C1", "few": "C3"}
+# Faces that `make data` installs (fonts-noto-cjk, fonts-wqy-*, fonts-arphic-*, ...), first found is used.
+CJK_FAMILIES = ("Noto Sans CJK SC", "WenQuanYi Zen Hei", "AR PL UMing CN", "IPAGothic", "HanaMinA")
+
+
+def text_fonts() -> dict:
+    """rcParams whose text falls back to an installed CJK face: the glyph source's class names are hanzi,
+    which DejaVu Sans draws as empty boxes."""
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return {"font.family": ["DejaVu Sans", *[f for f in CJK_FAMILIES if f in installed][:1]]}
+
+
+def with_text_fonts(draw: Callable) -> Callable:
+    """Draw under `text_fonts()` (text takes its font when created, so the whole figure is drawn inside)."""
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        with rc_context(text_fonts()):
+            return draw(*args, **kwargs)
+    return drawn
 
 
 def ncm_space(features: np.ndarray, center: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -43,6 +63,7 @@ def pca2(x: np.ndarray) -> np.ndarray:
     return centred @ vt[:2].T
 
 
+@with_text_fonts
 def plot_figure1(counts: Sequence[int], names: Sequence[str], panels: Sequence[tuple[str, np.ndarray, np.ndarray]],
                  split: str, path: Path) -> None:
     """Class counts, then per (title, features, labels) of `split` a PCA of its head and tail classes."""
@@ -113,6 +134,7 @@ def _show(ax, image: np.ndarray, frame: str | None = None) -> None:
             spine.set_linewidth(3)
 
 
+@with_text_fonts
 def plot_figure4(queries: Sequence[tuple[np.ndarray, int]], neighbours: Sequence[tuple[str, list[list[tuple[np.ndarray, int]]]]],
                  names: Sequence[str], counts: Sequence[int], path: Path) -> None:
     """Rows: a query image (its class, shot group), then per model its neighbours (image, label), framed by rightness."""

@@ -51,7 +51,7 @@ def plot_views(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def plot_per_class(rows: list[dict], class_names: list[str], path: Path) -> None:
+def plot_per_class(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     for m, marker in zip(PER_CLASS, "osD"):

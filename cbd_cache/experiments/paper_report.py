@@ -72,7 +72,7 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
     plot_alpha(summary, plots["alpha"])
     cache_bytes = budget_bytes(cfg.source, base, manifest)
     plot_views(summary["views"], plots["views"])
-    plot_per_class(summary["table2"], manifest.class_names, plots["per_class"])
+    plot_per_class(summary["table2"], plots["per_class"])
     sets = " ".join(f"--set {shlex.quote(o)}" for o in base)
     base_overrides_added = [o for o in base if o.startswith("teachers.")]
     sweep = f"cbd-cache sweep --pipeline {shlex.quote(cfg.source)} --workdir {shlex.quote(str(wd.root))} {sets}"
