@@ -29,6 +29,25 @@ def test_paper_table_exports_under_the_teachers_locks(smoke_copy, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_paper_table_trains_its_teachers_one_at_a_time_or_jobs_at_a_time(smoke_copy, tmp_path, monkeypatch):
+    """With --jobs J stage 1 too trains J teachers at once (one process each), as the student runs do."""
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+    monkeypatch.setattr(pipeline, "train_teachers",
+                        lambda cfg, wd, runtime, teachers, jobs: calls.append(([t.name for t in teachers], jobs)))
+    monkeypatch.setattr(pipeline, "export", stop)
+    cfg = smoke_config()
+    for jobs in (1, 2):
+        with pytest.raises(Stop):
+            paper_table(cfg, smoke_copy, make_runtime(cfg.pipeline), tmp_path / "out", jobs=jobs)
+    assert calls == [(["std0"], 1), (["aug0"], 1), (["std0", "aug0"], 2)]
+
+
 def test_a_student_run_is_refused_while_its_folder_is_locked(smoke_copy):
     cfg = smoke_config("student.name=locked")
     folder = smoke_copy.student_dir("locked")

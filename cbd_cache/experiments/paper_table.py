@@ -60,12 +60,14 @@ def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limi
     timing = Timing(wd.root / "paper_table_timing.json")
     with timing("prepare"):
         pipeline.prepare_data(base_cfg, wd, runtime)
-    for t in base_cfg.teachers:
+    # stage 1: one teacher at a time, or all `jobs` at a time (one process each; timed together, as wall)
+    groups = [list(base_cfg.teachers)] if jobs > 1 else [[t] for t in base_cfg.teachers]
+    for group in groups:
         if deadline is not None and time.time() >= deadline:
             log("[paper-table] time limit reached; run the same command again to continue")
             return False
-        with timing(f"teacher {t.name}"):
-            pipeline.train_teachers(base_cfg, wd, runtime, [t])
+        with timing("teacher " + ", ".join(t.name for t in group) + (f" ({jobs} at a time)" if jobs > 1 else "")):
+            pipeline.train_teachers(base_cfg, wd, runtime, group, jobs)
     runs = all_runs(base_cfg, base, wd.root)
     chosen = {k: rs for k, rs in runs.items() if not only or k in only}
     for step in export_steps(base_cfg, wd.root, [t.name for t in cfg.teachers], list(chosen)):
