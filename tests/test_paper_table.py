@@ -248,3 +248,16 @@ def test_hanzi_class_names_are_drawn_in_an_installed_cjk_face(tmp_path):
         plot_figure4([(image, 0), (image, 6)], [("Instance", [[(image, 1)], [(image, 6)]])], names, counts,
                      tmp_path / "f4.png")
     assert (tmp_path / "f1.png").stat().st_size > 5000
+
+
+def test_per_class_plot_groups_classes_by_count_and_bins_many_counts_on_a_log_scale():
+    from cbd_cache.experiments.paper_plots import count_bins
+
+    assert count_bins([5, 9, 5, 1280]) == [[0, 2], [1], [3]]         # few counts: one point per count
+    counts = [*range(1, 151), *[1] * 50]                              # 200 glyph classes, 150 distinct counts
+    groups = count_bins(counts)
+    assert 6 <= len(groups) <= 12
+    assert sorted(c for g in groups for c in g) == list(range(200))  # every class in exactly one point
+    spans = [(min(counts[c] for c in g), max(counts[c] for c in g)) for g in groups]
+    assert all(hi < lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # bins of increasing, disjoint counts
+    assert spans[0] == (1, 1) and spans[-1][1] == 150

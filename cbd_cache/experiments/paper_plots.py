@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no GUI backend
 
 from cbd_cache.config import DISTILL
@@ -51,16 +52,33 @@ def plot_views(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def count_bins(counts: list[int], most: int = 12) -> list[list[int]]:
+    """Class indices grouped for the per-class plot: by training count, or, past `most` distinct counts (200
+    glyph classes), by log-spaced count bins, so that a line through hundreds of classes stays readable."""
+    distinct = sorted(set(counts))
+    if len(distinct) <= most:
+        edges = distinct + [distinct[-1] + 1]
+    else:
+        edges = sorted(set(np.geomspace(distinct[0], distinct[-1] + 1, most + 1).round().astype(int)))
+    groups = [[c for c, n in enumerate(counts) if lo <= n < hi] for lo, hi in zip(edges, edges[1:])]
+    return [g for g in groups if g]
+
+
 def plot_per_class(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
+    binned = averaged = False
     for m, marker in zip(PER_CLASS, "osD"):
         r = _row(rows, m)
         if r and r["per_class"]:
-            pts = sorted(zip(r["train_counts"], r["per_class"]))
-            ax.plot([c for c, _ in pts], [a for _, a in pts], marker=marker, label=m)
+            counts, accs = r["train_counts"], r["per_class"]
+            groups = count_bins(counts)
+            binned, averaged = len(groups) < len(set(counts)), len(groups) < len(counts)
+            ax.plot([float(np.exp(np.mean(np.log([counts[c] for c in g])))) for g in groups],
+                    [float(np.mean([accs[c] for c in g])) for g in groups], marker=marker, label=m)
     ax.set_xscale("log")
-    ax.set(xlabel="training images of the class", ylabel="test accuracy of the class (%)",
+    ax.set(xlabel="training images of the class" + (" (log-spaced bins, geometric mean)" if binned else ""),
+           ylabel="test accuracy (%), mean over the classes" if averaged else "test accuracy of the class (%)",
            title="Per-class accuracy (mean of seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
