@@ -66,8 +66,8 @@ teachers: install data
 	$(CBD) prepare $(ARGS)
 	$(CBD) train-teacher $(ARGS) --jobs $(TEACHER_JOBS)
 
-# The paper's tables on the pipeline (default: Fashion-MNIST-LT), 3 seeds, into results/: about 4 h of work on
-# 2 cores (estimated from the run before Table 4 and the controls: 2 h 53 min, plus about 1 h 20 min).
+# The paper's tables on the pipeline (default: Fashion-MNIST-LT), 3 seeds, into results/: measured on 2 cores,
+# 3 h 27 min of work, 1 h 49 min wall with PAPER_JOBS=2 (results/fashion_mnist_lt.md; glyphs-LT: 3 h 01 min wall).
 # Resumable: finished runs are skipped; PAPER_LIMIT_MIN=20 starts no new run after 20 minutes (exit 3).
 paper-table: install data
 	$(CBD) paper-table $(ARGS) --out results --time-limit-min $(PAPER_LIMIT_MIN) --jobs $(PAPER_JOBS) $(if $(PAPER_SECTIONS),--sections $(PAPER_SECTIONS))
