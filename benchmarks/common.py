@@ -10,9 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,8 @@ from cbd_cache.models.checkpoints import network_spec, save_checkpoint
 from cbd_cache.models.networks import Network
 from cbd_cache.system.allocator import keep_freed_memory
 from cbd_cache.system.logs import log
-from cbd_cache.system.runtime import Runtime, cpu_count
+from cbd_cache.system.machine import code_commit, machine, machine_text
+from cbd_cache.system.runtime import Runtime
 from cbd_cache.train.engine import train_step
 from cbd_cache.workdir import Workdir
 
@@ -161,22 +160,6 @@ def bench_workdir(case: str, root: Path, cfg: Config) -> Workdir:
     return wd
 
 
-def machine() -> dict:
-    """The machine and torch settings a number was measured with."""
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": model, "cores": cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-
-
 def runtime_info(runtime: Runtime) -> dict:
     return {"device": str(runtime.device), "amp": str(runtime.amp_dtype), "channels_last": runtime.channels_last,
             "workers": runtime.workers, "compile": runtime.compile}
@@ -187,26 +170,14 @@ def command() -> str:
     return " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
 
 
-def commit() -> str:
-    """The checkout's commit, with "+changes" when the tracked files differ from it."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        return (head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def write_results(name: str, payload: dict, markdown: str) -> None:
     """results/<name>.json and results/<name>.md, each naming the command, the commit and the machine."""
     RESULTS.mkdir(exist_ok=True)
-    payload = {"command": command(), "commit": commit(), "machine": machine(), **payload}
+    payload = {"command": command(), "commit": code_commit(ROOT), "machine": machine(), **payload}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     m = payload["machine"]
     head = (f"Command: `{payload['command']}` at commit {payload['commit']}  \n"
-            f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}, torch {m['torch']} "
-            f"({m['torch_threads']} threads), {m['date_utc']} UTC\n\n")
+            f"Machine: {machine_text(m)} ({m['torch_threads']} threads), {m['date_utc']} UTC\n\n")
     (RESULTS / f"{name}.md").write_text(markdown.replace("{head}", head))
     log(f"wrote {RESULTS / name}.md and .json")
 

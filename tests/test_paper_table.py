@@ -1,4 +1,5 @@
 """The paper table: its runs, the dedup between sections, and the Markdown / JSON / PNG it writes."""
+import re
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from cbd_cache.experiments.paper_design import (
 )
 from cbd_cache.experiments.paper_report import write_paper_table
 from cbd_cache.experiments.paper_table import Timing
-from cbd_cache.system.storage import write_json
+from cbd_cache.system.storage import read_json, write_json
 from cbd_cache.train.calibration import calibration_report
 from cbd_cache.workdir import Workdir, kept_features
 
@@ -157,7 +158,7 @@ def test_write_paper_table_from_finished_runs(smoke_workdir, tmp_path):
             **{k: {"mean": v, "std": 0.0, "n": 3, "values": []} for k in ("top1", "medium", "few")},
             "many": {"mean": None, "std": None, "n": 0, "values": []}}
            for m, v in (("Standard-Instance", 30.0), ("CBD", 35.0))]
-    timing = Timing(wd.root / "t.json")
+    timing = Timing(wd.root / "t.json", {"options": "--jobs 2 --time-limit-min 50", "device": "cpu"})
     timing.record("student x", 90.0)
     timing.record("student x", 80.0)        # a later chunk that only skipped it does not count
     md = write_paper_table(cfg, base, wd, runs, ncm, timing, tmp_path / "out", True)
@@ -178,7 +179,9 @@ def test_write_paper_table_from_finished_runs(smoke_workdir, tmp_path):
     assert "fidelity, uniform A = 8: cached targets train like the teachers run on the same views " \
            "(within 1 point, seed noise): holds (cache 71.00, teachers on the stored views 71.40)" in text
     assert "| draws | 8 | 71.20 ± 1.00 |" in text
-    assert "**1m30s** of work" in text
+    assert "Work: **1m30s**" in text
+    assert re.search(r"Ran on .+ cores, GPU .+, torch .+ \(cpu\) in 1 invocation \(\d{4}-\d\d-\d\d \d\d:\d\d UTC at "
+                     r"commit `[^`]+`, `--jobs 2 --time-limit-min 50`: \d+s\): \*\*\d+s wall\*\* in all\.", text), text
     # Table 4, the controls, the upper bound (smoke's synthetic source is a whole balanced set, cut), calibration
     assert "| LWS | `targets=none` `rebalance=lws` `epochs=10` `init=teachers/std0` | 46.0 ± 1.0 |" in text
     assert "| τ-norm | `targets=none` `rebalance=tau_norm` `init=@Standard-Instance (linear head)` | 46.0 ± 1.0 |" in text
@@ -261,3 +264,22 @@ def test_per_class_plot_groups_classes_by_count_and_bins_many_counts_on_a_log_sc
     spans = [(min(counts[c] for c in g), max(counts[c] for c in g)) for g in groups]
     assert all(hi < lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # bins of increasing, disjoint counts
     assert spans[0] == (1, 1) and spans[-1][1] == 150
+
+
+def test_timing_keeps_each_invocation_and_reads_a_file_from_before_they_were_recorded(tmp_path):
+    path = tmp_path / "paper_table_timing.json"
+    write_json(path, {"prepare": 5.0, "student a": 100.0})            # the old layout: steps only
+    first = Timing(path, {"options": "--jobs 2 --time-limit-min 50", "device": "cpu"})
+    first.record("student b", 60.0)
+    first.chunk["wall_s"] = 3000.0                                    # as if it had run 50 min
+    write_json(path, first.data)
+    second = Timing(path, {"options": "--jobs 2 --time-limit-min 0", "device": "cuda"})
+    second.record("student b", 10.0)                                  # skipped now: the longer time stays
+    data = read_json(path)
+    assert data["steps"] == {"prepare": 5.0, "student a": 100.0, "student b": 60.0}
+    assert [c["options"] for c in data["chunks"]] == ["--jobs 2 --time-limit-min 50", "--jobs 2 --time-limit-min 0"]
+    assert data["chunks"][1]["wall_s"] < 60 and data["chunks"][1]["commit"]
+    text = second.chunks_text()
+    assert text.startswith("Ran in 2 invocations (") and "(cuda), `--jobs 2 --time-limit-min 0`" in text   # 2 devices
+    assert "**50m" in text and text.endswith("not counting the ones before invocations were recorded.")
+    assert Timing(tmp_path / "none.json").chunks_text().startswith("Its invocations were not recorded")

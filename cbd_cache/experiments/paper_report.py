@@ -31,6 +31,7 @@ from cbd_cache.experiments.paper_design import (
 from cbd_cache.experiments.paper_plots import plot_alpha, plot_per_class, plot_views
 from cbd_cache.experiments.sweep import METRICS, Run, seeds_text, summarise
 from cbd_cache.system.logs import format_seconds, log
+from cbd_cache.system.machine import code_commit, machine, machine_text
 from cbd_cache.system.storage import read_json, write_json
 from cbd_cache.system.tables import markdown_table, pm
 from cbd_cache.tools.dryrun import projected_cache_bytes
@@ -38,15 +39,31 @@ from cbd_cache.workdir import Workdir
 
 
 class Timing:
-    """Wall seconds of every step that did work, kept across chunked invocations (max per step)."""
+    """Wall seconds of every step that did work (max per step), and one record per invocation (a chunk: when, at
+    which commit, on which machine, with which options, its wall), kept across chunked invocations."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, chunk: dict | None = None):
         self.path = path
-        self.steps: dict[str, float] = read_json(path) if path.is_file() else {}
+        data = read_json(path) if path.is_file() else {"steps": {}, "chunks": []}
+        if "steps" not in data:   # written before chunks were recorded: its invocations are unknown
+            data = {"steps": data, "chunks": [], "earlier_chunks_unrecorded": True}
+        self.data, self.steps, self.chunks = data, data["steps"], data["chunks"]
+        self.t0, self.chunk = time.time(), None
+        if chunk is not None:
+            self.chunk = {"started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "commit": code_commit(),
+                          "machine": machine_text(machine()), **chunk, "wall_s": 0.0}
+            self.chunks.append(self.chunk)
+            self.write()
 
     def record(self, step: str, seconds: float) -> None:
         self.steps[step] = max(self.steps.get(step, 0.0), round(seconds, 1))
-        write_json(self.path, self.steps)
+        self.write()
+
+    def write(self) -> None:
+        """Save; this invocation's wall so far goes with it, so a chunk killed later keeps what it did."""
+        if self.chunk is not None:
+            self.chunk["wall_s"] = round(time.time() - self.t0, 1)
+        write_json(self.path, self.data)
 
     @contextlib.contextmanager
     def __call__(self, step: str):
@@ -57,10 +74,25 @@ class Timing:
     def total(self, prefix: str = "") -> float:
         return sum(v for k, v in self.steps.items() if k.startswith(prefix))
 
+    def chunks_text(self) -> str:
+        """'Ran on <machine> (cpu) in 2 invocations (<when, commit, options, wall>; ...): **1h49m01s wall** in all.'"""
+        if not self.chunks:
+            return "Its invocations were not recorded (a timing file from before they were)."
+        where = {f"{c['machine']} ({c['device']})" for c in self.chunks}
+        one = where.pop() if len(where) == 1 else None     # one machine: named once
+        parts = [f"{c['started_utc']} UTC at commit `{c['commit']}`"
+                 + ("" if one else f" on {c['machine']} ({c['device']})")
+                 + f", `{c['options']}`: {format_seconds(c['wall_s'])}" for c in self.chunks]
+        text = (f"Ran{f' on {one}' if one else ''} in {len(parts)} invocation{'s' if len(parts) > 1 else ''} "
+                f"({'; '.join(parts)}): **{format_seconds(sum(c['wall_s'] for c in self.chunks))} wall** in all")
+        return text + (", not counting the ones before invocations were recorded."
+                       if self.data.get("earlier_chunks_unrecorded") else ".")
+
 
 def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[str, list[Run]], ncm: list[dict],
                       timing: Timing, out: Path, complete: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    timing.write()   # this invocation's wall up to the report
     name = cfg.pipeline.name
     base_cfg = load_config(cfg.source, base)
     summary = {k: summarise(rs, wd) for k, rs in runs.items()}
@@ -96,11 +128,11 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
         f"x A = {base_cfg.export.views} views, with logits; A = {base_cfg.student.views} "
         f"(`student.views={base_cfg.student.views}`) everywhere else.",
         "",
-        f"Wall time, 2-core CPU, no GPU: **{format_seconds(total)}** of work (prepare + teachers + export "
+        f"Work: **{format_seconds(total)}** (prepare + teachers + export "
         f"{format_seconds(timing.total('prepare') + timing.total('teacher') + timing.total('export'))}, "
         f"{sum(1 for k in timing.steps if k.startswith('student'))} student runs "
         f"{format_seconds(timing.total('student'))}, NCM {format_seconds(timing.total('ncm'))}), summed over "
-        f"the chunks it ran in (`{wd.root}/paper_table_timing.json`).",
+        f"every step of every process (`{wd.root}/paper_table_timing.json`). {timing.chunks_text()}",
         "",
         *summary_lines(summary, ncm, check_lines),
         "",
@@ -183,7 +215,8 @@ def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[
     md = out / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
     write_json(out / f"{name}.json", {"complete": complete, "base_overrides": list(base), "seeds": list(SEEDS),
-                                      "sections": summary, "ncm": ncm, "timing_s": timing.steps})
+                                      "sections": summary, "ncm": ncm, "timing_s": timing.steps,
+                                      "invocations": timing.chunks})
     log(f"[paper-table] wrote {md}" + ("" if complete else " (partial)"))
     return md
 

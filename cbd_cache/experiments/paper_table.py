@@ -57,7 +57,8 @@ def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limi
     deadline = time.time() + 60 * time_limit_min if time_limit_min > 0 else None
     source, base = cfg.source, (*BASE, *fifth_teacher(cfg), *cfg.overrides)
     base_cfg = load_config(source, base)
-    timing = Timing(wd.root / "paper_table_timing.json")
+    options = f"--jobs {jobs} --time-limit-min {time_limit_min:g}" + (f" --sections {','.join(only)}" if only else "")
+    timing = Timing(wd.root / "paper_table_timing.json", {"options": options, "device": str(runtime.device)})
     with timing("prepare"):
         pipeline.prepare_data(base_cfg, wd, runtime)
     # stage 1: one teacher at a time, or all `jobs` at a time (one process each; timed together, as wall)
