@@ -92,7 +92,6 @@ class Timing:
 def write_paper_table(cfg: Config, base: Sequence[str], wd: Workdir, runs: dict[str, list[Run]], ncm: list[dict],
                       timing: Timing, out: Path, complete: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    timing.write()   # this invocation's wall up to the report
     name = cfg.pipeline.name
     base_cfg = load_config(cfg.source, base)
     summary = {k: summarise(rs, wd) for k, rs in runs.items()}

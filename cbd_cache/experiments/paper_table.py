@@ -91,6 +91,7 @@ def paper_table(cfg: Config, wd: Workdir, runtime: Runtime, out: Path, time_limi
             evaluate_checkpoint(folder, r.name, read_run_json(folder / RECORD)["kind"], Manifest.load(wd.manifest),
                                 base_cfg, runtime)
     ncm = ncm_rows(base_cfg, wd, runtime, runs, timing) if "table2" in chosen else []   # on the models finished so far
+    timing.write()   # this invocation's wall, up to the report
     write_paper_table(cfg, base, wd, runs, ncm, timing, out, complete and len(chosen) == len(runs))
     if failed is not None:
         raise failed
