@@ -14,6 +14,12 @@ from cbd_cache.cache.info import cache_info, info_text
 from cbd_cache.config import DEFAULT_PIPELINE, Config, load_config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.errors import ConfigError, exit_line, interrupted_line
+from cbd_cache.experiments.grid import (
+    DEFAULT_ROWS,
+    parse_axes,
+    parse_replicates,
+    run_grid,
+)
 from cbd_cache.experiments.paper_design import SECTION_KEYS
 from cbd_cache.experiments.paper_table import paper_table as run_paper_table
 from cbd_cache.experiments.sweep import parse_grid, parse_seeds, run_sweep
@@ -27,7 +33,12 @@ from cbd_cache.system.signals import raise_on_signals
 from cbd_cache.system.storage import atomic_write_bytes
 from cbd_cache.tools.dryrun import dry_run as plan_dry_run
 from cbd_cache.tools.portable import export_model
-from cbd_cache.tools.predict import list_inputs, model_checkpoint, predict_files, predictions_csv
+from cbd_cache.tools.predict import (
+    list_inputs,
+    model_checkpoint,
+    predict_files,
+    predictions_csv,
+)
 from cbd_cache.tools.training_logs import last_epochs_text, logs_csv
 from cbd_cache.tools.verify import verify_cache, verify_text
 from cbd_cache.train.evaluation import results_table
@@ -323,6 +334,32 @@ def paper_table(ctx: Context, out: str, time_limit_min: float, sections: str, jo
         click.echo("paper-table: stopped at the time limit; the same command continues where it stopped", err=True)
         sys.exit(3)
     click.echo((Path(out) / f"{ctx.cfg.pipeline.name}.md").read_text())
+
+
+@main.command()
+@click.option("--axis", "axes", multiple=True, metavar="KEY[+KEY...]=V1,V2,...",
+              help="A setting and its values; keys joined by + take each value together, e.g. "
+                   "teacher.epochs+student.epochs=20,40 (repeatable: the cells are the product).")
+@click.option("--replicates", default="0,1,2", show_default=True,
+              help="Replicates of every cell: replicate r redraws the data and every seed (data.seed + r, ...).")
+@click.option("--rows", default=",".join(DEFAULT_ROWS), show_default=True, metavar="ROW1,ROW2",
+              help="The rows of every cell, by the paper table's labels, 'CBD_ENS online' or 'CBD_ENS A=<views>'.")
+@click.option("--name", default="grid", show_default=True, help="Table name: W/grids/<name>.{md,json}.")
+@click.option("--time-limit-min", type=float, default=0, show_default=True,
+              help="Start no new step after this many minutes (0: no limit); run again to continue.")
+@jobs_option
+@pipeline_options(workdir_default="runs/{name}_grid")
+@resume_option
+def grid(ctx: Context, axes: tuple[str, ...], replicates: str, rows: str, name: str, time_limit_min: float, jobs: int):
+    """The whole protocol per cell of a grid (data, teacher and student settings), each cell a workdir of its own,
+    over replicates that redraw the data; one table."""
+    row_list = [r.strip() for r in rows.split(",") if r.strip()]
+    _, complete = run_grid(ctx.cfg, ctx.wd.root, ctx.runtime, parse_axes(axes), parse_replicates(replicates),
+                           row_list, name, time_limit_min, jobs)
+    click.echo((ctx.wd.root / "grids" / f"{name}.md").read_text())
+    if not complete:
+        click.echo("grid: stopped at the time limit; the same command continues where it stopped", err=True)
+        sys.exit(3)
 
 
 @main.group()
