@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +28,53 @@ def threads_per_job(jobs: int) -> int:
     return min(share, int(cap)) if cap.isdigit() and int(cap) > 0 else share
 
 
+def _prctl():
+    """libc's prctl, looked up in the parent: a forked child should call it, not load a library."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):     # not Linux
+        return None
+
+
+PRCTL, PR_SET_PDEATHSIG = _prctl(), 1
+GRACE_S = 10         # a job that got the signal too (Ctrl-C in a terminal, a SLURM step) stops by itself within it
+STOP_WAIT_S = 60     # then a SIGTERMed job has this long to save its resume point before SIGKILL
+
+
+def terminate_with_parent() -> None:
+    """In a job, before it starts: SIGTERM when the parent dies, even by SIGKILL (a job saves its resume point)."""
+    if PRCTL is not None:
+        PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def wait_all(procs: Sequence[subprocess.Popen], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return all(p.poll() is not None for p in procs)
+
+
+@contextlib.contextmanager
+def stopping_on_interrupt(running: dict[int, tuple[int, subprocess.Popen, float]]):
+    """On Ctrl-C, SIGTERM or any error in the parent, stop the running jobs before it leaves: those that got
+    the signal too stop by themselves; the others (a signal sent to the parent alone) are sent SIGTERM after
+    `GRACE_S`. Each saves its resume point. Left running, they would train on holding their run locks, and
+    the next call would be refused."""
+    try:
+        yield
+    except BaseException:
+        procs = [proc for _, proc, _ in running.values()]
+        if not wait_all(procs, GRACE_S):
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            if not wait_all(procs, STOP_WAIT_S):
+                for proc in procs:
+                    proc.kill()
+                    proc.wait()
+        raise
+
+
 def run_parallel(commands: list[list[str]], jobs: int, gpus: int, logs: Sequence[Path] | None = None,
                  deadline: float | None = None, on_done: Callable[[int, float], None] | None = None) -> bool:
     """Run the commands `jobs` at a time, each its own process on its own slot: the process in slot j
@@ -40,7 +89,7 @@ def run_parallel(commands: list[list[str]], jobs: int, gpus: int, logs: Sequence
     failed: list[str] = []
     pending = list(range(len(commands)))
     stopped = False
-    with contextlib.ExitStack() as files:
+    with contextlib.ExitStack() as files, stopping_on_interrupt(running):
         while pending or running:
             for slot, (i, proc, started) in list(running.items()):
                 if proc.poll() is not None:
@@ -62,7 +111,8 @@ def run_parallel(commands: list[list[str]], jobs: int, gpus: int, logs: Sequence
                 if logs:
                     logs[i].parent.mkdir(parents=True, exist_ok=True)
                     out = files.enter_context(open(logs[i], "w"))
-                proc = subprocess.Popen(commands[i], env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+                proc = subprocess.Popen(commands[i], env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                        preexec_fn=terminate_with_parent)
                 running[slot] = (i, proc, time.perf_counter())
             time.sleep(0.2)
     if failed:
