@@ -9,12 +9,14 @@ from click.testing import CliRunner
 
 from cbd_cache.errors import ConfigError
 from cbd_cache.experiments.grid import (
+    cbd_pays,
     cells,
     parse_axes,
     parse_replicates,
     replicate_sets,
     with_references,
 )
+from cbd_cache.experiments.grid_plots import heatmap_entries, plot_cbd_pays
 from cbd_cache.workdir import CHECKPOINT
 from cli import main
 
@@ -88,7 +90,23 @@ def test_each_cell_replicate_is_a_workdir_of_its_own_with_only_the_teachers_its_
               for r in (0, 1)]
     assert counts[0]["fingerprint"] != counts[1]["fingerprint"]
     md = (tmp_path / "w" / "grids" / "t.md").read_text()
+    assert "CBD_ENS against" not in md          # no CBD_ENS row: no "does it pay" table and no heatmap
+    assert not (tmp_path / "w" / "grids" / "t.png").exists()
     assert "| epochs=1 | CBD |" in md and "--axis teacher.epochs+student.epochs=1,2" in md
+
+
+def test_cbd_pays_compares_with_the_best_baseline_by_mean_and_the_heatmap_shows_every_cell(tmp_path):
+    def rep(ens, inst, cb):
+        return {"CBD_ENS": {"top1": ens}, "Standard-Instance": {"top1": inst}, "Standard-Class-Bal": {"top1": cb}}
+    reps = [rep(60, 50, 58), rep(55, 57, 54)]     # Class-Bal is best by mean (56 > 53.5), though not in each one
+    pays = cbd_pays(reps, ["Standard-Instance", "Standard-Class-Bal", "CBD_ENS"])
+    assert pays["best"] == "Standard-Class-Bal" and pays["diff"]["values"] == [2.0, 1.0] and pays["ahead"] == 2
+    assert cbd_pays(reps[:1] + [{**reps[1], "CBD_ENS": {}}], ["Standard-Instance", "CBD_ENS"])["of"] == 1
+    table = {"cells": [{"cell": f"epochs={e}, arch={a}", "cbd_pays": pays} for e in (20, 40) for a in ("r8", "r20")]}
+    entries = heatmap_entries(table)
+    assert [(r, c) for r, c, _ in entries] == [("arch=r8", "epochs=20"), ("arch=r20", "epochs=20"),
+                                              ("arch=r8", "epochs=40"), ("arch=r20", "epochs=40")]
+    assert plot_cbd_pays(entries, tmp_path / "map.png", "t").stat().st_size > 10_000
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from cbd_cache import pipeline
 from cbd_cache.config import Config, load_config
 from cbd_cache.errors import ConfigError, JobsFailed
+from cbd_cache.experiments.grid_plots import heatmap_entries, plot_cbd_pays
 from cbd_cache.experiments.paper_design import REF, resolve, table2, table4
 from cbd_cache.experiments.paper_report import Timing
 from cbd_cache.experiments.sweep import (
@@ -278,6 +279,7 @@ def run_grid(cfg: Config, root: Path, runtime: Runtime, axes: Sequence[Axis], re
     table = {**summarise(grid, rows, command), "timing": {"steps_s": timing.steps, "chunks": timing.chunks},
              "timing_text": timing.chunks_text()}
     write_table(root / "grids", name, table)
+    plot_cbd_pays(heatmap_entries(table), root / "grids" / f"{name}.png", f"{cfg.pipeline.name}: when does CBD pay?")
     if failed is not None:
         raise JobsFailed(f"{failed}. The table {root / 'grids' / f'{name}.md'} has what finished; "
                          "the same command retries the rest")
