@@ -76,3 +76,27 @@ def test_gpu_check_script_runs_its_plumbing_on_cpu(tmp_path):
     loader = (tmp_path / "out" / "bench_loader_cpu.md").read_text()
     assert "| gpu | the gpu path's plumbing on the CPU" in loader and "| full |" in loader
     assert not list((tmp_path / "out").glob("*.head"))
+
+
+def test_when_cbd_pays_converges_where_doubling_gains_under_a_point_and_fits_the_map_to_the_budget(bench):
+    study = bench("when_cbd_pays")
+
+    def cell(e, inst, cb):
+        reps = {str(r): {"Standard-Instance": {"top1": inst[r]}, "Standard-Class-Bal": {"top1": cb[r]}} for r in (0, 1)}
+        stats = {k: {"mean": sum(v) / 2, "std": 0.0, "n": 2} for k, v in (("Standard-Instance", inst),
+                                                                          ("Standard-Class-Bal", cb))}
+        return {"cell": f"epochs={e}", "replicates": reps,
+                "rows": {k: {"top1": v, "few": v, "of": 2} for k, v in stats.items()}}
+    table = {"cells": [cell(20, (50, 52), (48, 50)), cell(40, (60, 60), (58, 58)), cell(80, (60.5, 60.9), (59, 59)),
+                       cell(160, (61, 61), (59.2, 59.2))]}
+    # 40 -> 80 gains 0.7 (Instance) but 1.0 (Class-Bal): not under a point; 80 -> 160 gains 0.3 / 0.2
+    assert study.converged_epochs(table) == 80
+    rows = study.convergence_rows(table)
+    assert rows[0]["cb_minus_inst"] == [-2, -2] and rows[0]["cb_below"] == 2 and rows[-1]["gain"] is None
+    table["cells"][3]["replicates"]["1"]["Standard-Instance"] = {}        # 160 unfinished: 80 is not known yet
+    table["cells"][3]["rows"]["Standard-Instance"]["top1"]["n"] = 1
+    assert study.converged_epochs(table) is None
+    # the plan's budget rule: at E* = 80 ResNet-20 does not fit 8 h, ResNet-14 does; at 160 ResNet-14 stops at 80
+    assert study.map_schedules(80) == {"resnet8": (20, 40, 80), "resnet14": (20, 40, 80)}
+    assert study.map_schedules(40) == {"resnet8": (20, 40, 80), "resnet14": (20, 40, 80)}
+    assert study.map_schedules(160) == {"resnet8": (20, 40, 160), "resnet14": (20, 40, 80)}

@@ -273,6 +273,7 @@ def run_grid(cfg: Config, root: Path, runtime: Runtime, axes: Sequence[Axis], re
             complete, failed = False, e
             break
         log(f"[grid] {i + 1}/{len(grid)} done; elapsed {format_seconds(time.perf_counter() - started)}")
+        write_table(root / "grids", name, {**summarise(grid, rows, command), "timing_text": timing.chunks_text()})
     if not complete and failed is None:
         log("[grid] time limit reached; run the same command again to continue")
     timing.write()
