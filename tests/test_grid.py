@@ -37,6 +37,17 @@ def test_tied_keys_take_each_value_together_and_a_cell_folder_names_only_what_di
     assert got[1].sets == ("teacher.epochs=1", "student.epochs=1", "data.imbalance_factor=8")
 
 
+def test_a_grid_with_other_set_items_never_lands_in_another_grids_cells():
+    plain = cells(SMOKE, (), parse_axes([SCHEDULE]))
+    other = cells(SMOKE, ("data.imbalance_factor=8", "student.alpha=0.4"), parse_axes([SCHEDULE]))  # alpha: the file's
+    assert [c.folder for c in plain] == ["epochs=1", "default"]
+    assert [c.folder for c in other] == ["data.imbalance_factor=8_epochs=1", "data.imbalance_factor=8"]
+    with pytest.raises(ConfigError, match="an --axis varies that key"):
+        cells(SMOKE, ("student.epochs=3",), parse_axes([SCHEDULE]))
+    with pytest.raises(ConfigError, match="gives each cell its own data and cache"):
+        cells(SMOKE, ("pipeline.data_url=s3://b/data",), parse_axes([SCHEDULE]))
+
+
 @pytest.mark.parametrize("item, message", [
     ("data.seed=1,2", "the replicates set the seeds"),
     ("teachers.std0.seed=3,4", "the replicates set the seeds"),

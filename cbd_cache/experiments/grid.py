@@ -108,9 +108,20 @@ def parse_replicates(text: str) -> list[int]:
 
 
 def cells(source: str | Path, base: Sequence[str], axes: Sequence[Axis]) -> list[Cell]:
-    """Every combination of the axes, in the order given (the last axis fastest), each config validated."""
-    ref = flat_config(load_config(source, base))
-    out = [Cell("", "", ())]
+    """Every combination of the axes, in the order given (the last axis fastest), each config validated.
+
+    A cell's folder names every setting, --set or axis value, that differs from the pipeline file's: so a grid
+    with other --set items never lands in another grid's cells, and grids that agree on a cell share it."""
+    ref, based = flat_config(load_config(source)), flat_config(load_config(source, base))
+    if urls := [k for k in ("pipeline.data_url", "pipeline.cache_url") if based[k]]:
+        raise ConfigError(f"{urls[0]} is set: a grid gives each cell its own data and cache under its "
+                          "workdir; unset it (a row that needs another cache gets one there)")
+    varied = {k for a in axes for k in a.keys}
+    if clash := [i for i in base if i.partition("=")[0].strip() in varied]:
+        raise ConfigError(f"--set {clash[0]}: an --axis varies that key; drop one of the two")
+    fixed = [safe(i.replace(" ", "")) for i in base
+             if (k := i.partition("=")[0].strip()) not in ref or based[k] != ref[k]]
+    out = [Cell("", "_".join(fixed), ())]
     for axis in axes:
         nxt = []
         for c in out:
