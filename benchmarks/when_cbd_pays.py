@@ -70,7 +70,7 @@ def map_schedules(e_star: int) -> dict[str, tuple[int, ...]]:
 
 def steps() -> dict[str, Step]:
     glyphs, fashion = "pipelines/glyphs_lt.toml", "pipelines/fashion_mnist_lt.toml"
-    out = {"convergence": Step(glyphs, "runs/when_cbd_pays", "convergence", (f"{SCHEDULE}=20,40,80,160",),
+    out = {"convergence": Step(glyphs, "runs/when_cbd_pays", "convergence", (f"{SCHEDULE}=20,40,80,160,320",),
                                "0,1,2", BASELINES),
            "fashion-convergence": Step(fashion, "runs/when_cbd_pays_fashion", "convergence",
                                        (f"{SCHEDULE}=20,40,80,160",), "0,1", BASELINES)}
