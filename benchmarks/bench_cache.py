@@ -41,7 +41,7 @@ from cbd_cache.cache.writer import CacheWriter
 from cbd_cache.config import TrainCfg
 from cbd_cache.data.manifest import Manifest, ShardInfo, SplitInfo
 from cbd_cache.data.sampling import copies, repeat_factors
-from cbd_cache.data.stream import ExportStream
+from cbd_cache.loaders import ExportStream
 from cbd_cache.models.losses import cbd_loss, normalize_per_teacher
 from cbd_cache.models.networks import Network, descriptor_dim, projection_dim
 from cbd_cache.stages.export import export_cache, load_teachers

@@ -42,7 +42,7 @@ from cbd_cache.config import load_config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare
 from cbd_cache.data.shards import decode_image, decode_reduced, read_shard
-from cbd_cache.data.stream import TrainStream
+from cbd_cache.loaders import TrainStream
 from cbd_cache.system.logs import log
 from cbd_cache.system.runtime import make_runtime
 from cbd_cache.views import ViewSpec, decode_scale, derive_views, render, replay

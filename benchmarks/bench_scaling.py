@@ -45,7 +45,7 @@ from cbd_cache.config import load_config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare
 from cbd_cache.data.shards import read_labels
-from cbd_cache.data.stream import CacheSpec, TrainStream
+from cbd_cache.loaders import CacheSpec, TrainStream
 from cbd_cache.models.networks import Network, descriptor_dim, projection_dim
 from cbd_cache.stages.export import export_cache
 from cbd_cache.system.logs import log

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from cbd_cache.cache.reader import CacheReader
 from cbd_cache.config import Config
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.stream import CacheSpec, TrainStream
+from cbd_cache.loaders import CacheSpec, TrainStream
 from cbd_cache.models.networks import Network, descriptor_dim, projection_dim
 from cbd_cache.stages.export import export_cache, load_teachers
 from cbd_cache.system.logs import log

@@ -24,7 +24,8 @@ from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import decode_image, iter_shard
 from cbd_cache.data.sources import open_source
 from cbd_cache.models.checkpoints import load_checkpoint
-from cbd_cache.views import ViewSpec, eval_view, to_unit
+from cbd_cache.system.runtime import to_unit
+from cbd_cache.views import ViewSpec, eval_view
 
 ROOT = Path(__file__).resolve().parents[1]
 

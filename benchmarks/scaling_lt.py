@@ -36,7 +36,7 @@ from cbd_cache.config import load_config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare
 from cbd_cache.data.sources import Record, Synthetic
-from cbd_cache.data.stream import CacheSpec, TrainStream
+from cbd_cache.loaders import CacheSpec, TrainStream
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.stages.export import export_cache
 from cbd_cache.system.runtime import make_runtime

@@ -21,6 +21,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from cbd_cache.config import TeacherCfg, ViewsCfg
 from cbd_cache.data.shards import Sample, decode_on_device, decode_sample, image_size
+from cbd_cache.system.runtime import to_unit
 
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
 CROP_ATTEMPTS = 10   # as torchvision's RandomResizedCrop
@@ -269,15 +270,6 @@ def _collate_encoded(batch: list[EncodedBatch], *, collate_fn_map=None) -> Encod
 
 
 default_collate_fn_map[EncodedBatch] = _collate_encoded   # DataLoader's documented extension point
-
-
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float32 in [0, 1]; float tensors (photometrically augmented views) pass through.
-
-    A multiply, not a divide: CUDA divides by a scalar as a multiply by its reciprocal and the CPU
-    divides, so only the multiply gives the same bits on both, wherever a batch is converted.
-    """
-    return x.float().mul_(1 / 255) if x.dtype == torch.uint8 else x
 
 
 def eval_view(image: torch.Tensor, spec: ViewSpec) -> torch.Tensor:

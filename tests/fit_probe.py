@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from cbd_cache.config import load_config
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.stream import TrainStream
+from cbd_cache.loaders import TrainStream
 from cbd_cache.models.networks import Network
 from cbd_cache.system import distributed
 from cbd_cache.system.runtime import make_runtime

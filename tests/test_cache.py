@@ -16,9 +16,9 @@ from cbd_cache.data.shards import decode_image, read_shard
 from cbd_cache.errors import CacheDamaged, CacheError, FileDamaged
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.stages.export import export_cache
-from cbd_cache.system.runtime import make_runtime
+from cbd_cache.system.runtime import make_runtime, to_unit
 from cbd_cache.tools.verify import verify_cache
-from cbd_cache.views import ViewSpec, replay, to_unit
+from cbd_cache.views import ViewSpec, replay
 from cbd_cache.workdir import Workdir
 
 from .conftest import smoke_config
@@ -122,7 +122,7 @@ def test_a_draws_cache_puts_views_where_the_student_draws_and_serves_smaller_bud
     # the student walks each image's views without replacement: over 3 epochs an image repeats a view
     # only where an epoch's draws strayed from the expected count (with replacement, a tail image drawn
     # 17 times from 23 views would see about 12 distinct ones)
-    from cbd_cache.data.stream import CacheSpec, TrainStream
+    from cbd_cache.loaders import CacheSpec, TrainStream
 
     stream = TrainStream(manifest, ViewSpec.from_cfg(cfg.views), sampling="class_balanced", seed=1,
                          samples_per_epoch=len(labels), shuffle_buffer=64,

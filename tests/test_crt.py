@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cbd_cache.cache.reader import ViewBlock
-from cbd_cache.data.stream import DescriptorStream
+from cbd_cache.loaders import DescriptorStream
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.system.runtime import make_runtime
 from cbd_cache.system.storage import read_json
@@ -18,7 +18,7 @@ from .conftest import smoke_config
 def test_crt_trains_a_classifier_from_cached_descriptors_only(smoke_copy, monkeypatch):
     """No image is decoded and no backbone runs while training; the backbone is the teacher's, frozen."""
     from cbd_cache import views
-    from cbd_cache.data import stream
+    from cbd_cache import loaders as stream
     from cbd_cache.models import networks as models
     from cbd_cache.pipeline import train_student
     from cbd_cache.train import skeleton

@@ -14,7 +14,7 @@ import zarr
 
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.prepare import prepare
-from cbd_cache.data.stream import TrainStream
+from cbd_cache.loaders import TrainStream
 from cbd_cache.stages.export import export_cache
 from cbd_cache.system.runtime import make_runtime
 from cbd_cache.train.engine import steps_per_epoch

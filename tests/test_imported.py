@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from cbd_cache.config import load_config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.errors import ConfigError
-from cbd_cache.models.archs import TORCHVISION, arch_error
+from cbd_cache.config.archs import TORCHVISION, arch_error
 from cbd_cache.models.checkpoints import load_checkpoint, network_spec, save_checkpoint
 from cbd_cache.models.networks import Network, descriptor_dim
 from cbd_cache.stages.imported import (
@@ -66,7 +66,7 @@ def cbd_json(*args):
 
 # ------------------------------------------------------------------------------- architectures by name
 def test_the_named_torchvision_family_is_torchvisions_own():
-    """models/archs.py names them without importing torch; torchvision must build exactly those."""
+    """config/archs.py names them without importing torch; torchvision must build exactly those."""
     import torchvision
     family = {m for m in torchvision.models.list_models(module=torchvision.models)
               if m.startswith(("resnet", "resnext", "wide_resnet"))}

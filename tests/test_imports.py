@@ -1,9 +1,11 @@
-"""The import picture: no cycles in `cbd_cache` (function-level imports included), no import of
-`cli.py` from the library, and a cached student that never loads teacher code."""
+"""The import picture: the layers of docs/layout.md, each importing only those below it; no cycles in
+`cbd_cache` (function-level imports included), no import of `cli.py` from the library, and a cached student
+that never loads teacher code."""
 from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 from .conftest import ROOT, SMOKE
 
 PACKAGE = ROOT / "cbd_cache"
+LAYOUT = ROOT / "docs" / "layout.md"
 # what a cached student must never import: teacher training, teacher loading, teacher runs
 TEACHER_CODE = ("cbd_cache.stages.teachers", "cbd_cache.stages.imported", "cbd_cache.stages.export",
                 "cbd_cache.stages.online", "cbd_cache.stages.crt", "cbd_cache.tools.verify", "cbd_cache.pipeline",
@@ -85,6 +88,60 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def layers() -> list[set[str]]:
+    """The layer order, bottom to top, as docs/layout.md writes it once: `errors → config → ... → cli.py`,
+    with `a | b` for two folders side by side (neither imports the other)."""
+    line = next(m for m in re.findall(r"^(errors → .*)$", LAYOUT.read_text(), re.M))
+    return [{name.strip() for name in layer.split("|")} for layer in line.split("→")]
+
+
+def node(module: str) -> str:
+    """A module's folder-level node: `cbd_cache.data.sources.cifar` -> `data`, `cbd_cache.views` -> `views`."""
+    return module.split(".")[1]
+
+
+def layer_violations(graph: dict[str, set[str]], order: list[set[str]]) -> list[str]:
+    """Every import that does not point strictly down the order, and every node the order does not place."""
+    rank = {name: i for i, layer in enumerate(order) for name in layer}
+    bad = []
+    for source, targets in sorted(graph.items()):
+        if source not in rank and node(source) not in rank:
+            bad.append(f"{source}: its folder {node(source)!r} has no layer in docs/layout.md")
+            continue
+        for target in sorted(targets):
+            a, b = node(source), node(target)
+            if a != b and b in rank and a in rank and rank[b] >= rank[a]:
+                bad.append(f"{source} imports {target}: {b} is not below {a}")
+    return bad
+
+
+def folder_graph() -> dict[str, set[str]]:
+    """The run-time import graph without the root package (`cbd_cache/__init__.py`: the version, no imports)."""
+    return {name: {t for t in targets if t != "cbd_cache"} for name, targets in import_graph().items()
+            if name != "cbd_cache"}
+
+
+def test_the_layer_check_finds_an_import_that_climbs():
+    order = [{"errors"}, {"config"}, {"data", "models"}, {"cache"}]
+    assert layer_violations({"cbd_cache.cache.a": {"cbd_cache.data.b"}}, order) == []
+    assert layer_violations({"cbd_cache.config.a": {"cbd_cache.data.b"}}, order) == [
+        "cbd_cache.config.a imports cbd_cache.data.b: data is not below config"]
+    assert layer_violations({"cbd_cache.data.a": {"cbd_cache.models.b"}}, order) == [      # side by side
+        "cbd_cache.data.a imports cbd_cache.models.b: models is not below data"]
+    assert layer_violations({"cbd_cache.grid.a": set()}, order) == [
+        "cbd_cache.grid.a: its folder 'grid' has no layer in docs/layout.md"]
+
+
+def test_every_folder_imports_only_the_layers_below_it():
+    order = layers()
+    assert order[0] == {"errors"} and order[-1] == {"cli.py"}
+    graph = folder_graph()
+    assert "cbd_cache.cache.reader" in graph["cbd_cache.loaders"]   # the walk sees edges
+    assert not import_graph()["cbd_cache"], "cbd_cache/__init__.py holds the version and imports nothing"
+    bad = layer_violations(graph, order)
+    assert not bad, "\n".join(bad)
+
+
 def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
@@ -92,7 +149,7 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 def test_cbd_cache_has_no_import_cycle():
     graph = import_graph()
-    assert "cbd_cache.stages.student" in graph and "cbd_cache.cache.reader" in graph["cbd_cache.data.stream"]   # the walk sees edges
+    assert "cbd_cache.stages.student" in graph and "cbd_cache.cache.reader" in graph["cbd_cache.loaders"]   # the walk sees edges
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 

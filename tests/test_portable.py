@@ -10,13 +10,13 @@ from click.testing import CliRunner
 
 from cbd_cache.config import load_config
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.stream import EvalStream
+from cbd_cache.loaders import EvalStream
 from cbd_cache.models.checkpoints import load_checkpoint, network_spec, save_checkpoint
 from cbd_cache.models.networks import Network
 from cbd_cache.pipeline import train_student
-from cbd_cache.system.runtime import make_runtime
+from cbd_cache.system.runtime import make_runtime, to_unit
 from cbd_cache.tools.portable import portable_name
-from cbd_cache.views import ViewSpec, to_unit
+from cbd_cache.views import ViewSpec
 from cli import main
 
 from .conftest import ROOT, SMOKE

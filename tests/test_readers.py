@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbd_cache.config import load_config
+from cbd_cache.config import FORMATS, load_config
 from cbd_cache.data.shards import Sample, ShardWriter, decode_image, iter_shard
-from cbd_cache.data.sources import DataError, Unreadable, open_source
+from cbd_cache.data.sources import READERS, DataError, Unreadable, open_source
 from cbd_cache.data.sources.files import clean_relpath, path_key
 from cbd_cache.data.sources.images import shard_image
 
@@ -21,6 +21,11 @@ def source_for(fmt, root, *overrides):
 
 
 # ------------------------------------------------------------------------------ image bytes
+def test_the_config_offers_exactly_the_formats_that_have_a_reader():
+    """config names the formats (it imports nothing above it); READERS must implement exactly those."""
+    assert set(READERS) == set(FORMATS)
+
+
 def test_jpeg_bytes_pass_through_untouched_even_cmyk_and_grey():
     for data in (jpeg(1), encode(Image.new("CMYK", (9, 7), (0, 50, 100, 10)), "JPEG"),
                  encode(Image.fromarray(pixels(2, channels=1)), "JPEG")):

@@ -92,7 +92,7 @@ def test_nothing_is_chosen_on_the_test_split(smoke_copy, monkeypatch):
     from pathlib import Path
 
     from cbd_cache import pipeline
-    from cbd_cache.data import stream
+    from cbd_cache import loaders as stream
     from cbd_cache.models.checkpoints import load_checkpoint
     from cbd_cache.stages import rebalance
     from cbd_cache.system.runtime import make_runtime

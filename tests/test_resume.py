@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.stream import CacheSpec, TrainStream
+from cbd_cache.loaders import CacheSpec, TrainStream
 from cbd_cache.errors import NonFiniteLoss
 from cbd_cache.models.networks import Network
 from cbd_cache.system.runtime import make_runtime
@@ -215,7 +215,7 @@ def test_killed_student_resumes_to_the_uninterrupted_result(smoke_workdir, tmp_p
 def test_a_small_dataset_is_parsed_once_however_many_epochs(smoke_workdir, monkeypatch):
     """Each epoch starts with a fresh shuffle buffer (so it can be replayed alone); the parsed shards are
     kept, so refilling it re-reads no tar."""
-    import cbd_cache.data.stream as stream_module
+    import cbd_cache.loaders as stream_module
 
     calls = []
     read = stream_module.read_shard

@@ -9,7 +9,7 @@ from cbd_cache.data.longtail import (
 )
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.sampling import copies, repeat_factors
-from cbd_cache.data.stream import TrainStream
+from cbd_cache.loaders import TrainStream
 from cbd_cache.views import ViewSpec
 
 from .conftest import smoke_config

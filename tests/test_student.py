@@ -9,13 +9,13 @@ import torch.nn.functional as F
 
 from cbd_cache.cache.schema import CACHE_SETTINGS
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.stream import CacheSpec, TrainStream
+from cbd_cache.loaders import CacheSpec, TrainStream
 from cbd_cache.errors import CacheError, ConfigError, FileDamaged
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.pipeline import train_student
-from cbd_cache.system.runtime import make_runtime
+from cbd_cache.system.runtime import make_runtime, to_unit
 from cbd_cache.system.storage import read_json
-from cbd_cache.views import ViewSpec, to_unit
+from cbd_cache.views import ViewSpec
 
 from .conftest import smoke_config
 

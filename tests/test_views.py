@@ -9,11 +9,12 @@ import zarr
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cbd_cache.data import stream as stream_module
+import cbd_cache.loaders as stream_module
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.sources.synthetic import Synthetic
-from cbd_cache.data.stream import CacheSpec, ExportStream, TrainStream
-from cbd_cache.views import ViewSpec, derive_views, eval_view, replay, replay_flat, to_unit
+from cbd_cache.loaders import CacheSpec, ExportStream, TrainStream
+from cbd_cache.system.runtime import to_unit
+from cbd_cache.views import ViewSpec, derive_views, eval_view, replay, replay_flat
 
 from .conftest import smoke_config
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-DTYPES = ("float16", "float32", "int8")   # export.dtype: how descriptors are stored
 INT8_MAX = 127
 
 

@@ -5,12 +5,19 @@ overrides, `checks` validates the values. Loading one imports no torch.
 """
 from cbd_cache.config.load import load_config
 from cbd_cache.config.schema import (
+                                     ALLOCATIONS,
                                      CHOICES,
                                      CHOSEN_ON_VAL,
                                      DEFAULT_PIPELINE,
                                      DISTILL,
+                                     DTYPES,
+                                     FEW_SHOT_BELOW,
+                                     FORMATS,
+                                     MANY_SHOT_ABOVE,
                                      NAME_RE,
+                                     PROFILES,
                                      REBALANCE,
+                                     SAMPLINGS,
                                      SECTIONS,
                                      TABLES,
                                      Config,
@@ -25,6 +32,7 @@ from cbd_cache.config.schema import (
 )
 from cbd_cache.errors import ConfigError
 
-__all__ = ["CHOICES", "CHOSEN_ON_VAL", "DEFAULT_PIPELINE", "DISTILL", "NAME_RE", "REBALANCE", "SECTIONS", "TABLES",
+__all__ = ["ALLOCATIONS", "CHOICES", "CHOSEN_ON_VAL", "DEFAULT_PIPELINE", "DISTILL", "DTYPES", "FEW_SHOT_BELOW", "FORMATS",
+           "MANY_SHOT_ABOVE", "NAME_RE", "PROFILES", "REBALANCE", "SAMPLINGS", "SECTIONS", "TABLES",
            "Config", "ConfigError", "DataCfg", "EvalCfg", "ExportCfg", "PipelineCfg", "StudentCfg", "TeacherCfg", "TrainCfg", "ViewsCfg",
            "load_config"]

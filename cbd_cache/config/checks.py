@@ -7,10 +7,10 @@ import re
 import typing
 from typing import Any
 
-from cbd_cache.config.schema import CHOICES, CHOSEN_ON_VAL, NAME_RE, TABLES, Config, TrainCfg
-from cbd_cache.data.longtail import FEW_SHOT_BELOW, MANY_SHOT_ABOVE
+from cbd_cache.config.archs import arch_error
+from cbd_cache.config.schema import (CHOICES, CHOSEN_ON_VAL, FEW_SHOT_BELOW, MANY_SHOT_ABOVE, NAME_RE, TABLES, Config,
+                                     TrainCfg)
 from cbd_cache.errors import ConfigError
-from cbd_cache.models.archs import arch_error
 
 
 def _require(ok: bool, message: str) -> None:

@@ -10,10 +10,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cbd_cache.cache.codec import DTYPES
-from cbd_cache.data.longtail import PROFILES
-from cbd_cache.data.sampling import ALLOCATIONS, SAMPLINGS
-from cbd_cache.data.sources import READERS
 from cbd_cache.errors import ConfigError
 
 DEFAULT_PIPELINE = "pipelines/fashion_mnist_lt.toml"
@@ -39,7 +35,7 @@ class PipelineCfg:
 
 @dataclass
 class DataCfg:
-    format: str = "fashion_mnist"  # a reader of data/sources (READERS): fashion_mnist, synthetic, imagenet_lt, ...
+    format: str = "fashion_mnist"  # a reader of data/sources (READERS, FORMATS): fashion_mnist, synthetic, imagenet_lt, ...
     root: str = "/usr/share/datasets/fashion-mnist"
     profile: str = "exponential"   # exponential: cut a balanced source to n_i = floor(n_max * IF^(-i/(C-1))); imagenet_lt_shape; none: keep
     n_max: int = 1280
@@ -172,17 +168,29 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("s
 TABLES = tuple(s for s in SECTIONS if s != "teachers")
 
 
+# The choice lists live here, at the bottom, so that loading a config climbs to no module that implements one;
+# each implementing registry imports its names from here (tests/test_config.py checks that they agree).
+FORMATS = ("fashion_mnist", "synthetic", "imagenet_lt", "inat", "imagefolder", "glyphs", "cifar")   # data/sources READERS
+# data.profile: "exponential" cuts a balanced source to `exponential_profile`, "imagenet_lt_shape" to
+# `imagenet_lt_shape_profile`; "cifar_lt" is the community's CIFAR-LT cut (`cifar_lt_subset`); "none" keeps a
+# long-tailed source as it is (data/longtail.py)
+PROFILES = ("exponential", "imagenet_lt_shape", "cifar_lt", "none")
+# Shot groups by training-image count (paper, after Liu et al. 2019): many > 100, medium 20..100, few < 20.
+MANY_SHOT_ABOVE = 100
+FEW_SHOT_BELOW = 20
+SAMPLINGS = ("class_balanced", "instance")   # student / teacher sampling: data/sampling.py `repeat_factors`
+ALLOCATIONS = ("uniform", "draws")           # the cache's view allocation: data/sampling.py `view_counts`
+DTYPES = ("float16", "float32", "int8")      # export.dtype: how descriptors are stored (cache/codec.py)
 DISTILL = ("feature", "logit", "hybrid")   # what a student distils: `models.losses.distillation_loss` implements each
 # how a frozen stage-1 model's classifier is rebalanced: `stages/rebalance.py` implements each
 REBALANCE = ("none", "lws", "tau_norm", "logit_adjust")
 CHOSEN_ON_VAL = ("tau_norm", "logit_adjust")   # the methods whose tau is chosen on val when student.tau = -1
 
-# Every choice-valued key's options: from the registry that implements them where it needs no torch
-# (readers, long-tail profiles, samplers, view allocations, storage dtypes), else named here.
+# Every choice-valued key's options.
 CHOICES = {
     "pipeline.amp": ("auto", "bf16", "off"),
     "pipeline.channels_last": ("auto", "on", "off"),
-    "data.format": tuple(READERS),
+    "data.format": FORMATS,
     "data.profile": PROFILES,
     "data.on_error": ("stop", "skip"),
     "views.decode": ("full", "reduced", "gpu"),

@@ -5,14 +5,10 @@ import math
 
 import numpy as np
 
-# Shot groups by training-image count (paper, after Liu et al. 2019): many > 100, medium 20..100, few < 20.
-MANY_SHOT_ABOVE = 100
-FEW_SHOT_BELOW = 20
+from cbd_cache.config import FEW_SHOT_BELOW, MANY_SHOT_ABOVE
+
+# the shot groups' thresholds and the profile names (PROFILES) are config's (config/schema.py): its checks use them
 SHOT_GROUPS = ("many", "medium", "few")
-# data.profile: "exponential" cuts a balanced source to `exponential_profile`, "imagenet_lt_shape" to
-# `imagenet_lt_shape_profile`; "cifar_lt" is the community's CIFAR-LT cut (`cifar_lt_subset`); "none" keeps a
-# long-tailed source as it is
-PROFILES = ("exponential", "imagenet_lt_shape", "cifar_lt", "none")
 # ImageNet-LT's classes per shot group (many / medium / few), as the long-tail literature reports them: the
 # curve is steep at both ends and flat in the middle, where an exponential profile puts ln 5 / ln IF of the
 # classes in the medium group whatever n_max is (35 % at IF 100) and most of them in the few-shot one.

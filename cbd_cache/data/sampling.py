@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-SAMPLINGS = ("class_balanced", "instance")
+from cbd_cache.config import ALLOCATIONS, SAMPLINGS   # the names config offers
 
 
 def repeat_factors(class_counts: list[int] | np.ndarray, sampling: str) -> np.ndarray:
@@ -33,7 +33,6 @@ def copies(factor: float, u: float) -> int:
 
 
 # ------------------------------------------------------------------------------ cached views
-ALLOCATIONS = ("uniform", "draws")
 GOLDEN = 0.6180339887498949   # spreads each image's walk phase over [0, 1)
 
 

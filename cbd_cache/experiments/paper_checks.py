@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from cbd_cache.data.longtail import SHOT_GROUPS
-from cbd_cache.data.sampling import ALLOCATIONS
+from cbd_cache.config import ALLOCATIONS
 from cbd_cache.experiments.paper_design import HEADLINE_VIEWS
 from cbd_cache.experiments.sweep import METRICS
 

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from cbd_cache.config import DISTILL, Config
-from cbd_cache.data.sampling import ALLOCATIONS
+from cbd_cache.config import ALLOCATIONS, DISTILL, Config
 from cbd_cache.data.sources import has_balanced_train
 from cbd_cache.experiments.sweep import Run, make_runs
 

@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no GUI backend
 
-from cbd_cache.config import DISTILL
-from cbd_cache.data.sampling import ALLOCATIONS
+from cbd_cache.config import ALLOCATIONS, DISTILL
 from cbd_cache.experiments.paper_checks import _row
 from cbd_cache.experiments.paper_design import ALPHAS, PER_CLASS, VIEWS
 

@@ -7,10 +7,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from cbd_cache.config import DISTILL, Config, load_config
+from cbd_cache.config import ALLOCATIONS, DISTILL, Config, load_config
 from cbd_cache.data.longtail import SHOT_GROUPS, shot_group
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.sampling import ALLOCATIONS
 from cbd_cache.data.shards import read_labels
 from cbd_cache.experiments.paper_checks import _row, checks
 from cbd_cache.experiments.paper_comparison import comparison_lines, summary_lines

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from cbd_cache.models.archs import SMALL_DEPTHS, TIMM, TORCHVISION, _timm, arch_error
+from cbd_cache.config.archs import SMALL_DEPTHS, TIMM, TORCHVISION, _timm, arch_error
 
 HEADS = ("cosine", "linear")   # cosine: this tool's classifier; linear: W e + b (an imported model's own fc, or a student's)
 

@@ -22,7 +22,7 @@ from cbd_cache.cache.reader import CacheReader
 from cbd_cache.config import Config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.data.shards import read_labels
-from cbd_cache.data.stream import DescriptorStream, TrainStream
+from cbd_cache.loaders import DescriptorStream, TrainStream
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.models.networks import CosineClassifier, Network, PerClassHead
 from cbd_cache.stages.student import StudentPlan, already_done, student_meta

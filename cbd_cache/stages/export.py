@@ -39,7 +39,7 @@ from cbd_cache.cache.store import diff_keys, teacher_folders
 from cbd_cache.cache.writer import CacheWriter, clear_trash, shared_lock
 from cbd_cache.config import Config
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.stream import ExportStream
+from cbd_cache.loaders import ExportStream
 from cbd_cache.errors import CacheError, ConfigError
 from cbd_cache.models.checkpoints import load_checkpoint, read_torch
 from cbd_cache.models.losses import teacher_target

@@ -21,7 +21,7 @@ import torch
 from cbd_cache.config import Config
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.errors import ConfigError
-from cbd_cache.models.archs import TIMM, TORCHVISION
+from cbd_cache.config.archs import TIMM, TORCHVISION
 from cbd_cache.models.checkpoints import network_spec
 from cbd_cache.models.networks import Network, classifier_prefix
 from cbd_cache.stages.teachers import imported_identity, teacher_network

@@ -21,7 +21,7 @@ from pathlib import Path
 from cbd_cache.cache.reader import CacheReader
 from cbd_cache.config import CHOSEN_ON_VAL, Config, StudentCfg
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.stream import CacheSpec, TrainStream
+from cbd_cache.loaders import CacheSpec, TrainStream
 from cbd_cache.errors import ConfigError
 from cbd_cache.models.checkpoints import load_checkpoint, read_torch
 from cbd_cache.models.losses import log_prior

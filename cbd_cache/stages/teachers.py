@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cbd_cache.config import Config, TeacherCfg
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.stream import TrainStream
+from cbd_cache.loaders import TrainStream
 from cbd_cache.errors import ConfigError
 from cbd_cache.models.networks import Network
 from cbd_cache.system.digests import digest

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,7 +13,9 @@ from cbd_cache.errors import ConfigError
 from cbd_cache.system import distributed
 from cbd_cache.system.distributed import Dist
 from cbd_cache.system.signals import loader_worker_signals
-from cbd_cache.views import EncodedBatch, to_unit
+
+if TYPE_CHECKING:   # a type only: views sit above system
+    from cbd_cache.views import EncodedBatch
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,9 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def to_device(self, images: "torch.Tensor | EncodedBatch") -> torch.Tensor:
-        """A loader's batch on the device, in [0, 1] floats (`views.to_unit`) and the model's memory format;
+        """A loader's batch on the device, in [0, 1] floats (`to_unit`) and the model's memory format;
         views still encoded (`views.decode = "gpu"`) are decoded and replayed there first."""
-        if isinstance(images, EncodedBatch):
+        if not isinstance(images, torch.Tensor):    # an EncodedBatch: it decodes itself on the device
             images = images.decode(self.device)
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:    # permuted while still uint8: a quarter of the bytes
@@ -64,6 +67,15 @@ class Runtime:
         if self.workers > 0:
             kw.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=loader_worker_signals)
         return kw
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1]; float tensors (photometrically augmented views) pass through.
+
+    A multiply, not a divide: CUDA divides by a scalar as a multiply by its reciprocal and the CPU
+    divides, so only the multiply gives the same bits on both, wherever a batch is converted.
+    """
+    return x.float().mul_(1 / 255) if x.dtype == torch.uint8 else x
 
 
 def cpu_count() -> int:

@@ -16,7 +16,7 @@ from safetensors.torch import save
 
 from cbd_cache.data.manifest import Manifest
 from cbd_cache.errors import ConfigError
-from cbd_cache.models.archs import SMALL_DEPTHS, TIMM
+from cbd_cache.config.archs import SMALL_DEPTHS, TIMM
 from cbd_cache.models.checkpoints import load_checkpoint
 from cbd_cache.system.digests import file_sha256
 from cbd_cache.system.storage import atomic_write_bytes, write_json

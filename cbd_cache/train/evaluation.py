@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from cbd_cache.config import Config
 from cbd_cache.data.longtail import SHOT_GROUPS, shot_group
 from cbd_cache.data.manifest import Manifest
-from cbd_cache.data.stream import EvalStream
+from cbd_cache.loaders import EvalStream
 from cbd_cache.models.networks import Network
 from cbd_cache.system.runtime import Runtime
 from cbd_cache.system.storage import atomic_write_bytes, write_json

@@ -26,12 +26,12 @@ from cbd_cache.data.sources.inat import INaturalist
 from cbd_cache.data.sources.synthetic import Synthetic
 from cbd_cache.errors import ConfigError, DataError
 
-if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+if TYPE_CHECKING:   # a type only
     from cbd_cache.config import DataCfg
 
 __all__ = ["SPLITS", "DataError", "Record", "Source", "Unreadable", "encode_png", "open_source"]
 
-# data.format -> reader: a new format is one new file, registered here
+# data.format -> reader: a new format is one new file, registered here and named in config's FORMATS
 READERS = {"fashion_mnist": FashionMNIST, "synthetic": Synthetic,
            "imagenet_lt": SplitLists, "inat": INaturalist, "imagefolder": ImageFolder, "glyphs": Glyphs,
            "cifar": CIFAR}

@@ -16,7 +16,7 @@ import numpy as np
 from cbd_cache.data.sources.base import Record, Source, encode_png
 from cbd_cache.errors import ConfigError, DataError
 
-if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+if TYPE_CHECKING:   # a type only
     from cbd_cache.config import DataCfg
 
 # folder -> (train files, test files, meta file, label key, names key)

@@ -11,7 +11,7 @@ import numpy as np
 from cbd_cache.data.sources.base import Record, Source, encode_png
 from cbd_cache.errors import ConfigError
 
-if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+if TYPE_CHECKING:   # a type only
     from cbd_cache.config import DataCfg
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

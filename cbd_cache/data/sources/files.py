@@ -16,7 +16,7 @@ from cbd_cache.data.sources.base import LabelCheck, Record, Source, Unreadable
 from cbd_cache.data.sources.images import shard_image
 from cbd_cache.errors import ConfigError
 
-if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+if TYPE_CHECKING:   # a type only
     from cbd_cache.config import DataCfg
 
 

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from cbd_cache.data.sources.base import Record, Source, encode_png
 from cbd_cache.errors import ConfigError
 
-if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+if TYPE_CHECKING:   # a type only
     from cbd_cache.config import DataCfg
 
 FONT_SUFFIXES = (".ttf", ".ttc", ".otf", ".otc")

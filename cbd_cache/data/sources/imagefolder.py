@@ -17,7 +17,7 @@ from cbd_cache.data.sources.files import FileSource
 from cbd_cache.data.sources.images import IMAGE_SUFFIXES, is_image_file
 from cbd_cache.errors import ConfigError
 
-if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+if TYPE_CHECKING:   # a type only
     from cbd_cache.config import DataCfg
 
 

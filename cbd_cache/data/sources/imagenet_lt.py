@@ -13,7 +13,7 @@ from cbd_cache.data.sources.base import SPLITS, Record
 from cbd_cache.data.sources.files import FileSource, clean_relpath
 from cbd_cache.errors import ConfigError
 
-if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+if TYPE_CHECKING:   # a type only
     from cbd_cache.config import DataCfg
 
 LIST_SUFFIX = "_train.txt"

@@ -8,7 +8,7 @@ import numpy as np
 
 from cbd_cache.data.sources.base import Record, Source, encode_png
 
-if TYPE_CHECKING:   # (config imports the readers' names: `READERS`)
+if TYPE_CHECKING:   # a type only
     from cbd_cache.config import DataCfg
 
 
