@@ -22,7 +22,7 @@ def cbd(*args, check=True):
 
 
 COMMANDS = {"prepare", "train-teacher", "import-teacher", "export", "train-student", "evaluate", "run", "sweep", "ncm",
-            "paper-table", "cache", "logs", "predict", "export-model"}
+            "paper-table", "grid", "cache", "logs", "predict", "export-model"}
 
 
 def test_version():
