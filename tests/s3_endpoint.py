@@ -3,7 +3,7 @@ SigV4 signatures checked against one IAM user, listings, multipart uploads), plu
 
 Why moto and not a Debian package: Debian (bookworm) ships no standalone S3 server: no MinIO, and its
 `radosgw` (Ceph 16) needs a running Ceph cluster (monitors, OSDs) behind it, not something that starts in
-seconds on a laptop. moto's server comes from PyPI (`moto[server]`, in the `test` extra).
+seconds on a laptop. moto's server comes from PyPI (`moto[server]`; not yet in an extra, issue 38 is open).
 
 The server runs in a thread of the calling process, so that `stop()` then `start()` is a server restarted
 with its objects kept, as a real one keeps them on disk. A subprocess can run it as
