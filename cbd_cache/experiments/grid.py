@@ -259,8 +259,7 @@ def run_grid(cfg: Config, root: Path, runtime: Runtime, axes: Sequence[Axis], re
     the table is written from what finished (the same command retries it)."""
     deadline = time.time() + 60 * time_limit_min if time_limit_min > 0 else None
     source, base = cfg.source, tuple(cfg.overrides)
-    if unknown := [r for r in rows if r not in with_references(cfg, root, [r])]:
-        raise ConfigError(f"--rows: {unknown[0]!r} is no row")
+    with_references(cfg, root, rows)      # an unknown row is refused before anything runs
     grid = [plan_replicate(source, base, c, r, root, rows) for c in cells(source, base, axes) for r in replicates]
     command = grid_command(cfg, root, axes, replicates, rows, name)
     options = f"--jobs {jobs} --time-limit-min {time_limit_min:g}"
