@@ -100,3 +100,56 @@ def test_when_cbd_pays_converges_where_doubling_gains_under_a_point_and_fits_the
     assert study.map_schedules(80) == {"resnet8": (20, 40, 80), "resnet14": (20, 40, 80)}
     assert study.map_schedules(40) == {"resnet8": (20, 40, 80), "resnet14": (20, 40, 80)}
     assert study.map_schedules(160) == {"resnet8": (20, 40, 160), "resnet14": (20, 40, 80)}
+
+
+def _map_cell(e, arch, reps):
+    """A grid table's cell from {replicate: {row: (top1, few, ncm)}}, with cbd_pays as the grid computes it."""
+    from cbd_cache.experiments.grid import cbd_pays
+    rows = ("Standard-Instance", "Standard-Class-Bal", "CBD_ENS")
+    replicates = {str(r): {label: {"top1": v[0], "few": v[1], "ncm_top1": v[2]} for label, v in x.items()}
+                  for r, x in reps.items()}
+    return {"cell": f"epochs={e}, arch={arch}", "folder": f"epochs={e}", "replicates": replicates,
+            "cbd_pays": cbd_pays(list(replicates.values()), rows), "orderings": []}
+
+
+def test_when_cbd_pays_rule_is_fitted_on_resnet8_and_scored_on_the_cells_it_was_not_fitted_on(bench):
+    study = bench("when_cbd_pays")
+    # CBD_ENS pays exactly where NCM on Instance features beats NCM on Class-Bal features (ncm gap > 0)
+    r8 = {"cells": [_map_cell(20, "resnet8", {0: {"Standard-Instance": (50, 30, 60), "Standard-Class-Bal": (48, 35, 55),
+                                                  "CBD_ENS": (55, 40, None)},
+                                              1: {"Standard-Instance": (52, 30, 58), "Standard-Class-Bal": (53, 36, 60),
+                                                  "CBD_ENS": (51, 40, None)}}),
+                    _map_cell(40, "resnet8", {0: {"Standard-Instance": (60, 40, 64), "Standard-Class-Bal": (62, 33, 61),
+                                                  "CBD_ENS": (66, 50, None)},
+                                              1: {"Standard-Instance": (61, 41, 60), "Standard-Class-Bal": (63, 40, 62),
+                                                  "CBD_ENS": (62, 50, None)}})]}
+    r14 = {"cells": [_map_cell(20, "resnet14", {0: {"Standard-Instance": (50, 30, 61),
+                                                    "Standard-Class-Bal": (49, 30, 59), "CBD_ENS": (52, 1, None)}})]}
+    points = study.rule_points({"glyphs_lt resnet8": (r8, None), "glyphs_lt resnet14": (r14, None)})
+    assert [(p["arch"], p["epochs"], p["replicate"]) for p in points] == [
+        ("resnet8", 20, 0), ("resnet8", 20, 1), ("resnet8", 40, 0), ("resnet8", 40, 1), ("resnet14", 20, 0)]
+    # the few-shot trend compares Class-Bal's few with the same capacity and replicate one schedule shorter
+    assert [p["few_trend"] for p in points] == [None, None, 33 - 35, 40 - 36, None]
+    assert points[0]["ncm"] == 5 and points[0]["outcome"] == 55 - 50 and points[1]["outcome"] == 51 - 52   # per replicate, against the best by mean (Instance)
+    points = [{**p, "fit": p["arch"] == "resnet8"} for p in points]
+    fit = study.fit_rule(points, "ncm")
+    assert fit["threshold"] == 0.0 and fit["fit"] == (4, 4) and fit["held_out"] == (1, 1)
+    few = study.fit_rule(points, "few_trend")       # falling few-shot (trend < t) -> pays: fitted on two points
+    assert few["fit"] == (2, 2) and few["held_out"] == (0, 0)
+    assert "| glyphs_lt resnet14 | resnet14 | 20 | 0 | no | +2.0 | – | +2.0 |" in study.rule_md(points)
+
+
+def test_when_cbd_pays_adds_the_larger_view_budget_only_while_the_cache_falls_behind_online(bench):
+    study = bench("when_cbd_pays")
+
+    def table(online, a16):
+        reps = {str(r): {"CBD_ENS": {"top1": 60.0}, "CBD_ENS online": {"top1": online[r]},
+                         "CBD_ENS A=16": {"top1": a16[r]}} for r in (0, 1)}
+        return {"cells": [{"cell": "epochs=160", "replicates": reps}]}
+    assert study.online_rows(None) == "CBD_ENS,CBD_ENS online,CBD_ENS A=16"
+    behind = table((61.0, 61.2), (60.3, 60.5))          # A = 16 still 0.7 behind online
+    assert study.view_budget_gaps(behind) == pytest.approx({8: 1.1, 16: 0.7})
+    assert study.online_rows(behind).endswith(",CBD_ENS A=32")
+    assert study.online_rows(table((61.0, 61.2), (60.8, 60.9))) == "CBD_ENS,CBD_ENS online,CBD_ENS A=16"
+    unfinished = table((61.0, None), (60.3, 60.5))
+    assert study.view_budget_gaps(unfinished) == {}
